@@ -1,0 +1,7 @@
+"""latentdiff: Latent Diffusion Models (Rombach et al., CVPR 2022) in JAX/Flax."""
+
+from latentdiff._xla_flags import apply_cpu_flags
+
+apply_cpu_flags()
+
+__version__ = "0.1.0"

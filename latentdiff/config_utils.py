@@ -1,0 +1,98 @@
+"""Config files: loading `configs/NAME.py:VARIANT`, required fields, JSON round trip for workdirs.
+
+Every config file defines `get_config(arg: str) -> ml_collections.ConfigDict` with named variants. All defaults live
+in the config files; code reads fields by attribute and never supplies its own default.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: names the field and the fix."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """'configs/ldm_txt2img_kl8.py:tiny' -> the ConfigDict that file's get_config('tiny') returns."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found; pass --config configs/NAME.py:VARIANT")
+    module_spec = importlib.util.spec_from_file_location(f"latentdiff_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config(arg)")
+    return module.get_config(arg)
+
+
+def check_variant(arg: str, variants: dict[str, Any], path: str) -> Any:
+    """The value for a named variant, or a one-line error listing the valid names."""
+    if arg not in variants:
+        raise ConfigError(f"{path}: unknown variant {arg!r}; choose one of {sorted(variants)}")
+    return variants[arg]
+
+
+def require(config: ml_collections.ConfigDict, *fields: str) -> None:
+    """Raises ConfigError naming each dotted field that is still None (a placeholder)."""
+    for field in fields:
+        node: Any = config
+        for part in field.split("."):
+            node = getattr(node, part)
+        if node is None or node == "":
+            raise ConfigError(f"config field {field} is required; set it with --config.{field}=VALUE")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """Stable JSON of a config (saved in each workdir as config.json)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _tuplify(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuplify(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of to_json; lists come back as tuples (module fields are tuples)."""
+    return ml_collections.ConfigDict(_tuplify(json.loads(text)))
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes workdir/config.json atomically."""
+    os.makedirs(workdir, exist_ok=True)
+    atomic_write_text(os.path.join(workdir, "config.json"), to_json(config))
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{workdir!r} has no config.json; is it a latentdiff workdir (train.py --workdir)?")
+    with open(path) as f:
+        return from_json(f.read())
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Binary twin of atomic_write_text."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

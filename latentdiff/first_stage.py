@@ -1,0 +1,87 @@
+"""The frozen stage-1 autoencoder as stage 2 and sampling use it: encode images to latents, decode latents.
+
+An *export* directory holds `autoencoder.json` (the autoencoder config) and `params.safetensors` (its variables:
+'params' and, for VQ with an EMA codebook, 'vq_stats'). Stage-2 training copies the export into its own workdir
+(`workdir/first_stage/`), so a stage-2 workdir alone is enough to sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from latentdiff import config_utils, params_io
+from latentdiff.nn.autoencoder import build_autoencoder
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstStage:
+    """A stage-1 model: its config, module and (host or device) variables."""
+
+    config: ml_collections.ConfigDict
+    module: Any
+    variables: dict
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.ch_mult) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        f = self.downsample_factor
+        return (resolution // f, resolution // f, self.config.embed_dim)
+
+
+def encode(fs: FirstStage, variables: dict, images: jax.Array, rng: jax.Array | None, sample: bool) -> jax.Array:
+    """images [B,H,W,3] in [-1,1] -> unscaled latents [B,H/f,W/f,C]. KL: posterior sample (or mode); VQ: pre-quant."""
+    if fs.config.kind == "kl":
+        posterior = fs.module.apply(variables, images, False, method=type(fs.module).encode)
+        return posterior.sample(rng) if sample else posterior.mode()
+    return fs.module.apply(variables, images, False, method=type(fs.module).encode)
+
+
+def decode(fs: FirstStage, variables: dict, latents: jax.Array) -> jax.Array:
+    """Unscaled latents [B,h,w,C] -> images [B,H,W,3] clipped to [-1, 1]."""
+    return jnp.clip(fs.module.apply(variables, latents, False, method=type(fs.module).decode), -1.0, 1.0)
+
+
+def abstract_variables(config: ml_collections.ConfigDict) -> dict:
+    module = build_autoencoder(config)
+    x = jax.ShapeDtypeStruct((1, config.resolution, config.resolution, config.in_channels), jnp.float32)
+    if config.kind == "kl":
+        init = lambda x: module.init(jax.random.key(0), x, None, False, False)
+    else:
+        init = lambda x: module.init(jax.random.key(0), x, False)
+    return dict(jax.eval_shape(init, x))
+
+
+def save_export(
+    config: ml_collections.ConfigDict, variables: dict, directory: str, metadata: dict[str, str] | None = None
+) -> None:
+    """Writes autoencoder.json + params.safetensors into `directory` (atomically, file by file)."""
+    os.makedirs(directory, exist_ok=True)
+    params_io.save_params(os.path.join(directory, "params.safetensors"), jax.device_get(variables), metadata)
+    config_utils.atomic_write_text(os.path.join(directory, "autoencoder.json"), config_utils.to_json(config))
+
+
+def load_export(directory: str) -> FirstStage:
+    """Reads an export directory (shape-checked against its config)."""
+    cfg_path = os.path.join(directory, "autoencoder.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(
+            f"no stage-1 autoencoder at {directory!r} (autoencoder.json missing); point first_stage.workdir "
+            "at a trained stage-1 workdir"
+        )
+    with open(cfg_path) as f:
+        config = config_utils.from_json(f.read())
+    variables = params_io.load_params(os.path.join(directory, "params.safetensors"), abstract_variables(config))
+    return FirstStage(config=config, module=build_autoencoder(config), variables=variables)
+
+
+def describe(fs: FirstStage) -> str:
+    return json.dumps({"kind": fs.config.kind, "f": fs.downsample_factor, "embed_dim": fs.config.embed_dim})

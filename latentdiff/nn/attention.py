@@ -1,0 +1,141 @@
+"""Attention modules of the LDM denoiser and text encoder (Rombach et al. 2022, §3.3; CompVis ldm/modules/attention.py).
+
+Layout: tokens [B, L, C], images NHWC [B, H, W, C]. Heads go through `jax.nn.dot_product_attention` in the
+[B, L, N, H] layout, so `attention_impl='cudnn'` selects cuDNN flash attention on GPU (bf16/fp16 only) and
+`'xla'` the portable path. Both compute the logits and the softmax in float32.
+
+Param names mirror the PyTorch modules (to_q/to_k/to_v/to_out, norm1..3, ff/proj, ff/out, proj_in/proj_out) so the
+converters in latentdiff/convert/ are plain tables. Mixed precision: `dtype` is the compute dtype, params stay
+float32, normalisation runs in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+    """softmax(q·kᵀ/√H)·v per head. q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H] (softmax in float32)."""
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {implementation!r}")
+    if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention_impl='cudnn' needs bfloat16/float16 activations, got {q.dtype}; set dtype='bfloat16'"
+        )
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"attention_impl='cudnn' needs a CUDA GPU, the JAX backend is {jax.default_backend()!r}; use 'xla'"
+        )
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def _dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def layer_norm(x: jax.Array, name: str) -> jax.Array:
+    """LayerNorm (eps 1e-5, PyTorch default) computed in float32, cast back to x.dtype. [..., C] -> [..., C]."""
+    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name=name)(x).astype(x.dtype)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x to context (self-attention when context is None). [B, T, C] -> [B, T, C].
+
+    q/k/v projections have no bias, the output projection has one (CompVis CrossAttention, diffusers Attention,
+    LDMBertAttention all agree).
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype
+    attention_impl: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        context = x if context is None else context
+        inner = self.num_heads * self.head_dim
+        b, t, c = x.shape
+        s = context.shape[1]
+        q = _dense(inner, self.dtype, "to_q", use_bias=False)(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = _dense(inner, self.dtype, "to_k", use_bias=False)(context).reshape(b, s, self.num_heads, self.head_dim)
+        v = _dense(inner, self.dtype, "to_v", use_bias=False)(context).reshape(b, s, self.num_heads, self.head_dim)
+        out = attention(q, k, v, self.attention_impl).reshape(b, t, inner)
+        return _dense(c, self.dtype, "to_out")(out)
+
+
+class GEGLUFeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020): proj to 2·mult·C, a·gelu(g), back to C. [B, T, C] -> [B, T, C].
+
+    The first half of `proj`'s output is the value, the second the gate (as torch.chunk in CompVis/diffusers);
+    gelu is exact (erf).
+    """
+
+    mult: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        inner = c * self.mult
+        a, gate = jnp.split(_dense(2 * inner, self.dtype, "proj")(x), 2, axis=-1)
+        return _dense(c, self.dtype, "out")(a * nn.gelu(gate, approximate=False))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to context, GEGLU FF ×4, each residual. [B, T, C] -> [B, T, C].
+
+    With context None the second attention attends to x itself (CompVis `default(context, x)`).
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype
+    attention_impl: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        attn = lambda name: CrossAttention(self.num_heads, self.head_dim, self.dtype, self.attention_impl, name=name)
+        x = x + attn("attn1")(layer_norm(x, "norm1"))
+        x = x + attn("attn2")(layer_norm(x, "norm2"), context)
+        return x + GEGLUFeedForward(mult=4, dtype=self.dtype, name="ff")(layer_norm(x, "norm3"))
+
+
+RematBasicTransformerBlock = nn.remat(BasicTransformerBlock)
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm(32, eps 1e-6), proj_in, `depth` transformer blocks over the H·W tokens, proj_out, residual.
+
+    [B, H, W, C], context [B, L, D] or None -> [B, H, W, C]. proj_in/proj_out are per-pixel linear maps: the 1x1
+    convs of CompVis and the Linear layers of `use_linear_proj` models are the same function here (the flag only
+    changes the checkpoint layout, handled by the converters). proj_out starts at zero (CompVis zero_module).
+    """
+
+    num_heads: int
+    head_dim: int
+    depth: int
+    dtype: Dtype
+    attention_impl: str
+    remat: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        b, h, w, c = x.shape
+        inner = self.num_heads * self.head_dim
+        y = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, name="norm")(x)
+        y = _dense(inner, self.dtype, "proj_in")(y.astype(self.dtype)).reshape(b, h * w, inner)
+        block_cls = RematBasicTransformerBlock if self.remat else BasicTransformerBlock
+        for d in range(self.depth):
+            y = block_cls(self.num_heads, self.head_dim, self.dtype, self.attention_impl, name=f"block_{d}")(y, context)
+        y = nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.zeros, name="proj_out")(
+            y
+        )
+        return x + y.reshape(b, h, w, c)

@@ -1,0 +1,151 @@
+"""Conditioning encoders τ_θ (Rombach et al. 2022, §3.3 and App. E.2).
+
+`TextEncoder`: the paper's BERT-style transformer (CompVis BERTEmbedder = x-transformers TransformerWrapper +
+Encoder; diffusers LDMBertModel): token embedding + learned absolute positions, `depth` pre-norm blocks
+(LayerNorm -> multi-head self-attention with num_heads × head_dim, no bias on q/k/v; LayerNorm -> FF ×mlp_ratio with
+exact GELU), final LayerNorm. No attention mask (the original attends to padding tokens too). The original's
+`to_logits` projection is never used for conditioning and is not part of this model.
+
+`ClassEmbedder`: one learned vector per class plus a last "null" row for classifier-free guidance, as a
+length-1 context [B, 1, width] (CompVis ClassEmbedder for cross-attention class conditioning).
+
+Param names (latentdiff/convert/diffusers_text.py): token_emb, pos_emb, block_{i}/{norm1, attn/{to_q,to_k,to_v,to_out},
+norm2, fc1, fc2}, final_norm; ClassEmbedder: embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from latentdiff.nn.attention import CrossAttention, layer_norm
+from latentdiff.nn.unet import DTYPES, check_fields
+
+Dtype = Any
+
+TEXT_FIELDS = (
+    "kind",
+    "vocab_size",
+    "max_length",
+    "width",
+    "depth",
+    "num_heads",
+    "head_dim",
+    "mlp_ratio",
+    "num_classes",
+    "dtype",
+    "remat",
+)
+
+
+class TextBlock(nn.Module):
+    """Pre-norm transformer encoder block. [B, L, C] -> [B, L, C]."""
+
+    num_heads: int
+    head_dim: int
+    mlp_ratio: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+        x = x + CrossAttention(self.num_heads, self.head_dim, self.dtype, "xla", name="attn")(layer_norm(x, "norm1"))
+        h = nn.gelu(dense(c * self.mlp_ratio, "fc1")(layer_norm(x, "norm2")), approximate=False)
+        return x + dense(c, "fc2")(h)
+
+
+RematTextBlock = nn.remat(TextBlock)
+
+
+class TextEncoder(nn.Module):
+    """tokens [B, L] int (L <= max_length) -> embeddings [B, L, width] float32."""
+
+    vocab_size: int
+    max_length: int
+    width: int
+    depth: int
+    num_heads: int
+    head_dim: int
+    mlp_ratio: int
+    dtype: Dtype
+    remat: bool
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        if tokens.ndim != 2 or tokens.shape[1] > self.max_length:
+            raise ValueError(f"tokens must be [B, L] with L <= max_length={self.max_length}, got {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        emb_init = nn.initializers.normal(stddev=0.02)
+        embed = lambda n, name: nn.Embed(n, self.width, embedding_init=emb_init, param_dtype=jnp.float32, name=name)
+        x = (
+            embed(self.vocab_size, "token_emb")(tokens)
+            + embed(self.max_length, "pos_emb")(jnp.arange(tokens.shape[1]))[None]
+        )
+        x = x.astype(self.dtype)
+        block_cls = RematTextBlock if self.remat else TextBlock
+        for i in range(self.depth):
+            x = block_cls(self.num_heads, self.head_dim, self.mlp_ratio, self.dtype, name=f"block_{i}")(x)
+        return layer_norm(x.astype(jnp.float32), "final_norm")
+
+
+class ClassEmbedder(nn.Module):
+    """labels [B] int in [0, num_classes] (num_classes = the null class) -> context [B, 1, width] float32."""
+
+    num_classes: int
+    width: int
+
+    @nn.compact
+    def __call__(self, labels: jax.Array) -> jax.Array:
+        if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"class labels must be integers of shape [B], got {labels.shape} {labels.dtype}")
+        table = nn.Embed(self.num_classes + 1, self.width, param_dtype=jnp.float32, name="embedding")
+        return table(labels)[:, None, :]
+
+
+def build_text_encoder(cfg: Mapping) -> TextEncoder | ClassEmbedder:
+    """TextEncoder (kind 'bert') or ClassEmbedder (kind 'class') from a config with exactly TEXT_FIELDS."""
+    c = check_fields(cfg, TEXT_FIELDS, "text_encoder")
+    if c["kind"] == "class":
+        if c["num_classes"] < 1 or c["width"] < 1:
+            raise ValueError("text_encoder.kind='class' needs text_encoder.num_classes >= 1 and width >= 1")
+        return ClassEmbedder(num_classes=int(c["num_classes"]), width=int(c["width"]))
+    if c["kind"] != "bert":
+        raise ValueError(f"text_encoder.kind must be 'bert' or 'class', got {c['kind']!r}")
+    if c["dtype"] not in DTYPES:
+        raise ValueError(f"text_encoder.dtype must be one of {tuple(DTYPES)}, got {c['dtype']!r}")
+    for f in ("vocab_size", "max_length", "width", "depth", "num_heads", "head_dim", "mlp_ratio"):
+        if int(c[f]) < 1:
+            raise ValueError(f"text_encoder.{f} must be >= 1, got {c[f]}")
+    return TextEncoder(
+        vocab_size=int(c["vocab_size"]),
+        max_length=int(c["max_length"]),
+        width=int(c["width"]),
+        depth=int(c["depth"]),
+        num_heads=int(c["num_heads"]),
+        head_dim=int(c["head_dim"]),
+        mlp_ratio=int(c["mlp_ratio"]),
+        dtype=DTYPES[c["dtype"]],
+        remat=bool(c["remat"]),
+    )
+
+
+def null_label(cfg: Mapping) -> int:
+    """The unconditional label for classifier-free guidance of a kind='class' encoder (the extra last row)."""
+    if cfg["kind"] != "class":
+        raise ValueError(
+            f"null_label needs text_encoder.kind='class' (got {cfg['kind']!r}); for text use the empty caption"
+        )
+    return int(cfg["num_classes"])
+
+
+def init_tokens(cfg: Mapping, batch: int) -> jax.Array:
+    """Dummy input for init / jax.eval_shape: int tokens [B, max_length] (kind 'bert') or labels [B] (kind 'class')."""
+    if cfg["kind"] == "class":
+        return jnp.zeros((batch,), jnp.int32)
+    return jnp.zeros((batch, int(cfg["max_length"])), jnp.int32)

@@ -1,0 +1,177 @@
+"""Device mesh, sharding rules, multi-host initialisation and host -> global batches. One helper for both stages.
+
+The modern pjit: `jax.jit` with `NamedSharding`s over a `Mesh` whose axes are ('data', 'fsdp') (+ 'tensor' when
+asked for). Parameter shardings are inferred from `jax.eval_shape(init)` by a rule list:
+  1. explicit rules from the config: (regex over the '/'-joined param path, spec tuple of axis names or None);
+  2. otherwise FSDP: shard the largest dimension divisible by the 'fsdp' axis size over 'fsdp', for params with at
+     least `fsdp_min_size` elements; small or indivisible params are replicated.
+The batch is sharded over ('data', 'fsdp') on its leading dimension.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Starts multi-host JAX. On Cloud TPU all three may be empty (auto-detected); on GPU/CPU clusters pass them.
+
+    Also honours the usual env vars (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) and SLURM (auto).
+    A single-process run (num_processes <= 1 and nothing in the env) does nothing.
+    """
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+    process_id = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    on_slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if coordinator and num_processes > 1:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    elif on_tpu_pod or on_slurm:
+        jax.distributed.initialize()
+
+
+def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolves one -1 entry to "the rest of the devices"; checks the product equals num_devices."""
+    sizes = {name: int(axis_sizes[name]) for name in MESH_AXES if name in axis_sizes}
+    unknown = set(axis_sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid axes are {MESH_AXES}")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {free}")
+    fixed = int(np.prod([s for s in sizes.values() if s != -1])) if sizes else 1
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"mesh {dict(axis_sizes)}: {num_devices} devices are not divisible by {fixed}")
+        sizes[free[0]] = num_devices // fixed
+    if int(np.prod(list(sizes.values()))) != num_devices:
+        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices but {num_devices} exist")
+    return sizes
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A Mesh with axes ('data', 'fsdp'[, 'tensor']) from e.g. {'data': -1, 'fsdp': 1}.
+
+    Built from `jax.sharding.Mesh` directly (not jax.make_mesh, whose Explicit axis types break old-style code).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(axis_sizes, len(devices))
+    sizes.setdefault("data", 1)
+    sizes.setdefault("fsdp", 1)
+    names = tuple(name for name in MESH_AXES if name in sizes)
+    grid = np.array(devices, dtype=object).reshape([sizes[n] for n in names])
+    return Mesh(grid, names)
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
+    """Shards the largest dimension divisible by fsdp_size; replicates small or indivisible arrays."""
+    if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    order = sorted(range(len(shape)), key=lambda i: -shape[i])
+    for i in order:
+        if shape[i] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[i] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def infer_shardings(
+    abstract_tree: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Sequence[str | None]]],
+    fsdp_min_size: int,
+) -> Any:
+    """A NamedSharding for every leaf of `abstract_tree` (from jax.eval_shape), by explicit rules then FSDP."""
+    fsdp_size = mesh.shape.get("fsdp", 1)
+    compiled = [(re.compile(pattern), tuple(spec)) for pattern, spec in rules]
+
+    def leaf_sharding(path: tuple, leaf: Any) -> NamedSharding:
+        name = "/".join(_path_name(k) for k in path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        for pattern, spec in compiled:
+            if pattern.fullmatch(name):
+                if len(spec) > len(shape):
+                    raise ValueError(f"sharding rule {pattern.pattern!r} has {len(spec)} axes but {name} is {shape}")
+                return NamedSharding(mesh, P(*spec))
+        return NamedSharding(mesh, fsdp_spec(shape, fsdp_size, fsdp_min_size))
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
+
+
+def _path_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of scalars and anything every device holds whole."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over ('data', 'fsdp')."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch_size_ok(global_batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over the batch axes and over the processes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch_size % shards:
+        raise ValueError(
+            f"batch_size {global_batch_size} is not divisible by the {shards} batch shards of mesh {dict(mesh.shape)}; "
+            "set --config.batch_size to a multiple"
+        )
+    if global_batch_size % jax.process_count():
+        raise ValueError(f"batch_size {global_batch_size} is not divisible by {jax.process_count()} processes")
+
+
+def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's share of the batch -> global arrays sharded over the batch axes (numeric fields only)."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "biuf":
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def create_sharded(
+    init_fn: Callable[..., Any],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, Sequence[str | None]]],
+    fsdp_min_size: int,
+    *args: Any,
+) -> tuple[Any, Any]:
+    """Runs `init_fn(*args)` under jit with inferred out_shardings (born sharded). Returns (state, shardings)."""
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = infer_shardings(abstract, mesh, rules, fsdp_min_size)
+    state = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return state, shardings
+
+
+def describe_shardings(shardings: Any, abstract: Any) -> list[str]:
+    """Human-readable 'path shape spec' lines (for logs and the memory plan)."""
+    flat_s = traverse_util.flatten_dict(_to_dict(shardings), sep="/")
+    flat_a = traverse_util.flatten_dict(_to_dict(abstract), sep="/")
+    return [f"{k} {tuple(flat_a[k].shape)} {flat_s[k].spec}" for k in sorted(flat_s)]
+
+
+def _to_dict(tree: Any) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(_path_name(k) for k in path): leaf for path, leaf in leaves}

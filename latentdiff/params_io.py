@@ -1,0 +1,58 @@
+"""Params pytrees <-> safetensors files ('/'-joined keys), shape-checked against an abstract target on load."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+
+def flatten(tree: Mapping) -> dict[str, np.ndarray]:
+    """{'a': {'b': x}} -> {'a/b': np.asarray(x)}."""
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
+
+
+def save_params(path: str, tree: Mapping, metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a params pytree as safetensors, atomically (temporary file + rename)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    save_file(flatten(jax.device_get(tree)), tmp, metadata=dict(metadata or {}))
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as f:
+        return dict(f.metadata() or {})
+
+
+def load_params(path: str, abstract: Mapping | None = None) -> dict:
+    """Reads a safetensors params file; with `abstract` (jax.eval_shape of init) every key and shape must match."""
+    from safetensors.numpy import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"params file {path!r} not found")
+    flat = load_file(path)
+    if abstract is not None:
+        want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(abstract), sep="/").items()}
+        got = {k: tuple(v.shape) for k, v in flat.items()}
+        problems = [f"{k}: file {got.get(k)} vs config {s}" for k, s in want.items() if got.get(k) != s]
+        problems += [f"{k}: in file, not in config" for k in got if k not in want]
+        if problems:
+            raise ValueError(
+                f"{path} does not match the model config ({'; '.join(problems[:3])}"
+                f"{' ...' if len(problems) > 3 else ''}); load it with the config it was saved with"
+            )
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def count(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
+    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(tree)))

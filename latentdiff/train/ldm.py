@@ -1,0 +1,346 @@
+"""Stage 2: the latent diffusion model ε_θ(z_t, t, τ_θ(y)) trained with L_LDM (DESIGN.md §1, §4).
+
+Per step: frozen stage-1 encoder -> z = scale_factor · E(x); caption dropout (p_uncond, the empty caption / null
+class) for classifier-free guidance; t ~ U{0..T-1}; z_t = q_sample(z, t, ε); loss = ‖target − UNet(z_t, t, τ_θ(y))‖²
+(ε-, v- or x0-target; optional min-SNR-γ). UNet and τ_θ are trained together with AdamW (warmup, clipping) and an EMA
+of their params is kept in the state. The latent scale factor is config.first_stage.scale_factor, or (0) 1/std of
+the first batch's latents, and is stored in the state (so the checkpoint carries it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from latentdiff import checkpoint, config_utils, first_stage, parallel, sampling
+from latentdiff.diffusion import losses as diffusion_losses
+from latentdiff.diffusion.schedules import make_schedule, q_sample
+from latentdiff.imaging import to_uint8
+from latentdiff.nn.text_encoder import build_text_encoder, init_tokens, null_label
+from latentdiff.nn.unet import build_unet, validate_context
+from latentdiff.train import common, loop
+
+log = logging.getLogger("latentdiff")
+
+
+@flax.struct.dataclass
+class LDMState:
+    step: jax.Array
+    params: Any  # {'unet': ..., 'cond': ...}
+    opt_state: Any
+    ema_params: Any
+    scale_factor: jax.Array
+    nonfinite_count: jax.Array
+    nonfinite_streak: jax.Array
+
+
+def schedule_from_config(diffusion: ml_collections.ConfigDict) -> Any:
+    return make_schedule(diffusion.schedule, diffusion.timesteps, diffusion.linear_start, diffusion.linear_end)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Config-time checks that would otherwise fail deep inside a trace."""
+    validate_context(config.unet, config.text_encoder)
+    if config.text_encoder.kind not in ("bert", "class"):
+        raise ValueError(f"text_encoder.kind must be 'bert' or 'class', got {config.text_encoder.kind!r}")
+    if config.text_encoder.kind == "bert" and config.tokenizer.max_length != config.text_encoder.max_length:
+        raise ValueError(
+            f"tokenizer.max_length ({config.tokenizer.max_length}) must equal text_encoder.max_length "
+            f"({config.text_encoder.max_length})"
+        )
+
+
+class LDMTask:
+    """Pure init/step functions of stage 2 for a given config, null condition and latent shape."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        fs: first_stage.FirstStage,
+        null_cond: np.ndarray,
+        scale_factor: float,
+    ) -> None:
+        check_config(config)
+        self.config = config
+        self.fs = fs
+        self.unet = build_unet(config.unet)
+        self.cond_encoder = build_text_encoder(config.text_encoder)
+        self.schedule = schedule_from_config(config.diffusion)
+        self.tx = common.make_optimizer(config.optim, config.num_train_steps)
+        self.null_cond = jnp.asarray(null_cond)
+        self.initial_scale_factor = float(scale_factor)
+        self.latent_shape = fs.latent_shape(config.data.resolution)
+        if self.latent_shape[-1] != config.unet.out_channels:
+            raise ValueError(
+                f"unet.out_channels ({config.unet.out_channels}) must equal the stage-1 latent channels "
+                f"({self.latent_shape[-1]})"
+            )
+
+    @property
+    def cond_key(self) -> str:
+        return "label" if self.config.text_encoder.kind == "class" else "tokens"
+
+    def init_state(self, rng: jax.Array) -> LDMState:
+        k_unet, k_cond = jax.random.split(rng)
+        cond = init_tokens(self.config.text_encoder, 1)
+        cond_params = self.cond_encoder.init(k_cond, cond)["params"]
+        context = self.cond_encoder.apply({"params": cond_params}, cond)
+        x = jnp.zeros((1, *self.latent_shape[:2], self.config.unet.in_channels), jnp.float32)
+        unet_params = self.unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), context, None, False)["params"]
+        params = {"unet": unet_params, "cond": cond_params}
+        return LDMState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            ema_params=jax.tree.map(jnp.copy, params),
+            scale_factor=jnp.asarray(self.initial_scale_factor, jnp.float32),
+            nonfinite_count=jnp.zeros((), jnp.int32),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+        )
+
+    def latents(self, fs_variables: dict, images: jax.Array, rng: jax.Array, scale_factor: jax.Array) -> jax.Array:
+        """Frozen first stage: images [B,H,W,3] -> scaled latents [B,h,w,c] (no gradient)."""
+        z = first_stage.encode(self.fs, fs_variables, images, rng, self.config.first_stage.sample_posterior)
+        return jax.lax.stop_gradient(z) * scale_factor
+
+    def grads(self, params: dict, batch: dict, rng: jax.Array, fs_variables: dict, scale_factor: jax.Array) -> tuple:
+        """Gradient of L_LDM on one (micro-)batch -> (grads, metrics)."""
+        diffusion = self.config.diffusion
+        k_enc, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
+        z0 = self.latents(fs_variables, batch["image"], k_enc, scale_factor)
+        cond = diffusion_losses.drop_condition(k_drop, batch[self.cond_key], self.null_cond, diffusion.p_uncond)
+        t = diffusion_losses.sample_timesteps(k_t, z0.shape[0], self.schedule.num_timesteps)
+        noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
+        z_t = q_sample(self.schedule, z0, t, noise)
+        gamma = diffusion.min_snr_gamma if diffusion.min_snr_gamma > 0 else None
+
+        def loss_fn(p: dict) -> tuple[jax.Array, jax.Array]:
+            context = self.cond_encoder.apply({"params": p["cond"]}, cond)
+            out = self.unet.apply({"params": p["unet"]}, z_t, t, context, None, True, rngs={"dropout": k_dropout})
+            loss, per_example = diffusion_losses.diffusion_loss(
+                self.schedule, diffusion.parameterization, out, z0, noise, t, gamma
+            )
+            return loss, per_example
+
+        (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        sums, counts = diffusion_losses.loss_per_timestep_bucket(
+            per_example, t, self.schedule.num_timesteps, diffusion.loss_buckets
+        )
+        metrics = {"loss": loss, "bucket_sums": sums, "bucket_counts": counts, "latent_std": jnp.std(z0)}
+        return grads, metrics
+
+    def train_step(self, state: LDMState, batch: dict, rng: jax.Array, fs_variables: dict) -> tuple[LDMState, dict]:
+        grads, metrics = common.accumulate_gradients(
+            lambda p, b, r: self.grads(p, b, r, fs_variables, state.scale_factor),
+            state.params,
+            batch,
+            rng,
+            self.config.grad_accum_steps,
+        )
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = common.ema_decay(state.step, self.config.ema.decay, self.config.ema.warmup)
+        ema_params = common.ema_update(state.ema_params, params, decay)
+        grad_norm = common.global_norm(grads)
+        finite = common.all_finite(metrics["loss"], grad_norm)
+        (params, opt_state, ema_params), count, streak = common.guarded_update(
+            finite,
+            (params, opt_state, ema_params),
+            (state.params, state.opt_state, state.ema_params),
+            state.nonfinite_count,
+            state.nonfinite_streak,
+        )
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema_params,
+            nonfinite_count=count,
+            nonfinite_streak=streak,
+        )
+        bucket_means = metrics["bucket_sums"] / jnp.maximum(metrics["bucket_counts"], 1.0)
+        buckets = self.config.diffusion.loss_buckets
+        scalars = {f"loss_t{i * self.schedule.num_timesteps // buckets:04d}": bucket_means[i] for i in range(buckets)}
+        scalars |= {
+            "loss": metrics["loss"],
+            "grad_norm": grad_norm,
+            "ema_decay": decay,
+            "latent_std": metrics["latent_std"],
+            "update_skipped": 1.0 - finite.astype(jnp.float32),
+            "lr": common.learning_rate_schedule(self.config.optim, self.config.num_train_steps)(state.step),
+        }
+        return new_state, loop.scalar_metrics(**scalars)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wiring: first stage, tokenizer, scale factor, loop.
+
+
+def prepare_first_stage(config: ml_collections.ConfigDict, workdir: str) -> first_stage.FirstStage:
+    """The frozen stage-1 model, copied into workdir/first_stage on the first run (so the workdir is self-contained)."""
+    local = os.path.join(workdir, "first_stage")
+    if os.path.isfile(os.path.join(local, "autoencoder.json")):
+        return first_stage.load_export(local)
+    config_utils.require(config, "first_stage.workdir")
+    source = config.first_stage.workdir
+    from latentdiff.train.autoencoder import export_first_stage
+
+    export_dir = export_first_stage(source)
+    fs = first_stage.load_export(export_dir)
+    if jax.process_index() == 0:
+        first_stage.save_export(fs.config, fs.variables, local)
+    if fs.config.resolution != config.data.resolution:
+        log.warning(
+            "stage-1 resolution %d differs from data.resolution %d (fully convolutional, continuing)",
+            fs.config.resolution,
+            config.data.resolution,
+        )
+    return fs
+
+
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """The run's tokenizer, saved in workdir/tokenizer (first run: a named/local HF tokenizer, or WordPiece trained on
+    the training captions — the offline default), so sampling later uses exactly the same vocabulary."""
+    from latentdiff.data.pipeline import make_tokenizer
+
+    local = os.path.join(workdir, "tokenizer")
+    save_dir = local if jax.process_index() == 0 or os.path.isdir(local) else ""
+    tok = make_tokenizer(config.tokenizer, config.data, save_dir=save_dir)
+    if tok.vocab_size > config.text_encoder.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} tokens but text_encoder.vocab_size is {config.text_encoder.vocab_size}; "
+            f"set --config.text_encoder.vocab_size={tok.vocab_size}"
+        )
+    return tok
+
+
+def null_condition(config: ml_collections.ConfigDict, tokenizer: Any) -> np.ndarray:
+    """The unconditional input: tokens of the empty caption "" [L], or the null class label (a scalar)."""
+    if config.text_encoder.kind == "class":
+        return np.asarray(null_label(config.text_encoder), np.int32)
+    return np.asarray(tokenizer.encode([""])[0], np.int32)
+
+
+def first_batch_scale_factor(
+    fs: first_stage.FirstStage, batch: dict, mesh: jax.sharding.Mesh, sample_posterior: bool, seed: int
+) -> float:
+    """1 / std of the first (global) batch's latents, as the LDM code does with scale_by_std."""
+    images = parallel.host_to_global({"image": batch["image"]}, mesh)["image"]
+    fs_vars = jax.device_put(fs.variables, parallel.replicated(mesh))
+    z = jax.jit(lambda v, x, r: first_stage.encode(fs, v, x, r, sample_posterior))(
+        fs_vars, images, jax.random.key(seed)
+    )
+    return float(1.0 / jnp.std(z))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMState:
+    """Trains stage 2; writes checkpoints, metrics, sample grids to `workdir` (resumes if it holds a checkpoint)."""
+    from latentdiff.data import pipeline as data_pipeline
+
+    parallel.init_distributed(
+        config.distributed.coordinator, config.distributed.num_processes, config.distributed.process_id
+    )
+    check_config(config)
+    mesh = parallel.make_mesh(dict(config.mesh))
+    fs = prepare_first_stage(config, workdir)
+    tokenizer = prepare_tokenizer(config, workdir) if config.text_encoder.kind == "bert" else None
+    null_cond = null_condition(config, tokenizer)
+
+    def make_iter() -> Any:
+        return data_pipeline.make_dataset(
+            config.data,
+            split=config.data.train_split,
+            tokenizer=tokenizer,
+            global_batch_size=config.batch_size * config.grad_accum_steps,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            seed=config.seed,
+            train=True,
+        )
+
+    scale_factor = config.first_stage.scale_factor
+    if scale_factor <= 0:
+        scale_factor = first_batch_scale_factor(
+            fs, next(iter(make_iter())), mesh, config.first_stage.sample_posterior, config.seed
+        )
+        log.info("latent scale factor from the first batch: %.5f", scale_factor)
+    task = LDMTask(config, fs, null_cond, scale_factor)
+    fs_variables = jax.device_put(fs.variables, parallel.replicated(mesh))
+    write_images = make_image_writer(config, task, tokenizer, fs_variables, mesh)
+    loop_task = loop.Task(
+        init_state=task.init_state,
+        step_for=lambda step: task.train_step,
+        batch_keys=("image", task.cond_key),
+        constants=fs_variables,
+        write_images=write_images,
+    )
+    return loop.run(config, workdir, loop_task, make_iter, mesh)
+
+
+def make_image_writer(
+    config: ml_collections.ConfigDict, task: LDMTask, tokenizer: Any, fs_variables: dict, mesh: jax.sharding.Mesh
+) -> Any:
+    """Periodic sample grids (EMA params, the config's sampler and prompts/classes) -> workdir/images/*.png."""
+    s = config.sampling
+    generate = jax.jit(
+        sampling.make_generate(
+            unet=task.unet,
+            cond_encoder=task.cond_encoder,
+            fs=task.fs,
+            schedule=task.schedule,
+            parameterization=config.diffusion.parameterization,
+            sampler=s.sampler,
+            num_steps=s.steps,
+        )
+    )
+    if config.text_encoder.kind == "class":
+        labels = [int(p) for p in s.prompts]
+        cond = np.asarray(labels, np.int32)
+        captions = [f"class {c}" for c in labels]
+    else:
+        captions = list(s.prompts)
+        cond = tokenizer.encode(captions)
+    uncond = task.null_cond[None]
+    x_T = sampling.initial_noise(config.seed, jnp.arange(len(captions)), task.latent_shape)
+
+    def write(state: LDMState, step: int, out_dir: str) -> None:
+        images = generate(
+            state.ema_params,
+            fs_variables,
+            state.scale_factor,
+            jnp.asarray(cond),
+            uncond,
+            jnp.float32(s.guidance),
+            jnp.float32(s.eta),
+            x_T,
+            jax.random.key(config.seed),
+        )
+        images = loop.fetch(images)
+        if jax.process_index() == 0:
+            from latentdiff.imaging import grid, save_png
+
+            save_png(grid(to_uint8(images), captions, columns=8, scale=2), os.path.join(out_dir, f"{step:07d}.png"))
+
+    return write
+
+
+def restore_params(workdir: str, config: ml_collections.ConfigDict, fs: first_stage.FirstStage, null_cond: Any) -> dict:
+    """{'params', 'ema_params', 'scale_factor', 'step'} of the latest checkpoint of a stage-2 workdir (host arrays)."""
+    task = LDMTask(config, fs, null_cond, 1.0)
+    abstract = jax.eval_shape(task.init_state, jax.random.key(0))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir!r} has no checkpoint yet; train it first (train.py --workdir {workdir})")
+    subset = {"params": abstract.params, "ema_params": abstract.ema_params, "scale_factor": abstract.scale_factor}
+    restored = ckpt.restore_subtree(step, subset)
+    ckpt.close()
+    return {**jax.device_get(restored), "step": step}

@@ -1,0 +1,261 @@
+"""The training driver both stages share: sharded state, jitted step, resume, preemption, logging.
+
+A stage supplies a `Task` (pure init and step functions plus optional image/eval callbacks); `run` does the rest:
+  * mesh from config.mesh; state created already sharded (`jax.jit(init, out_shardings=...)`) or restored from the
+    latest checkpoint in `workdir/checkpoints` (params, optimizer, EMA, step, counters and the data iterator position);
+  * the step is `jax.jit` with explicit in/out shardings and the state donated; rng = fold_in(base, step);
+  * SIGTERM (preemption) -> checkpoint, exit code 0; non-finite updates are skipped inside the step and counted;
+    `max_consecutive_nonfinite` in a row stops the run with a clear error;
+  * process 0 writes TensorBoard scalars, metrics.jsonl, config.json, a progress bar and image grids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from latentdiff import checkpoint, config_utils, parallel
+
+log = logging.getLogger("latentdiff")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite updates."""
+
+
+@dataclasses.dataclass
+class Task:
+    """What a stage contributes to the loop. All functions are pure except the callbacks."""
+
+    init_state: Callable[[jax.Array], Any]  # rng -> state pytree (has .step, .nonfinite_count, .nonfinite_streak)
+    # step number -> pure step function (state, batch, rng, constants) -> (state, metrics). Stages with phases
+    # (e.g. the GAN switched on at disc_start) return a different function per phase; each is compiled once.
+    step_for: Callable[[int], Callable[[Any, dict, jax.Array, Any], tuple[Any, dict]]]
+    batch_keys: tuple[str, ...]  # numeric fields of host batches that go to the device
+    constants: Any = None  # frozen arrays the step reads (e.g. LPIPS weights), passed as arguments, never baked in
+    write_images: Callable[[Any, int, str], None] | None = None  # (state, step, out_dir), all processes call it
+    evaluate: Callable[[Any], dict[str, float]] | None = None  # state -> scalars, all processes call it
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Preemption:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. under some test runners): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricWriter:
+    """Process 0 writes TensorBoard scalars and a JSONL file; other processes write nothing."""
+
+    def __init__(self, workdir: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # tensorboardX is a base dependency; tolerate its absence in minimal envs
+                self._tb = None
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _progress(config: ml_collections.ConfigDict, start: int, enabled: bool) -> Any:
+    if not (enabled and config.progress_bar):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.num_train_steps, initial=start, dynamic_ncols=True, file=sys.stderr, unit="step")
+
+
+def compiled_flops(compiled: Any) -> float:
+    """FLOPs of one call from XLA's cost analysis (0 when unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:
+        return 0.0
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    task: Task,
+    make_train_iter: Callable[[], Any],
+    mesh: jax.sharding.Mesh,
+) -> Any:
+    """Trains to config.num_train_steps (resuming if a checkpoint exists). Returns the final state."""
+    is_main = jax.process_index() == 0
+    if is_main:
+        config_utils.save_config(config, workdir)
+    parallel.global_batch_size_ok(config.batch_size, mesh)
+
+    base_rng = jax.random.key(config.seed)
+    init_rng = jax.random.fold_in(base_rng, -1 & 0x7FFFFFFF)
+    abstract = jax.eval_shape(task.init_state, init_rng)
+    shardings = parallel.infer_shardings(abstract, mesh, config.sharding.rules, config.sharding.fsdp_min_size)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints,
+        async_save=config.async_checkpointing,
+    )
+    train_iter = make_train_iter()
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, checkpoint.abstract_with_shardings(abstract, shardings))
+        if data_state and hasattr(train_iter, "set_state"):
+            train_iter.set_state(data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, latest)
+    else:
+        state = jax.jit(task.init_state, out_shardings=shardings)(init_rng)
+
+    batch_sharding = parallel.batch_sharding(mesh)
+    compiled_steps: dict[Callable, Any] = {}
+
+    def compiled_step(step: int, *args: Any) -> Any:
+        """The compiled executable of this step's function (compiled on first use; FLOPs logged from it)."""
+        nonlocal flops_per_step
+        fn = task.step_for(step)
+        if fn not in compiled_steps:
+            jitted = jax.jit(
+                fn,
+                in_shardings=(shardings, batch_sharding, parallel.replicated(mesh), parallel.replicated(mesh)),
+                out_shardings=(shardings, parallel.replicated(mesh)),
+                donate_argnums=(0,),
+            )
+            compiled_steps[fn] = jitted.lower(*args).compile()
+            flops_per_step = compiled_flops(compiled_steps[fn])
+        return compiled_steps[fn]
+
+    constants = jax.device_put(task.constants, parallel.replicated(mesh)) if task.constants is not None else None
+    start_step = int(jax.device_get(state.step))
+    writer = MetricWriter(workdir, is_main)
+    bar = _progress(config, start_step, is_main)
+    flops_per_step = 0.0
+    step = start_step
+    window_start, window_steps = time.perf_counter(), 0
+    profiling = False
+    try:
+        with _Preemption() as preemption:
+            while step < config.num_train_steps:
+                host_batch = next(train_iter)
+                batch = parallel.host_to_global({k: host_batch[k] for k in task.batch_keys}, mesh)
+                rng = jax.random.fold_in(base_rng, step)
+                step_fn = compiled_step(step, state, batch, rng, constants)
+                if step == config.profile_start_step and is_main:
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                    profiling = True
+                state, metrics = step_fn(state, batch, rng, constants)
+                step += 1
+                window_steps += 1
+                if profiling and step >= config.profile_start_step + config.profile_num_steps:
+                    jax.profiler.stop_trace()
+                    profiling = False
+                streak = int(jax.device_get(state.nonfinite_streak))
+                if streak >= config.max_consecutive_nonfinite:
+                    ckpt.wait()
+                    raise NonFiniteError(
+                        f"{streak} consecutive non-finite updates at step {step} (loss or gradients are inf/nan); "
+                        "lower optim.lr, enable optim.grad_clip, or check the data"
+                    )
+                if bar is not None:
+                    bar.update(1)
+                if step % config.log_every == 0 or step == config.num_train_steps:
+                    elapsed = time.perf_counter() - window_start
+                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    scalars["steps_per_sec"] = window_steps / max(elapsed, 1e-9)
+                    scalars["images_per_sec"] = scalars["steps_per_sec"] * config.batch_size
+                    scalars["nonfinite_skipped"] = float(jax.device_get(state.nonfinite_count))
+                    if flops_per_step:
+                        scalars["tflops_per_sec"] = flops_per_step * scalars["steps_per_sec"] / 1e12
+                        if config.peak_tflops > 0:
+                            scalars["mfu"] = scalars["tflops_per_sec"] / (config.peak_tflops * jax.device_count())
+                    writer.write(step, scalars)
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in list(scalars.items())[:3]})
+                    window_start, window_steps = time.perf_counter(), 0
+                if task.evaluate is not None and step % config.eval_every == 0:
+                    writer.write(step, {f"eval/{k}": v for k, v in task.evaluate(state).items()})
+                if task.write_images is not None and step % config.image_every == 0:
+                    task.write_images(state, step, os.path.join(workdir, "images"))
+                if step % config.checkpoint_every == 0 or step == config.num_train_steps:
+                    ckpt.save(step, state, _data_state(train_iter))
+                if preemption.requested:
+                    if ckpt.latest_step() != step:
+                        ckpt.save(step, state, _data_state(train_iter))
+                    ckpt.wait()
+                    log.warning("SIGTERM: checkpoint written at step %d; exiting", step)
+                    break
+    finally:
+        if profiling:
+            jax.profiler.stop_trace()
+        if bar is not None:
+            bar.close()
+        writer.close()
+        ckpt.close()
+    return state
+
+
+def _data_state(train_iter: Iterator) -> dict:
+    return train_iter.get_state() if hasattr(train_iter, "get_state") else {}
+
+
+def fetch(tree: Any) -> Any:
+    """Global (possibly multi-host sharded) arrays -> numpy on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def scalar_metrics(**values: jax.Array) -> dict[str, jax.Array]:
+    """Metrics dict with float32 scalars (what the loop logs)."""
+    return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
