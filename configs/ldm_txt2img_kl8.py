@@ -2,11 +2,15 @@
 
     python train.py --config configs/ldm_txt2img_kl8.py:tiny --workdir workdirs/ldm_tiny \
         --config.first_stage.workdir=workdirs/ae_kl_tiny
+    python train.py --config configs/ldm_txt2img_kl8.py:demo --workdir workdirs/demo/ldm \
+        --config.first_stage.workdir=workdirs/demo/autoencoder
     python train.py --config configs/ldm_txt2img_kl8.py:paper --workdir gs://BUCKET/ldm_txt2img \
         --config.first_stage.workdir=gs://BUCKET/ae_kl_f8 --config.data.name=coco_captions
 
 Variants:
   tiny   CPU-sized UNet + text encoder on the shapes dataset at 64 px (8x8x4 latents of autoencoder_kl_f8:tiny).
+  demo   The embedded demo (`make demo-train`): the same recipe at 32 px on the 8x8x4 latents of
+         autoencoder_kl_f4:demo; UNet 64 ch (1,2), attention at both levels, text encoder 2 x 128.
   paper  The paper's LDM-KL-8-G: UNet 320, ch_mult (1,2,4,4), 2 res blocks, attention at ds 1, 2, 4, 8 heads,
          context 1280 (~872M params); text encoder 32 layers x 1280, 8 heads x 64, length 77, BERT tokenizer
          (~543M params); linear schedule 0.00085..0.012, T 1000, eps; AdamW lr 1e-4, batch 680, 390k steps.
@@ -19,19 +23,40 @@ from latentdiff.config_utils import check_variant
 from latentdiff.data.pipeline import default_data_config
 from latentdiff.train.config_blocks import run_block
 
+SHAPES_PROMPTS = (
+    "a red circle at the top left",
+    "a small blue square in the centre",
+    "a large green triangle at the bottom right",
+    "a yellow circle on a white background",
+)
+PAPER_PROMPTS = (
+    "a painting of a virus monster playing guitar",
+    "a street sign that reads latent diffusion",
+    "a zombie in the style of picasso",
+    "an oil painting of a latent space",
+)
+
+#                      tiny       demo       paper
+VARIANTS = {
+    "tiny": dict(batch=32, steps=2_000, res=64, mc=32, mult=(1, 2), nrb=1, attn=(2, 1), heads=4, width=64,
+                 depth=2, theads=4, hdim=16, vocab=512, length=32, lr=1e-3, warmup=100, ema=0.999, guidance=3.0),
+    "demo": dict(batch=64, steps=8_000, res=32, mc=64, mult=(1, 2), nrb=1, attn=(2, 1), heads=4, width=128,
+                 depth=2, theads=4, hdim=32, vocab=256, length=24, lr=5e-4, warmup=300, ema=0.999, guidance=3.0),
+    "paper": dict(batch=680, steps=390_000, res=256, mc=320, mult=(1, 2, 4, 4), nrb=2, attn=(4, 2, 1), heads=8,
+                  width=1280, depth=32, theads=8, hdim=64, vocab=30522, length=77, lr=1e-4, warmup=10_000,
+                  ema=0.9999, guidance=1.5),
+}  # fmt: skip
+
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    variant = check_variant(arg, {"tiny": 0, "paper": 1}, __file__)
-    paper = variant == 1
-    config = run_block(batch_size=680 if paper else 32, num_train_steps=390_000 if paper else 2_000, seed=0)
+    v = check_variant(arg, VARIANTS, __file__)
+    paper = arg == "paper"
+    config = run_block(batch_size=v["batch"], num_train_steps=v["steps"], seed=0)
     config.stage = "ldm"
 
     config.data = default_data_config()
     config.data.name = "coco_captions" if paper else "shapes"
-    config.data.resolution = 256 if paper else 64
-    if paper:
-        config.data.image_key = "image"
-        config.data.caption_key = "captions/text"
+    config.data.resolution = v["res"]
 
     config.first_stage = ml_collections.ConfigDict(
         dict(
@@ -40,19 +65,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             sample_posterior=True,
         )
     )
-    width = 1280 if paper else 64
     config.unet = ml_collections.ConfigDict(
         dict(
             in_channels=4,
             out_channels=4,
-            model_channels=320 if paper else 32,
-            channel_mult=(1, 2, 4, 4) if paper else (1, 2),
-            num_res_blocks=2 if paper else 1,
-            attention_resolutions=(4, 2, 1) if paper else (2, 1),
-            num_heads=8 if paper else 4,
+            model_channels=v["mc"],
+            channel_mult=v["mult"],
+            num_res_blocks=v["nrb"],
+            attention_resolutions=v["attn"],
+            num_heads=v["heads"],
             num_head_channels=-1,
             transformer_depth=1,
-            context_dim=width,
+            context_dim=v["width"],
             num_classes=0,
             dropout=0.0,
             use_linear_proj=False,
@@ -64,12 +88,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.text_encoder = ml_collections.ConfigDict(
         dict(
             kind="bert",
-            vocab_size=30522 if paper else 512,
-            max_length=77 if paper else 16,
-            width=width,
-            depth=32 if paper else 2,
-            num_heads=8 if paper else 4,
-            head_dim=64 if paper else 16,
+            vocab_size=v["vocab"],
+            max_length=v["length"],
+            width=v["width"],
+            depth=v["depth"],
+            num_heads=v["theads"],
+            head_dim=v["hdim"],
             mlp_ratio=4,
             num_classes=0,
             dtype="bfloat16" if paper else "float32",
@@ -78,9 +102,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     config.tokenizer = ml_collections.ConfigDict(
         dict(
-            name_or_path="bert-base-uncased" if paper else "",  # '' = train WordPiece on the training captions
-            vocab_size=config.text_encoder.vocab_size,
-            max_length=config.text_encoder.max_length,
+            name_or_path="bert-base-uncased" if paper else "",  # '' = WordPiece built from the training captions
+            vocab_size=v["vocab"],
+            max_length=v["length"],
         )
     )
     config.diffusion = ml_collections.ConfigDict(
@@ -98,41 +122,29 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict(
         dict(
             name="adamw",
-            lr=1e-4 if paper else 1e-3,
+            lr=v["lr"],
             b1=0.9,
             b2=0.999,
             eps=1e-8,
             weight_decay=0.01,
-            warmup_steps=10_000 if paper else 100,
+            warmup_steps=v["warmup"],
             schedule="constant" if paper else "cosine",
             grad_clip=1.0,
             flatten=not paper,  # one flat optimizer vector: faster CPU compiles; off where FSDP shards params
         )
     )
-    config.ema = ml_collections.ConfigDict(dict(decay=0.9999 if paper else 0.999, warmup=True))
+    config.ema = ml_collections.ConfigDict(dict(decay=v["ema"], warmup=True))
     config.sampling = ml_collections.ConfigDict(
         dict(
             sampler="ddim",
             steps=250 if paper else 50,
             eta=0.0,
-            guidance=1.5 if paper else 3.0,
-            prompts=(
-                "a red circle at the top left",
-                "a small blue square in the centre",
-                "a large green triangle at the bottom right",
-                "a yellow circle on a white background",
-            )
-            if not paper
-            else (
-                "a painting of a virus monster playing guitar",
-                "a street sign that reads latent diffusion",
-                "a zombie in the style of picasso",
-                "an oil painting of a latent space",
-            ),
+            guidance=v["guidance"],
+            prompts=PAPER_PROMPTS if paper else SHAPES_PROMPTS,
         )
     )
     config.log_every = 50 if paper else 25
-    config.eval_every = 10**9  # stage 2 evaluates with eval/ scripts
-    config.image_every = 5_000 if paper else 500
+    config.eval_every = 10**9  # stage 2 is evaluated with the eval/ scripts
+    config.image_every = 5_000 if paper else 1_000
     config.checkpoint_every = 5_000 if paper else 500
     return config

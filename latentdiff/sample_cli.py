@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from latentdiff.sampling import SAMPLERS
+from latentdiff.sampling import SAMPLERS, check_sampling_args
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> list[str]:
             raise ValueError("no prompt given: pass --prompt TEXT (repeatable) or --prompt_file FILE")
         conditions = prompts
     items = [c for c in conditions for _ in range(args.n)]
+    check_sampling_args(args.sampler, args.steps, pipe.schedule.num_timesteps, args.guidance, args.eta)
     bar = tqdm(total=len(items), unit="img", file=sys.stderr)
     start = time.perf_counter()
     images = pipe(

@@ -1,0 +1,90 @@
+"""Stage 1: KL-regularised autoencoder with downsampling factor 4 (LDM-KL-f4), and the demo's first stage.
+
+    python train.py --config configs/autoencoder_kl_f4.py:demo --workdir workdirs/demo/autoencoder
+    python train.py --config configs/autoencoder_kl_f4.py:paper --workdir gs://BUCKET/ae_kl_f4 \
+        --config.data.name=coco_captions --config.loss.lpips_weights=weights/lpips_vgg16.safetensors
+
+Variants:
+  demo   The embedded demo's autoencoder (`make demo-train`): 32 px shapes -> 8x8x4 latents, L1 + KL only (flat-colour
+         shapes need no perceptual or adversarial term; the discriminator is configured but starts after the last
+         step), ~0.95M params, a few minutes on a 2-core CPU.
+  paper  The paper's KL-f4: ch 128, ch_mult (1,2,4), 2 res blocks, z 3, 256 px, LPIPS + PatchGAN from step 50001.
+"""
+
+import ml_collections
+
+from latentdiff.config_utils import check_variant
+from latentdiff.data.pipeline import default_data_config
+from latentdiff.train.config_blocks import run_block
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    variant = check_variant(arg, {"demo": 0, "paper": 1}, __file__)
+    paper = variant == 1
+    config = run_block(batch_size=96 if paper else 32, num_train_steps=200_000 if paper else 1_500, seed=0)
+    config.stage = "autoencoder"
+
+    config.data = default_data_config()
+    config.data.name = "shapes"
+    config.data.resolution = 256 if paper else 32
+    config.data.shapes_num_train = 20_000
+    config.data.shapes_num_validation = 1024
+
+    config.autoencoder = ml_collections.ConfigDict(
+        dict(
+            kind="kl",
+            in_channels=3,
+            out_channels=3,
+            resolution=config.data.resolution,
+            ch=128 if paper else 32,
+            ch_mult=(1, 2, 4) if paper else (1, 2, 2),
+            num_res_blocks=2 if paper else 1,
+            attn_resolutions=(),
+            dropout=0.0,
+            z_channels=3 if paper else 4,
+            double_z=True,
+            embed_dim=3 if paper else 4,
+            n_embed=0,
+            beta=0.25,
+            ema_codebook=False,
+            ema_decay=0.99,
+            dtype="float32",
+        )
+    )
+    config.discriminator = ml_collections.ConfigDict(
+        dict(in_channels=3, ndf=64, n_layers=3 if paper else 2, use_batchnorm=True, dtype="float32")
+    )
+    config.loss = ml_collections.ConfigDict(
+        dict(
+            perceptual_weight=1.0 if paper else 0.0,
+            lpips_weights="",
+            lpips_dtype="float32",
+            kl_weight=1e-6,
+            codebook_weight=1.0,
+            disc_weight=0.5,
+            disc_factor=1.0,
+            disc_start=50_001 if paper else config.num_train_steps + 1,
+            disc_loss="hinge",
+            logvar_init=0.0,
+        )
+    )
+    config.optim = ml_collections.ConfigDict(
+        dict(
+            name="adam",
+            lr=4.5e-6 * config.batch_size if paper else 1e-3,
+            b1=0.5,
+            b2=0.9,
+            eps=1e-8,
+            weight_decay=0.0,
+            warmup_steps=0 if paper else 100,
+            schedule="constant" if paper else "cosine",
+            grad_clip=0.0,
+            flatten=not paper,  # one flat optimizer vector: faster CPU compiles; off where FSDP shards params
+        )
+    )
+    config.disc_optim = ml_collections.ConfigDict(config.optim.to_dict())
+    config.log_every = 50
+    config.eval_every = 5_000 if paper else 500
+    config.image_every = 5_000 if paper else 500
+    config.checkpoint_every = 5_000 if paper else 250
+    return config

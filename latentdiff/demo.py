@@ -1,0 +1,228 @@
+"""The embedded default: a shipped text-to-image model on the shapes dataset, sampled and scored.
+
+    python -m latentdiff.demo run --demo_dir demo --out demo_out        (make demo)
+    python -m latentdiff.demo train --workdir workdirs/demo --demo_dir demo   (make demo-train)
+
+`train` runs the project's own recipe through the same code as train.py (configs/autoencoder_kl_f4.py:demo, then
+configs/ldm_txt2img_kl8.py:demo), resumably (Ctrl-C and run again continues), then writes the shipped files into
+--demo_dir (config, tokenizer, first stage, EMA params, report of the run) and scores them like `run`.
+`run` loads --demo_dir through latentdiff.pipeline (as sample.py does), writes a captioned grid for fixed prompts
+(seen and novel attribute combinations), and scores text alignment with the analytic shapes grader on seen and novel
+captions, at the demo's guidance scale and at scale 1 (no guidance) as an ablation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import latentdiff  # noqa: F401  (CPU XLA flags)
+from latentdiff import errors
+
+AE_CONFIG = "configs/autoencoder_kl_f4.py:demo"
+LDM_CONFIG = "configs/ldm_txt2img_kl8.py:demo"
+GRID_PROMPTS = (
+    "a red circle at the top left",
+    "a blue square at the bottom right",
+    "a large green square in the centre",
+    "a small yellow circle at the top right",
+    "a purple triangle at the bottom left",
+    "a large orange circle on a white background",
+    "a cyan square at the top",
+    "a small red square at the bottom",
+    # attribute combinations held out of training (the `novel` split: red triangle, green circle, blue square,
+    # yellow triangle)
+    "a red triangle at the top left",
+    "a large green circle in the centre",
+    "a small blue square at the bottom right",
+    "a yellow triangle at the top right",
+)
+NUM_SCORED = 256  # images per (split, guidance) cell of the report
+SCORE_SEED = 1234
+
+
+def repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo_root(), capture_output=True, text=True)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------- scoring
+
+
+def score(pipe: Any, *, guidance: float, steps: int, sampler: str, num: int, resolution: int) -> dict[str, Any]:
+    """Alignment of generated images with seen (validation) and novel captions, at `guidance` and at 1."""
+    from latentdiff.data import shapes
+
+    report: dict[str, Any] = {}
+    for split in ("validation", "novel"):
+        _, captions = shapes.make_examples(num, resolution, split, SCORE_SEED)
+        for scale in (guidance, 1.0):
+            start = time.perf_counter()
+            images = pipe(captions, sampler=sampler, steps=steps, guidance=scale, seed=SCORE_SEED, batch_size=128)
+            grades = shapes.grade(images, captions)
+            key = f"{'seen' if split == 'validation' else 'novel'}@{scale:g}"
+            report[key] = {k: float(v) for k, v in grades.items()} | {"seconds": time.perf_counter() - start}
+    return report
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    attrs = ("colour", "shape", "position", "size", "all")
+    lines = [f"{'captions@guidance':<18}" + "".join(f"{a:>10}" for a in attrs)]
+    for key, values in report.items():
+        if isinstance(values, dict) and "all" in values:
+            lines.append(f"{key:<18}" + "".join(f"{values.get(a, float('nan')):>10.3f}" for a in attrs))
+    return "\n".join(lines)
+
+
+def run(demo_dir: str, out: str, num: int = NUM_SCORED) -> dict[str, Any]:
+    """make demo: load, grid, score, report."""
+    from latentdiff.imaging import grid, save_png
+    from latentdiff.pipeline import Pipeline
+
+    if not os.path.isfile(os.path.join(demo_dir, "config.json")):
+        raise FileNotFoundError(f"no demo model in {demo_dir!r}; run `make demo-train` to create it")
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_workdir(demo_dir)
+    s = pipe.config.sampling
+    images = pipe(list(GRID_PROMPTS), sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=0)
+    os.makedirs(out, exist_ok=True)
+    save_png(grid(images, GRID_PROMPTS, columns=4, scale=4, caption_lines=3), os.path.join(out, "grid.png"))
+    report = {
+        "model": os.path.abspath(demo_dir),
+        "sampler": s.sampler,
+        "steps": s.steps,
+        "guidance": s.guidance,
+        "images_per_cell": num,
+    }
+    report |= score(pipe, guidance=s.guidance, steps=s.steps, sampler=s.sampler, num=num, resolution=pipe.resolution)
+    report["seconds"] = time.perf_counter() - t0
+    from latentdiff.config_utils import atomic_write_text
+
+    atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=2))
+    print(summary_table(report))
+    print(f"grid: {os.path.join(out, 'grid.png')}  report: {os.path.join(out, 'report.json')}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def train(workdir: str, demo_dir: str, overrides: list[str]) -> dict[str, Any]:
+    """make demo-train: both stages through train.py's code path, then ship the result into demo_dir."""
+    from latentdiff.config_utils import atomic_write_text, load_config
+    from latentdiff.train import train_and_evaluate
+
+    timings_path = os.path.join(workdir, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
+    ae_dir, ldm_dir = os.path.join(workdir, "autoencoder"), os.path.join(workdir, "ldm")
+    ae_config = load_config(os.path.join(repo_root(), AE_CONFIG))
+    ldm_config = load_config(os.path.join(repo_root(), LDM_CONFIG))
+    ldm_config.first_stage.workdir = ae_dir
+    for override in overrides:  # "ae.FIELD=VALUE" or "ldm.FIELD=VALUE" (smoke tests shorten the recipe)
+        stage, _, assignment = override.partition(".")
+        field, _, value = assignment.partition("=")
+        _assign(ae_config if stage == "ae" else ldm_config, field, value)
+    os.makedirs(workdir, exist_ok=True)
+    for name, config, directory in (("autoencoder", ae_config, ae_dir), ("ldm", ldm_config, ldm_dir)):
+        print(f"== stage {name}: {config.num_train_steps} steps -> {directory}", flush=True)
+        start = time.perf_counter()
+        train_and_evaluate(config, directory)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        atomic_write_text(timings_path, json.dumps(timings, indent=2))
+    ship(ldm_dir, demo_dir)
+    from latentdiff.pipeline import Pipeline
+
+    start = time.perf_counter()
+    s = ldm_config.sampling
+    report = score(
+        Pipeline.from_workdir(demo_dir),
+        guidance=s.guidance,
+        steps=s.steps,
+        sampler=s.sampler,
+        num=NUM_SCORED,
+        resolution=ldm_config.data.resolution,
+    )
+    training_report = {
+        "commit": git_commit(),
+        "command": "make demo-train",
+        "configs": [AE_CONFIG, LDM_CONFIG],
+        "overrides": overrides,
+        "wall_seconds": timings,
+        "scoring_seconds": time.perf_counter() - start,
+        "alignment": report,
+    }
+    if os.path.isfile(os.path.join(ae_dir, "eval.json")):
+        training_report["autoencoder_eval"] = json.load(open(os.path.join(ae_dir, "eval.json")))
+    atomic_write_text(os.path.join(demo_dir, "training_report.json"), json.dumps(training_report, indent=2))
+    print(summary_table(report))
+    return training_report
+
+
+def _assign(config: Any, dotted: str, value: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        node = getattr(node, p)
+    current = getattr(node, leaf)
+    setattr(node, leaf, type(current)(value) if not isinstance(current, bool) else value.lower() == "true")
+
+
+def ship(ldm_workdir: str, demo_dir: str) -> None:
+    """Copies what sampling needs from a stage-2 workdir into demo_dir: config.json, tokenizer/, first_stage/ and
+    the EMA params of the latest checkpoint as params/ema.safetensors (no optimizer state: small)."""
+    from latentdiff import config_utils, first_stage, params_io
+    from latentdiff.train.ldm import null_condition, restore_params
+
+    config = config_utils.load_workdir_config(ldm_workdir)
+    fs = first_stage.load_export(os.path.join(ldm_workdir, "first_stage"))
+    from latentdiff.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(ldm_workdir, "tokenizer"), config.tokenizer.max_length)
+    restored = restore_params(ldm_workdir, config, fs, null_condition(config, tokenizer))
+    staging = demo_dir.rstrip("/") + ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    config_utils.save_config(config, staging)
+    tokenizer.save(os.path.join(staging, "tokenizer"))
+    first_stage.save_export(fs.config, fs.variables, os.path.join(staging, "first_stage"))
+    metadata = {"step": str(restored["step"]), "scale_factor": repr(float(restored["scale_factor"]))}
+    params_io.save_params(os.path.join(staging, "params", "ema.safetensors"), restored["ema_params"], metadata)
+    if os.path.isdir(demo_dir):
+        shutil.rmtree(demo_dir)
+    os.replace(staging, demo_dir)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m latentdiff.demo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="sample and score the shipped demo model (make demo)")
+    p_run.add_argument("--demo_dir", default="demo")
+    p_run.add_argument("--out", default="demo_out")
+    p_run.add_argument("--num", type=int, default=NUM_SCORED, help="images scored per (split, guidance) cell")
+    p_train = sub.add_parser("train", help="reproduce the demo model from nothing (make demo-train)")
+    p_train.add_argument("--workdir", default="workdirs/demo")
+    p_train.add_argument("--demo_dir", default="demo")
+    p_train.add_argument("--override", action="append", default=[], help="ae.FIELD=VALUE or ldm.FIELD=VALUE")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        errors.run_cli(lambda: run(args.demo_dir, args.out, args.num))
+    else:
+        errors.run_cli(lambda: train(args.workdir, args.demo_dir, args.override))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
