@@ -2,98 +2,105 @@
 
   python eval/fid.py --generated DIR|NPZ --reference DIR|NPZ|tfds:NAME/SPLIT \
       [--inception_weights weights.safetensors] [--preprocess paper|pytorch_fid|clean] [--batch_size 50] \
-      [--save_stats gen_stats.npz] [--json fid.json]
+      [--save_stats gen_stats.npz] [--json fid.json] \
+      [--workdir WORKDIR] [--resolution 256] [--data_dir DIR] [--num_reference 0]
 
 DIR: png/jpg files (unreadable ones are skipped and counted); NPZ: statistics (keys mu, sigma) or uint8 images
-(key 'images', [N, H, W, 3]). Weights: pytorch-fid's pt_inception-2015-12-05-*.pth, fid-helper's default_1.pt or
-a .safetensors made by `python -m latentdiff.convert.inception_weights`; IS needs the fc layer (pytorch-fid weights).
+(key 'images', [N, H, W, 3]). tfds:NAME/SPLIT (e.g. tfds:coco_captions/validation, tfds:shapes/novel): the split
+exactly as the training input pipeline yields it (resize + centre crop to the data resolution): the data config is
+the one of --workdir's config.json when given (else latentdiff's defaults), with --resolution / --data_dir overriding.
+Weights: pytorch-fid's pt_inception-2015-12-05-*.pth, fid-helper's default_1.pt or a .safetensors made by
+`python -m latentdiff.convert.inception_weights`; IS needs the fc layer (pytorch-fid weights).
 'paper' preprocessing is torch-fidelity's (the LDM paper's protocol); see latentdiff/metrics.py.
+Bad input (too few images, mismatched stats, wrong weights): one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from latentdiff import metrics
+import latentdiff  # noqa: F401  (CPU XLA flags before JAX starts)
+from latentdiff import evaluation, metrics
+
+
+class CliExit(SystemExit):
+    """Exit status 2 with the one-line message as its text (printed to stderr before raising)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def fail(message: str) -> CliExit:
+    message = f"error: {message}"
+    print(message, file=sys.stderr)
+    return CliExit(message)
 
 
 def load_images_or_stats(spec: str) -> tuple[str, object, int]:
     """DIR or .npz -> ('stats', (mu, sigma), 0) or ('images', [uint8 arrays grouped by size], skipped)."""
-    if os.path.isdir(spec):
-        groups, skipped = metrics.load_image_dir(spec)
-        return "images", groups, skipped
-    if spec.endswith(".npz") and os.path.isfile(spec):
-        kind, value = metrics.read_npz(spec)
-        return kind, value, 0
-    raise SystemExit(f"error: {spec}: expected a directory of images or an .npz (stats or images)")
+    s = evaluation.load_image_set(spec)
+    return ("stats", s.stats, 0) if s.stats is not None else ("images", list(s.chunks()), s.skipped)
 
 
-def load_reference_images(spec: str) -> tuple[str, object, int]:
-    """Hook for reference sets: DIR / .npz now; `tfds:NAME/SPLIT` (images exactly as the data loader yields them,
-    through latentdiff.data) is to be added here."""
-    if spec.startswith("tfds:"):
-        raise SystemExit(f"error: {spec}: tfds references are not supported yet (pass a directory or .npz)")
-    return load_images_or_stats(spec)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    try:
-        return run(argv)
-    except ValueError as e:  # bad inputs (too few images, mismatched stats...): one line, no traceback
-        raise SystemExit(f"error: {e}") from None
-
-
-def run(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="FID / IS with the FID Inception-v3 in JAX")
     p.add_argument("--generated", required=True, help="DIR of images or .npz (stats or 'images')")
     p.add_argument("--reference", required=True, help="DIR, .npz, or tfds:NAME/SPLIT")
     p.add_argument("--inception_weights", default=None, help="needed unless both inputs are stats")
     p.add_argument("--preprocess", default="paper", choices=metrics.PREPROCESS_MODES)
-    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--batch_size", type=int, default=50, help="Inception batch (one compile per image size)")
     p.add_argument("--save_stats", default=None, help="write the generated set's mu/sigma here (.npz)")
     p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
+    p.add_argument("--workdir", default=None, help="tfds references: read with this workdir's data config")
+    p.add_argument("--resolution", type=int, default=None, help="tfds references: the data resolution")
+    p.add_argument("--data_dir", default=None, help="tfds references: the TFDS data directory")
+    p.add_argument("--num_reference", type=int, default=0, help="tfds references: first N examples (0 = all)")
+    return p.parse_args(argv)
 
-    sides = {"generated": load_images_or_stats(args.generated), "reference": load_reference_images(args.reference)}
+
+def run(args: argparse.Namespace) -> dict:
+    data_base = None
+    if args.workdir is not None:
+        from latentdiff.config_utils import load_workdir_config
+
+        data_base = load_workdir_config(args.workdir).data
+    elif evaluation.parse_dataset_spec(args.reference) and args.resolution is None:
+        raise evaluation.EvalError(
+            f"{args.reference}: pass --resolution (the training resolution, e.g. 256) or --workdir so the reference "
+            "is cropped and resized like the training data"
+        )
+    tfds_opts = dict(data_base=data_base, resolution=args.resolution, data_dir=args.data_dir, num=args.num_reference)
+    generated = evaluation.load_image_set(args.generated, **tfds_opts)
+    reference = evaluation.load_image_set(args.reference, **tfds_opts)
     params = None
-    if any(kind == "images" for kind, _, _ in sides.values()):
+    if generated.stats is None or reference.stats is None:
         if args.inception_weights is None:
-            raise SystemExit("error: --inception_weights is required to compute features of images")
-        from latentdiff.convert.common import ConversionError
-        from latentdiff.convert.inception_weights import load_inception_params
-
-        try:
-            params = load_inception_params(args.inception_weights)
-        except (ConversionError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {e}") from None
-    result: dict = {"preprocess": args.preprocess, "inception_weights": args.inception_weights}
-    stats = {}
-    for name, (kind, value, skipped) in sides.items():
-        if kind == "stats":
-            stats[name] = value
-            continue
-        pool, logits = metrics.inception_features_of_groups(params, value, args.batch_size, args.preprocess)
-        stats[name] = metrics.stats(pool)
-        result[f"n_{name}"] = int(pool.shape[0])
-        result[f"skipped_{name}"] = skipped
-        if name == "generated" and logits is not None:
-            splits = min(10, logits.shape[0])
-            result["inception_score_mean"], result["inception_score_std"] = metrics.inception_score(logits, splits)
-    if args.save_stats:
-        metrics.save_stats(args.save_stats, *stats["generated"])
-    result["fid"] = metrics.frechet_distance(stats["generated"], stats["reference"])
-    print(f"FID: {result['fid']:.4f}")
-    if "inception_score_mean" in result:
-        print(f"IS: {result['inception_score_mean']:.4f} ± {result['inception_score_std']:.4f}")
+            raise evaluation.EvalError("--inception_weights is required to compute features of images")
+        params = evaluation.load_inception_weights(args.inception_weights)
+    result = evaluation.fid_report(
+        params, generated, reference, batch_size=args.batch_size, preprocess=args.preprocess, save_stats=args.save_stats
+    )
+    result["inception_weights"] = args.inception_weights
+    print(evaluation.format_scores(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        evaluation.write_json(args.json, result)
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad inputs: one line, no traceback, exit status 2
+        raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
 if __name__ == "__main__":

@@ -1,20 +1,26 @@
 """Orbax CheckpointManager wrapper: atomic (async) saves of the train state and the data iterator, exact resume.
 
 A checkpoint directory `workdir/checkpoints/<step>/` holds two items: `state` (the whole train state pytree: params,
-optimizer states, EMA, step, counters) and `data` (the input iterator's JSON state). Orbax writes into a temporary
-directory and renames it when complete, so a run killed during a save never leaves a checkpoint that `latest_step`
-would pick up half-written. Restoring takes an abstract target (`jax.eval_shape` + shardings) so the state comes back
-as our pytree, already sharded over the current mesh (which may differ from the one that saved it).
+optimizer states, EMA, step, counters) and `data` (the input iterators' JSON states, one per process:
+{"process_count": P, "processes": [state_0, ..., state_{P-1}]}; every process reads a different shard of the data, so
+each needs its own position back). Orbax writes into a temporary directory and renames it when complete, so a run
+killed during a save never leaves a checkpoint that `latest_step` would pick up half-written (the trainer removes such
+leftovers on start). Restoring takes an abstract target (`jax.eval_shape` + shardings) so the state comes back as our
+pytree, already sharded over the current mesh (which may differ from the one that saved it).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("latentdiff")
 
 
 class CheckpointMismatchError(ValueError):
@@ -24,14 +30,18 @@ class CheckpointMismatchError(ValueError):
 class Checkpointer:
     """Save every N steps (async), keep K, resume from the latest."""
 
-    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool) -> None:
+    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool, cleanup_tmp: bool = False) -> None:
+        """cleanup_tmp: delete temporary directories left by a save that was killed (the trainer only; a reader such
+        as sampling must not, since a running trainer may be writing one)."""
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=cleanup_tmp,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -41,15 +51,19 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict | None) -> None:
-        """Starts an (async) save; returns once arrays are copied off the device."""
+        """Starts an (async) save; returns once arrays are copied off the device. Every process calls it with its own
+        iterator state (`data_state`); all of them are stored (a collective when there are several processes)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state or {}),
+            data=ocp.args.JsonSave(pack_data_states(gather_process_states(data_state or {}))),
         )
         self._manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores (state, data_state) at `step` into the structure and shardings of `abstract_state`."""
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None]:
+        """Restores (state, this process's data_state) at `step` into the structure and shardings of `abstract_state`.
+
+        The data state is None when the checkpoint holds none usable for this process (see `unpack_data_state`).
+        """
         self._check_shapes(step, abstract_state)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
@@ -62,7 +76,7 @@ class Checkpointer:
                 f"checkpoint {self.directory}/{step} does not match the current config ({_first_line(e)}); "
                 "use a fresh --workdir or the config it was trained with"
             ) from e
-        return restored.state, dict(restored.data or {})
+        return restored.state, unpack_data_state(dict(restored.data or {}), jax.process_index(), jax.process_count())
 
     def restore_subtree(self, step: int, abstract_subtree: dict) -> dict:
         """Restores only some top-level fields of the saved state as numpy (e.g. params and EMA for sampling, without
@@ -75,8 +89,8 @@ class Checkpointer:
 
     def _check_shapes(self, step: int, abstract_state: Any) -> None:
         """Names the first parameters whose stored shape differs from the config's (clearer than orbax's message)."""
-        metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
-        stored = _flat_shapes(getattr(metadata.item_metadata, "tree", metadata.item_metadata))
+        metadata = self._manager.item_metadata(step)["state"]
+        stored = _flat_shapes(getattr(metadata, "tree", metadata))
         wanted = _flat_shapes(abstract_state)
         problems = [f"{k}: checkpoint {stored.get(k)} vs config {v}" for k, v in wanted.items() if stored.get(k) != v]
         problems += [f"{k}: in checkpoint, not in config" for k in stored if k not in wanted]
@@ -95,14 +109,65 @@ class Checkpointer:
         self._manager.close()
 
 
+def gather_process_states(local: dict) -> list[dict]:
+    """Every process's JSON-serialisable `local` dict, in process order (a collective for several processes)."""
+    if jax.process_count() == 1:
+        return [local]
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(local, sort_keys=True).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(encoded.size))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: encoded.size] = encoded
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(gathered[i, : lengths[i]]).decode()) for i in range(len(lengths))]
+
+
+def pack_data_states(states: list[dict]) -> dict:
+    """Per-process iterator states -> the checkpoint's `data` item."""
+    return {"process_count": len(states), "processes": states}
+
+
+def unpack_data_state(saved: dict, process_index: int, process_count: int) -> dict | None:
+    """This process's iterator state from a checkpoint's `data` item; None (with a warning) when there is none for it.
+
+    A checkpoint written by a different number of processes cannot restore the data positions (each process's shard
+    of the data changes with the count); training then continues with freshly started iterators.
+    """
+    if not saved:
+        return None
+    if "processes" not in saved:  # a single iterator state (older checkpoints)
+        states, count = [saved], 1
+    else:
+        states, count = list(saved["processes"]), int(saved["process_count"])
+    if count != process_count:
+        log.warning(
+            "checkpoint data positions were saved by %d process(es), this run has %d: the input pipeline restarts "
+            "from its beginning (parameters and optimizer state are restored exactly)",
+            count,
+            process_count,
+        )
+        return None
+    return dict(states[process_index]) or None
+
+
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings (the restore target)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    """'/'-joined key names -> shapes. Names only, so orbax's metadata (plain dicts and lists) and our pytrees
+    (dataclasses, namedtuples) give the same keys."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
 
 def _first_line(error: BaseException) -> str:

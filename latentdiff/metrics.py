@@ -346,6 +346,31 @@ def frechet_distance(stats1: Stats, stats2: Stats, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
+def frechet_distance_lowrank(features1: np.ndarray, stats2: Stats) -> float:
+    """frechet_distance(stats(features1), stats2), exact and fast for few images (N1 ≤ D, a singular Σ1).
+
+    With X the centred features1 [N1, D], Σ1 = XᵀX/(N1−1), and Σ1Σ2 shares its nonzero eigenvalues with the
+    N1 × N1 symmetric PSD matrix X Σ2 Xᵀ/(N1−1), so Tr((Σ1Σ2)^½) = Σ √eig(X Σ2 Xᵀ/(N1−1)): O(N1·D²) instead of
+    the O(D³) eigen-decompositions of the covariance route (~10 s at D = 2048 on a 2-core CPU).
+    """
+    f = np.asarray(features1, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features1 must be [N, D] with N >= 2; got shape {f.shape}")
+    mu2, s2 = _check_stats(stats2, "stats2")
+    if mu2.shape[0] != f.shape[1]:
+        raise ValueError(f"stats have different dimensions: {f.shape[1]} vs {mu2.shape[0]}")
+    n = f.shape[0]
+    mu1 = f.mean(axis=0)
+    x = f - mu1
+    m = (x @ s2) @ x.T / (n - 1)
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    if w[0] < -1e-6 * max(1.0, w[-1]):
+        raise ValueError(f"X Σ2 Xᵀ has a negative eigenvalue {w[0]:.3g}: is stats2's sigma a covariance?")
+    diff = mu1 - mu2
+    tr1 = float(np.sum(x * x)) / (n - 1)
+    return float(diff @ diff + tr1 + np.trace(s2) - 2.0 * np.sqrt(np.clip(w, 0.0, None)).sum())
+
+
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Writes pytorch-fid-compatible statistics: .npz with keys 'mu' [D] and 'sigma' [D, D]."""
     mu, sigma = _check_stats((mu, sigma), path)

@@ -26,20 +26,43 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
-    """Starts multi-host JAX. On Cloud TPU all three may be empty (auto-detected); on GPU/CPU clusters pass them.
+    """Starts multi-host JAX (call before any other JAX call). A single-process run does nothing.
 
-    Also honours the usual env vars (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) and SLURM (auto).
-    A single-process run (num_processes <= 1 and nothing in the env) does nothing.
+    Sources, first match wins:
+      1. the arguments (--config.distributed.coordinator/num_processes/process_id), each falling back to the usual
+         env vars JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (GPU/CPU clusters, any launcher);
+      2. a Cloud TPU pod slice (TPU_WORKER_HOSTNAMES / MEGASCALE_*) or a SLURM job with more than one task: JAX
+         detects coordinator, process count and id itself (`jax.distributed.initialize()` without arguments).
+    Raises ValueError for a half-given multi-process setup (e.g. a coordinator but no process id).
     """
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
-    process_id = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
+    if process_id < 0:
+        process_id = int(os.environ.get("JAX_PROCESS_ID", "-1") or -1)
     on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
     on_slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if coordinator and num_processes > 1:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    explicit = bool(coordinator) or num_processes > 1
+    if _distributed_initialized():
+        return
+    if explicit:
+        if not coordinator or num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"multi-process setup is incomplete (coordinator={coordinator!r}, num_processes={num_processes}, "
+                f"process_id={process_id}); set all three: --config.distributed.coordinator=HOST:PORT "
+                "--config.distributed.num_processes=N --config.distributed.process_id=I (or JAX_COORDINATOR_ADDRESS, "
+                "JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+            )
+        if num_processes > 1:
+            jax.distributed.initialize(
+                coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+            )
     elif on_tpu_pod or on_slurm:
         jax.distributed.initialize()
+
+
+def _distributed_initialized() -> bool:
+    is_initialized = getattr(jax.distributed, "is_initialized", None)
+    return bool(is_initialized()) if is_initialized is not None else False
 
 
 def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -64,15 +87,34 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int
 def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh with axes ('data', 'fsdp'[, 'tensor']) from e.g. {'data': -1, 'fsdp': 1}.
 
-    Built from `jax.sharding.Mesh` directly (not jax.make_mesh, whose Explicit axis types break old-style code).
+    Built as `jax.sharding.Mesh` (not jax.make_mesh, whose Explicit axis types break old-style code). Devices are laid
+    out by `mesh_utils.create_device_mesh` (TPU: neighbours on the ICI torus share the inner axes; multi-slice TPU:
+    'data' spans the slices over DCN); elsewhere, and whenever that fails, in `jax.devices()` order, which keeps each
+    process's devices together so every process feeds a contiguous block of the global batch.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(axis_sizes, len(devices))
     sizes.setdefault("data", 1)
     sizes.setdefault("fsdp", 1)
     names = tuple(name for name in MESH_AXES if name in sizes)
-    grid = np.array(devices, dtype=object).reshape([sizes[n] for n in names])
-    return Mesh(grid, names)
+    shape = [sizes[n] for n in names]
+    return Mesh(_device_grid(shape, devices), names)
+
+
+def _device_grid(shape: list[int], devices: list[jax.Device]) -> np.ndarray:
+    if devices[0].platform == "tpu":
+        from jax.experimental import mesh_utils
+
+        try:
+            num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+            if num_slices > 1 and shape[0] % num_slices == 0:
+                dcn = [num_slices] + [1] * (len(shape) - 1)
+                ici = [shape[0] // num_slices, *shape[1:]]
+                return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass
+    return np.array(devices, dtype=object).reshape(shape)
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:

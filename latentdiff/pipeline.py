@@ -28,6 +28,8 @@ from latentdiff.imaging import to_uint8
 from latentdiff.nn.text_encoder import build_text_encoder, null_label
 from latentdiff.nn.unet import build_unet
 
+OUTPUTS = ("uint8", "float")
+
 
 @dataclasses.dataclass
 class Pipeline:
@@ -56,28 +58,37 @@ class Pipeline:
     # ----- loading -----
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True) -> Pipeline:
-        """Loads config.json, tokenizer/, first_stage/ and the latest checkpoint (EMA params by default)."""
-        from latentdiff.train.ldm import null_condition, restore_params
+        """Loads config.json, tokenizer/, first_stage/ and the weights (EMA params by default): the latest checkpoint,
+        or, for a workdir written by `python -m latentdiff.convert` (no checkpoints/), params/ema.safetensors."""
+        from latentdiff.convert.workdir import has_converted_params, load_converted_params
 
         config = config_utils.load_workdir_config(workdir)
         if config.stage != "ldm":
             raise ValueError(f"{workdir!r} is a {config.stage!r} workdir; sampling needs a stage-2 (ldm) workdir")
         fs = first_stage.load_export(os.path.join(workdir, "first_stage"))
         tokenizer = None
-        if config.text_encoder.kind == "bert":
+        if config.text_encoder.kind in ("bert", "clip"):
             from latentdiff.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"), config.tokenizer.max_length)
-        restored = restore_params(workdir, config, fs, null_condition(config, tokenizer))
+        if not _has_checkpoints(workdir) and has_converted_params(workdir):
+            loaded = load_converted_params(workdir, config, use_ema=use_ema)
+            params, scale_factor, step = loaded["params"], loaded["scale_factor"], loaded["step"]
+        else:
+            from latentdiff.train.ldm import null_condition, restore_params
+
+            restored = restore_params(workdir, config, fs, null_condition(config, tokenizer))
+            params = restored["ema_params" if use_ema else "params"]
+            scale_factor, step = float(restored["scale_factor"]), int(restored["step"])
         return cls(
             config=config,
             fs=fs,
             unet=build_unet(config.unet),
             cond_encoder=build_text_encoder(config.text_encoder),
             tokenizer=tokenizer,
-            params=restored["ema_params" if use_ema else "params"],
-            scale_factor=float(restored["scale_factor"]),
-            step=int(restored["step"]),
+            params=params,
+            scale_factor=float(scale_factor),
+            step=int(step),
             resolution=config.data.resolution,
         )
 
@@ -131,10 +142,14 @@ class Pipeline:
         batch_size: int = 0,
         x_T: np.ndarray | None = None,
         progress: Any = None,
+        output: str = "uint8",
     ) -> np.ndarray:
-        """Generates one image per prompt -> uint8 [N, H, W, 3]. batch_size 0 = all at once (padded to the device
-        count). Image i depends only on (seed, i, its prompt) for eta 0. `x_T` overrides the initial noise."""
+        """Generates one image per prompt -> [N, H, W, 3]: uint8 (output 'uint8'), or float32 in [0, 1] ('float',
+        diffusers' output_type 'np'). batch_size 0 = all at once (padded to the device count). Image i depends only
+        on (seed, i, its prompt) for eta 0. `x_T` [N, h, w, c] overrides the initial noise."""
         sampling.check_sampling_args(sampler, steps, self.schedule.num_timesteps, guidance, eta)
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if len(prompts) == 0:
             raise ValueError("no prompts given")
         cond_all = self.encode_condition(prompts)
@@ -166,10 +181,17 @@ class Pipeline:
                 jax.device_put(noise, sharded),
                 jax.random.fold_in(jax.random.key(seed), start),
             )
-            out.append(to_uint8(np.asarray(jax.device_get(images))[: stop - start]))
+            images = np.asarray(jax.device_get(images))[: stop - start]
+            out.append(to_uint8(images) if output == "uint8" else (images.astype(np.float32) + 1.0) / 2.0)
             if progress is not None:
                 progress(stop - start)
         return np.concatenate(out, axis=0)
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    """True when workdir/checkpoints holds at least one entry (a training run saved something)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and bool(os.listdir(directory))
 
 
 def _pad(x: np.ndarray, pad: int) -> np.ndarray:

@@ -33,11 +33,10 @@ def check_sampling_args(sampler: str, steps: int, num_timesteps: int, guidance_s
         raise ValueError(f"--eta must be in [0, 1], got {eta}")
 
 
-def denoiser(unet: Any, cond_encoder: Any) -> Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]:
-    """(params {'unet','cond'}, x_t [B,h,w,c], t [B], cond tokens [B,L] | labels [B]) -> model output."""
+def denoiser(unet: Any) -> Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """(params {'unet','cond'}, x_t [B,h,w,c], t [B], context [B,L,D]) -> model output."""
 
-    def apply(params: dict, x: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
-        context = cond_encoder.apply({"params": params["cond"]}, cond)
+    def apply(params: dict, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
         return unet.apply({"params": params["unet"]}, x, t, context, None, False)
 
     return apply
@@ -62,7 +61,7 @@ def make_generate(
     """Returns generate(params, fs_variables, scale_factor, cond [B,...], uncond [1 or B,...], guidance_scale, eta,
     x_T [B,h,w,c], rng) -> images [B,H,W,3] in [-1, 1] (float32). Jit it (or call it inside a jitted function).
     x_T is the initial latent noise (see `initial_noise`); rng drives the sampler's own noise (eta > 0)."""
-    apply = denoiser(unet, cond_encoder)
+    apply = denoiser(unet)
 
     def generate(
         params: dict,
@@ -75,7 +74,10 @@ def make_generate(
         x_T: jax.Array,
         rng_sampler: jax.Array,
     ) -> jax.Array:
-        model_fn = guidance.cfg_model_fn(lambda x, t, c: apply(params, x, t, c), cond, uncond, guidance_scale)
+        # τ_θ runs once per batch, not once per step: the contexts are constant along the trajectory.
+        context = cond_encoder.apply({"params": params["cond"]}, cond)
+        null_context = cond_encoder.apply({"params": params["cond"]}, uncond)
+        model_fn = guidance.cfg_model_fn(lambda x, t, c: apply(params, x, t, c), context, null_context, guidance_scale)
         if sampler == "ddim":
             z = samplers.ddim_sample(model_fn, schedule, x_T, num_steps, eta, rng_sampler, parameterization)
         else:

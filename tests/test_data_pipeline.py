@@ -55,7 +55,7 @@ def _keys(batches):
 
 def test_batch_layout(cfg, tok):
     batch = next(_iter(cfg, tokenizer=tok, batch=8))
-    assert set(batch) == {"image", "tokens", "caption"}
+    assert set(batch) == {"image", "tokens", "caption", "label"}
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
     assert batch["tokens"].shape == (8, 24) and batch["tokens"].dtype == np.int32
@@ -64,6 +64,11 @@ def test_batch_layout(cfg, tok):
     # Images arrive unchanged (PNG, native resolution) and still agree with their captions.
     pixels = np.rint((batch["image"] + 1.0) * 127.5).astype(np.uint8)
     assert shapes.grade(pixels, list(batch["caption"]))["all"] == 1.0
+    # label = the object's "colour shape" class, which the caption names
+    names = shapes.class_names()
+    for label, caption in zip(batch["label"], batch["caption"]):
+        colour, shape = names[label].split()
+        assert colour in caption.split() and shape in caption.split(), (names[label], caption)
 
 
 def test_eval_shards_are_disjoint_and_cover_the_split(cfg, data_dir):

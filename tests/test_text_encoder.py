@@ -198,7 +198,7 @@ def test_class_embedder_and_errors():
     with pytest.raises(ValueError, match="kind='class'"):
         null_label(text_cfg())
     with pytest.raises(ValueError, match=re.escape("kind must be 'bert' or 'class'")):
-        build_text_encoder(text_cfg(kind="clip"))
+        build_text_encoder(text_cfg(kind="gpt"))
     with pytest.raises(ValueError, match=re.escape("missing fields ['remat']")):
         build_text_encoder({k: v for k, v in text_cfg().items() if k != "remat"})
     bert = build_text_encoder(text_cfg())

@@ -163,3 +163,14 @@ def test_stage2_resume_continues_from_checkpoint(workdirs, tmp_path):
     assert int(state.step) == 6
     steps = [json.loads(line)["step"] for line in open(work / "metrics.jsonl")]
     assert steps == [2, 4, 6]
+
+
+def test_encode_tool_reports_scale_factor(workdirs, tmp_path):
+    from latentdiff.encode import encode_split
+
+    meta = encode_split(str(workdirs / "ae"), str(tmp_path / "lat"), "validation", 16, 8, 0)
+    data = np.load(tmp_path / "lat" / "latents.npz")
+    assert data["mean"].shape == (16, 8, 8, 4) and data["logvar"].shape == (16, 8, 8, 4)
+    assert meta["num"] == 16 and meta["latent_shape"] == [8, 8, 4]
+    assert abs(meta["scale_factor"] * meta["latent_std"] - 1.0) < 1e-6
+    assert len(open(tmp_path / "lat" / "captions.jsonl").read().splitlines()) == 16

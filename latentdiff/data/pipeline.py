@@ -32,11 +32,12 @@ import numpy as np
 from PIL import Image
 
 from latentdiff.data import named
+from latentdiff.data import shapes as shapes_lib
 from latentdiff.data.errors import DataError, DataWarning
 from latentdiff.data.named import FeatureMap
 from latentdiff.data.tokenizer import Tokenizer, is_tokenizer_dir, load_tokenizer, train_wordpiece
 
-_SHAPES_MAP = FeatureMap(image_key="image", caption_key="caption", label_key="", name_key="")
+_SHAPES_MAP = FeatureMap(image_key="image", caption_key="caption", label_key="label", name_key="")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -146,7 +147,7 @@ class RecordFormat:
 
 def record_format(data_cfg: ml_collections.ConfigDict, builder) -> RecordFormat:
     if data_cfg.name == "shapes":
-        return RecordFormat(_SHAPES_MAP, ())
+        return RecordFormat(_SHAPES_MAP, shapes_lib.class_names())
     if data_cfg.name == "folder":
         has_label = "label" in builder.info.features
         fmap = FeatureMap("image", "caption", "label" if has_label else "", "filename")

@@ -568,3 +568,8 @@ def grade(images: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
     out["num_images"] = float(len(images))
     out["num_parsed"] = float(len(all_ok))
     return out
+
+
+def class_names() -> tuple[str, ...]:
+    """Names of the dataset's `label` classes: the first object's "colour shape", label = colour * 3 + shape."""
+    return tuple(f"{colour} {shape}" for colour in OBJECT_COLOURS for shape in SHAPES)

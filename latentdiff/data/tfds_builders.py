@@ -92,8 +92,11 @@ def shapes_config(resolution: int, num_train: int, num_validation: int, num_nove
 class LatentdiffShapes(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
     """Procedural text-image dataset: latentdiff.data.shapes rendered into train / validation / novel splits."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}  # noqa: RUF012 (TFDS class attribute)
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012 (TFDS class attribute)
+        "1.0.0": "First release.",
+        "1.1.0": "label: the first object's colour x shape class (for class-conditional models).",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         r = self.builder_config.resolution
@@ -101,7 +104,11 @@ class LatentdiffShapes(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
             builder=self,
             description=shapes.__doc__.split("\n\n")[0],
             features=tfds.features.FeaturesDict(
-                {"image": tfds.features.Image(shape=(r, r, 3), encoding_format="png"), "caption": tfds.features.Text()}
+                {
+                    "image": tfds.features.Image(shape=(r, r, 3), encoding_format="png"),
+                    "caption": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=list(shapes.class_names())),
+                }
             ),
             supervised_keys=None,
         )
@@ -116,7 +123,9 @@ class LatentdiffShapes(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         layout = shapes.sample_layout(n, split, c.seed, c.max_objects)
         for start, images in shapes.render_chunks(layout, c.resolution, shapes.chunk_size(c.resolution)):
             for j, image in enumerate(images):
-                yield start + j, {"image": png_bytes(image), "caption": layout.captions[start + j]}
+                i = start + j
+                label = int(layout.colour[i, 0]) * len(shapes.SHAPES) + int(layout.shape[i, 0])
+                yield i, {"image": png_bytes(image), "caption": layout.captions[i], "label": label}
 
 
 @dataclasses.dataclass
@@ -143,8 +152,11 @@ def folder_config(folder: str, num_validation: int) -> FolderConfig:
 class LatentdiffFolder(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
     """A local directory of captioned images (see latentdiff.data.folder for the layout)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}  # noqa: RUF012 (TFDS class attribute)
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012 (TFDS class attribute)
+        "1.0.0": "First release.",
+        "1.1.0": "label: the first object's colour x shape class (for class-conditional models).",
+    }
 
     def _index(self) -> folder_lib.FolderIndex:
         if not hasattr(self, "_folder_index"):

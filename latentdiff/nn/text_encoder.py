@@ -9,6 +9,9 @@ exact GELU), final LayerNorm. No attention mask (the original attends to padding
 `ClassEmbedder`: one learned vector per class plus a last "null" row for classifier-free guidance, as a
 length-1 context [B, 1, width] (CompVis ClassEmbedder for cross-attention class conditioning).
 
+`CLIPTextEncoder` (kind 'clip', latentdiff/nn/clip_text.py): the frozen CLIP text transformer of Stable Diffusion v1
+(causal mask, biased q/k/v, quick_gelu); same config fields as 'bert' (head_dim · num_heads must equal width).
+
 Param names (latentdiff/convert/diffusers_text.py): token_emb, pos_emb, block_{i}/{norm1, attn/{to_q,to_k,to_v,to_out},
 norm2, fc1, fc2}, final_norm; ClassEmbedder: embedding.
 """
@@ -23,9 +26,12 @@ import jax
 import jax.numpy as jnp
 
 from latentdiff.nn.attention import CrossAttention, layer_norm
+from latentdiff.nn.clip_text import CLIPTextEncoder
 from latentdiff.nn.unet import DTYPES, check_fields
 
 Dtype = Any
+
+TEXT_KINDS = ("bert", "clip", "class")
 
 TEXT_FIELDS = (
     "kind",
@@ -108,21 +114,28 @@ class ClassEmbedder(nn.Module):
         return table(labels)[:, None, :]
 
 
-def build_text_encoder(cfg: Mapping) -> TextEncoder | ClassEmbedder:
-    """TextEncoder (kind 'bert') or ClassEmbedder (kind 'class') from a config with exactly TEXT_FIELDS."""
+def build_text_encoder(cfg: Mapping) -> TextEncoder | CLIPTextEncoder | ClassEmbedder:
+    """TextEncoder (kind 'bert'), CLIPTextEncoder ('clip') or ClassEmbedder ('class') from exactly TEXT_FIELDS."""
     c = check_fields(cfg, TEXT_FIELDS, "text_encoder")
     if c["kind"] == "class":
         if c["num_classes"] < 1 or c["width"] < 1:
             raise ValueError("text_encoder.kind='class' needs text_encoder.num_classes >= 1 and width >= 1")
         return ClassEmbedder(num_classes=int(c["num_classes"]), width=int(c["width"]))
-    if c["kind"] != "bert":
-        raise ValueError(f"text_encoder.kind must be 'bert' or 'class', got {c['kind']!r}")
+    if c["kind"] not in TEXT_KINDS:
+        raise ValueError(
+            f"text_encoder.kind must be 'bert' or 'class' (or 'clip', Stable Diffusion's text model), got {c['kind']!r}"
+        )
     if c["dtype"] not in DTYPES:
         raise ValueError(f"text_encoder.dtype must be one of {tuple(DTYPES)}, got {c['dtype']!r}")
     for f in ("vocab_size", "max_length", "width", "depth", "num_heads", "head_dim", "mlp_ratio"):
         if int(c[f]) < 1:
             raise ValueError(f"text_encoder.{f} must be >= 1, got {c[f]}")
-    return TextEncoder(
+    if c["kind"] == "clip" and int(c["num_heads"]) * int(c["head_dim"]) != int(c["width"]):
+        raise ValueError(
+            f"text_encoder.kind='clip' needs num_heads * head_dim == width, got {c['num_heads']} * {c['head_dim']} "
+            f"!= {c['width']}"
+        )
+    return (CLIPTextEncoder if c["kind"] == "clip" else TextEncoder)(
         vocab_size=int(c["vocab_size"]),
         max_length=int(c["max_length"]),
         width=int(c["width"]),

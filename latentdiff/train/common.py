@@ -71,12 +71,18 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def split_micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
-    """[A*b, ...] -> [A, b, ...] for gradient accumulation (A = num_micro)."""
+    """[A*b, ...] -> [A, b, ...] for gradient accumulation (A = num_micro), strided: micro-batch j holds rows
+    j, A + j, 2A + j, ...
+
+    The global batch is sharded over the devices in contiguous blocks; with the strided split every micro-batch takes
+    an equal share of each device's block, so it stays evenly sharded and nothing moves between devices (a
+    contiguous split would put micro-batch 0 on the first devices only). Needs b divisible by the batch shards.
+    """
 
     def split(x: jax.Array) -> jax.Array:
         if x.shape[0] % num_micro:
             raise ValueError(f"batch of {x.shape[0]} does not split into {num_micro} micro-batches")
-        return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
+        return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
 
     return jax.tree.map(split, batch)
 

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from latentdiff import checkpoint, config_utils, parallel
 
@@ -49,26 +50,59 @@ class Task:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+    """Preemption (SIGTERM) -> "stop after this step", agreed by every process.
+
+    One process: a SIGTERM handler sets a flag the loop reads between steps. Several processes: JAX's preemption
+    service (started by `jax.distributed.initialize`) catches SIGTERM on any host and all hosts agree on the step
+    at which to stop (`reached_preemption_sync_point`), so every host saves the same step; without that service
+    each host's flag is all-gathered every step.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self._requested = False
+        self._previous: Any = None
+        self._installed = False
+        self._synced = False
 
     def __enter__(self) -> _Preemption:
+        self._synced = jax.process_count() > 1 and _preemption_service_running()
+        if self._synced:  # the service owns SIGTERM; a Python handler would hide the signal from it
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         except ValueError:  # not the main thread (e.g. under some test runners): no handler
-            self._previous = None
+            self._installed = False
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         del signum, frame
-        self.requested = True
+        self._requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """True on every process at the same step once any process was asked to stop. Call it after every step."""
+        if self._synced:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return bool(np.any(multihost_utils.process_allgather(np.int32(self._requested))))
+        return self._requested
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
+        if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_service_running() -> bool:
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):  # private API moved: fall back to all-gathered flags
+        return False
 
 
 class MetricWriter:
@@ -114,7 +148,10 @@ def _progress(config: ml_collections.ConfigDict, start: int, enabled: bool) -> A
 
 
 def compiled_flops(compiled: Any) -> float:
-    """FLOPs of one call from XLA's cost analysis (0 when unavailable)."""
+    """FLOPs of one call of a compiled executable on ONE device, from XLA's cost analysis (0 when unavailable).
+
+    For an SPMD program the analysis describes the per-device partition (replicated work counted on every device).
+    """
     try:
         cost = compiled.cost_analysis()
     except Exception:
@@ -124,6 +161,24 @@ def compiled_flops(compiled: Any) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
+def throughput_scalars(
+    steps: int, seconds: float, images_per_step: int, flops_per_device_step: float, num_devices: int, peak_tflops: float
+) -> dict[str, float]:
+    """Step time, images/s, estimated TFLOP/s (all devices) and MFU (achieved per-device FLOP/s over the peak)."""
+    seconds = max(seconds, 1e-9)
+    out = {
+        "step_time_s": seconds / max(steps, 1),
+        "steps_per_sec": steps / seconds,
+        "images_per_sec": steps * images_per_step / seconds,
+    }
+    if flops_per_device_step > 0:
+        per_device = flops_per_device_step * steps / seconds / 1e12
+        out["tflops_per_sec"] = per_device * num_devices
+        if peak_tflops > 0:
+            out["mfu"] = per_device / peak_tflops
+    return out
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -131,7 +186,11 @@ def run(
     make_train_iter: Callable[[], Any],
     mesh: jax.sharding.Mesh,
 ) -> Any:
-    """Trains to config.num_train_steps (resuming if a checkpoint exists). Returns the final state."""
+    """Trains to config.num_train_steps (resuming if a checkpoint exists). Returns the final state.
+
+    make_train_iter() -> this process's iterator of host batches (global batch / process_count examples each); with
+    get_state()/set_state() its position is checkpointed per process and restored on resume.
+    """
     is_main = jax.process_index() == 0
     if is_main:
         config_utils.save_config(config, workdir)
@@ -145,43 +204,58 @@ def run(
         os.path.join(workdir, "checkpoints"),
         max_to_keep=config.keep_checkpoints,
         async_save=config.async_checkpointing,
+        cleanup_tmp=True,
     )
     train_iter = make_train_iter()
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state = ckpt.restore(latest, checkpoint.abstract_with_shardings(abstract, shardings))
-        if data_state and hasattr(train_iter, "set_state"):
+        if data_state is not None and hasattr(train_iter, "set_state"):
             train_iter.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
     else:
         state = jax.jit(task.init_state, out_shardings=shardings)(init_rng)
 
     batch_sharding = parallel.batch_sharding(mesh)
+    replicated = parallel.replicated(mesh)
     compiled_steps: dict[Callable, Any] = {}
+    flops_per_step = 0.0
+    compile_seconds = 0.0
 
     def compiled_step(step: int, *args: Any) -> Any:
-        """The compiled executable of this step's function (compiled on first use; FLOPs logged from it)."""
-        nonlocal flops_per_step
+        """The compiled executable of this step's function (compiled on first use; FLOPs logged from it).
+
+        The executable also returns the non-finite streak among its metrics: metrics are not donated, so the loop
+        can read them one step late without stalling the device.
+        """
+        nonlocal flops_per_step, compile_seconds
         fn = task.step_for(step)
         if fn not in compiled_steps:
+            start = time.perf_counter()
+
+            def step_with_streak(state: Any, batch: dict, rng: jax.Array, constants: Any) -> tuple[Any, dict]:
+                new_state, metrics = fn(state, batch, rng, constants)
+                return new_state, {**metrics, _STREAK: new_state.nonfinite_streak}
+
             jitted = jax.jit(
-                fn,
-                in_shardings=(shardings, batch_sharding, parallel.replicated(mesh), parallel.replicated(mesh)),
-                out_shardings=(shardings, parallel.replicated(mesh)),
+                step_with_streak,
+                in_shardings=(shardings, batch_sharding, replicated, replicated),
+                out_shardings=(shardings, replicated),
                 donate_argnums=(0,),
             )
             compiled_steps[fn] = jitted.lower(*args).compile()
             flops_per_step = compiled_flops(compiled_steps[fn])
+            compile_seconds += time.perf_counter() - start
         return compiled_steps[fn]
 
-    constants = jax.device_put(task.constants, parallel.replicated(mesh)) if task.constants is not None else None
+    constants = jax.device_put(task.constants, replicated) if task.constants is not None else None
     start_step = int(jax.device_get(state.step))
     writer = MetricWriter(workdir, is_main)
     bar = _progress(config, start_step, is_main)
-    flops_per_step = 0.0
     step = start_step
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_compile = time.perf_counter(), 0, 0.0
     profiling = False
+    previous_metrics: dict | None = None
     try:
         with _Preemption() as preemption:
             while step < config.num_train_steps:
@@ -198,41 +272,43 @@ def run(
                 if profiling and step >= config.profile_start_step + config.profile_num_steps:
                     jax.profiler.stop_trace()
                     profiling = False
-                streak = int(jax.device_get(state.nonfinite_streak))
-                if streak >= config.max_consecutive_nonfinite:
-                    ckpt.wait()
-                    raise NonFiniteError(
-                        f"{streak} consecutive non-finite updates at step {step} (loss or gradients are inf/nan); "
-                        "lower optim.lr, enable optim.grad_clip, or check the data"
-                    )
+                # The previous step's streak (already computed while this step runs); the last step's is checked
+                # below before returning.
+                if previous_metrics is not None:
+                    _check_streak(previous_metrics, step - 1, config.max_consecutive_nonfinite, ckpt)
+                previous_metrics = metrics
                 if bar is not None:
                     bar.update(1)
                 if step % config.log_every == 0 or step == config.num_train_steps:
-                    elapsed = time.perf_counter() - window_start
-                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    scalars["steps_per_sec"] = window_steps / max(elapsed, 1e-9)
-                    scalars["images_per_sec"] = scalars["steps_per_sec"] * config.batch_size
+                    elapsed = time.perf_counter() - window_start - (compile_seconds - window_compile)
+                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != _STREAK}
+                    scalars |= throughput_scalars(
+                        window_steps,
+                        elapsed,
+                        config.batch_size * config.grad_accum_steps,
+                        flops_per_step,
+                        mesh.size,
+                        config.peak_tflops,
+                    )
                     scalars["nonfinite_skipped"] = float(jax.device_get(state.nonfinite_count))
-                    if flops_per_step:
-                        scalars["tflops_per_sec"] = flops_per_step * scalars["steps_per_sec"] / 1e12
-                        if config.peak_tflops > 0:
-                            scalars["mfu"] = scalars["tflops_per_sec"] / (config.peak_tflops * jax.device_count())
                     writer.write(step, scalars)
                     if bar is not None:
-                        bar.set_postfix({k: f"{v:.4g}" for k, v in list(scalars.items())[:3]})
-                    window_start, window_steps = time.perf_counter(), 0
+                        bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("loss", "step_time_s") if k in scalars})
+                    window_start, window_steps, window_compile = time.perf_counter(), 0, compile_seconds
                 if task.evaluate is not None and step % config.eval_every == 0:
                     writer.write(step, {f"eval/{k}": v for k, v in task.evaluate(state).items()})
                 if task.write_images is not None and step % config.image_every == 0:
                     task.write_images(state, step, os.path.join(workdir, "images"))
                 if step % config.checkpoint_every == 0 or step == config.num_train_steps:
                     ckpt.save(step, state, _data_state(train_iter))
-                if preemption.requested:
+                if preemption.should_stop(step):
                     if ckpt.latest_step() != step:
                         ckpt.save(step, state, _data_state(train_iter))
                     ckpt.wait()
-                    log.warning("SIGTERM: checkpoint written at step %d; exiting", step)
+                    log.warning("preemption (SIGTERM): checkpoint written at step %d; exiting", step)
                     break
+            if previous_metrics is not None:
+                _check_streak(previous_metrics, step, config.max_consecutive_nonfinite, ckpt)
     finally:
         if profiling:
             jax.profiler.stop_trace()
@@ -241,6 +317,20 @@ def run(
         writer.close()
         ckpt.close()
     return state
+
+
+_STREAK = "_nonfinite_streak"
+
+
+def _check_streak(metrics: dict, step: int, limit: int, ckpt: checkpoint.Checkpointer) -> None:
+    """Stops the run (NonFiniteError) after `limit` consecutive skipped updates ending at `step`."""
+    streak = int(jax.device_get(metrics[_STREAK]))
+    if streak >= limit:
+        ckpt.wait()
+        raise NonFiniteError(
+            f"{streak} consecutive non-finite updates up to step {step} (loss or gradients are inf/nan; each was "
+            "skipped); lower optim.lr, enable optim.grad_clip, or check the data"
+        )
 
 
 def _data_state(train_iter: Iterator) -> dict:
