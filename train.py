@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import latentdiff  # noqa: F401  (applies the CPU XLA flags before JAX starts)
-from latentdiff import errors
+from latentdiff import config_utils, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py:VARIANT", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images (resumes if it exists).")
@@ -32,4 +32,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    errors.run_cli(lambda: config_utils.check_overrides(sys.argv[1:]))
     app.run(main)

@@ -39,6 +39,35 @@ def check_variant(arg: str, variants: dict[str, Any], path: str) -> Any:
     return variants[arg]
 
 
+def check_overrides(argv: list[str], flag: str = "config") -> None:
+    """One-line errors for --config.FIELD=VALUE overrides naming a field the config does not have (absl's own
+    message for that is a traceback). The config file itself comes from --config=SPEC / --config SPEC."""
+    spec = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{flag}="):
+            spec = arg.split("=", 1)[1]
+        elif arg == f"--{flag}" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    if spec is None:
+        return
+    config = load_config(spec)
+    for arg in argv:
+        if not arg.startswith(f"--{flag}."):
+            continue
+        dotted = arg[len(flag) + 3 :].split("=", 1)[0]
+        node: Any = config
+        walked = []
+        for part in dotted.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(walked) or "the top level"
+                options = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise ConfigError(
+                    f"unknown config field {dotted!r} ({part!r} is not in {where}; fields there: {', '.join(options)})"
+                )
+            node = node[part]
+            walked.append(part)
+
+
 def require(config: ml_collections.ConfigDict, *fields: str) -> None:
     """Raises ConfigError naming each dotted field that is still None (a placeholder)."""
     for field in fields:

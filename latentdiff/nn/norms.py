@@ -78,6 +78,8 @@ def _group_norm_bwd(num_groups: int, epsilon: float, activation: str, res: tuple
         z = xhat * scale + bias
         s = jax.nn.sigmoid(z)
         dz = dz * (s * (1.0 + z * (1.0 - s)))
+        # Materialise dz once: otherwise XLA fuses the sigmoid into each of its three consumers (2 sums, dx).
+        dz = jax.lax.optimization_barrier(dz)
     s1 = jnp.sum(dz, axis=1)  # [B, C]: one pass over (x, dy) gives every statistic the gradient needs
     s2 = jnp.sum(dz * xhat, axis=1)
     n = xf.shape[1] * (x.shape[-1] // num_groups)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from latentdiff.nn.attention import ATTENTION_IMPLS, SpatialTransformer
+from latentdiff.nn.norms import GroupNorm
 
 Dtype = Any
 
@@ -82,10 +83,13 @@ def _conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1, 
     )
 
 
-def _group_norm(x: jax.Array, name: str) -> jax.Array:
-    """GroupNorm(32, eps 1e-5) in float32, cast back to x.dtype. [B, H, W, C] -> [B, H, W, C]."""
-    y = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name=name)(x)
-    return y.astype(x.dtype)
+def _group_norm(x: jax.Array, name: str, activation: str) -> jax.Array:
+    """GroupNorm(32, eps 1e-5) [+ SiLU when activation='silu'] in float32, cast back to x.dtype, with the closed-form
+    backward of latentdiff/nn/norms.py (params 'scale'/'bias' as flax GroupNorm). [B, H, W, C] -> [B, H, W, C]."""
+    norm = GroupNorm(
+        num_groups=32, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, activation=activation, name=name
+    )
+    return norm(x).astype(x.dtype)
 
 
 class ResBlock(nn.Module):
@@ -97,10 +101,10 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-        h = _conv(self.out_channels, 3, self.dtype, "conv1")(nn.silu(_group_norm(x, "norm1")))
+        h = _conv(self.out_channels, 3, self.dtype, "conv1")(_group_norm(x, "norm1", "silu"))
         e = nn.Dense(self.out_channels, dtype=self.dtype, param_dtype=jnp.float32, name="time_proj")(nn.silu(emb))
         h = h + e[:, None, None, :]
-        h = nn.silu(_group_norm(h, "norm2"))
+        h = _group_norm(h, "norm2", "silu")
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_channels, 3, self.dtype, "conv2", zero=True)(h)
         if x.shape[-1] != self.out_channels:
@@ -230,7 +234,7 @@ class UNet(nn.Module):
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
                 h = _conv(h.shape[-1], 3, dt, f"up_{level}_up")(h)
 
-        h = nn.silu(_group_norm(h, "out_norm"))
+        h = _group_norm(h, "out_norm", "silu")
         return _conv(self.out_channels, 3, dt, "conv_out", zero=True)(h).astype(jnp.float32)
 
 
