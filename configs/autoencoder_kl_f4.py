@@ -5,9 +5,9 @@
         --config.data.name=coco_captions --config.loss.lpips_weights=weights/lpips_vgg16.safetensors
 
 Variants:
-  demo   The embedded demo's autoencoder (`make demo-train`): 32 px shapes -> 8x8x4 latents, L1 + KL only (flat-colour
-         shapes need no perceptual or adversarial term; the discriminator is configured but starts after the last
-         step), ~0.95M params, a few minutes on a 2-core CPU.
+  demo   (alias tiny) The embedded demo's autoencoder (`make demo-train`): 32 px shapes -> 8x8x4 latents, L1 + KL
+         only (flat-colour shapes need no perceptual or adversarial term; the discriminator is configured but starts
+         after the last step), ~0.95M params.
   paper  The paper's KL-f4: ch 128, ch_mult (1,2,4), 2 res blocks, z 3, 256 px, LPIPS + PatchGAN from step 50001.
 """
 
@@ -19,7 +19,7 @@ from latentdiff.train.config_blocks import run_block
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    variant = check_variant(arg, {"demo": 0, "paper": 1}, __file__)
+    variant = check_variant(arg, {"tiny": 0, "demo": 0, "paper": 1}, __file__)
     paper = variant == 1
     config = run_block(batch_size=96 if paper else 32, num_train_steps=200_000 if paper else 1_500, seed=0)
     config.stage = "autoencoder"
