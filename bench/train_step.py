@@ -45,9 +45,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (XLA uses all cores)")
     p.add_argument("--batch", type=int, default=0, help="override the config's batch size (0 = keep)")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    p.add_argument("--attention", default="", help="GPU: unet.attention_impl for ours (xla | cudnn; default cudnn)")
+    p.add_argument("--attention", default="", help="GPU: unet.attention_impl for ours (xla | cudnn; default xla)")
+    p.add_argument(
+        "--peak-gflops",
+        type=float,
+        default=0.0,
+        help="CPU: the dense-matmul peak to compare with (0 = measure jnp.dot 2048² in each JAX worker; noisy when "
+        "the machine is shared)",
+    )
     p.add_argument("--results", default=common.RESULTS, help="RESULTS.md to append to ('' = do not write)")
     p.add_argument("--json", default="", help="also write all worker results to this JSON file")
+    p.add_argument(
+        "--ab-groupnorm",
+        action="store_true",
+        help="instead: our step with flax.linen.GroupNorm+SiLU vs latentdiff.nn.norms in the UNet, in one process, "
+        "steps interleaved (wall and CPU time)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--framework", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -79,7 +92,9 @@ def ldm_config(args: argparse.Namespace):
     if args.device == "gpu":
         config.unet.dtype = "bfloat16"
         config.text_encoder.dtype = "bfloat16"
-        config.unet.attention_impl = args.attention or "cudnn"
+        # cuDNN flash attention has no backward for the paper's 77-token cross-attention (JAX 0.11.2 raises
+        # "Unsupported sequence length"), so training defaults to XLA attention; --attention cudnn to try it.
+        config.unet.attention_impl = args.attention or "xla"
     if args.batch:
         config.batch_size = args.batch
     return config
@@ -371,6 +386,68 @@ def worker(args: argparse.Namespace) -> dict:
     return torch_ldm(args, compiled) if stage == "ldm" else torch_ae(args, stage == "ae_gan", compiled)
 
 
+def ab_groupnorm(args: argparse.Namespace) -> str:
+    """Our train step twice — UNet GroupNorms as flax.linen.GroupNorm + SiLU (autodiff backward) and as
+    latentdiff.nn.norms.GroupNorm (closed-form backward, fused SiLU) — steps interleaved. Returns a table."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import latentdiff  # noqa: F401
+    import latentdiff.nn.unet as unet_module
+
+    def flax_group_norm(x: jax.Array, name: str, activation: str) -> jax.Array:
+        gn = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+        y = gn(x).astype(x.dtype)
+        return nn.silu(y) if activation == "silu" else y
+
+    global _jax_step_result, _model_flops
+    saved = (_jax_step_result, _model_flops, unet_module._group_norm)
+    captured: dict = {}
+
+    def capture(step, state, batch_args, runs, model_flops, device) -> dict:
+        t0 = time.perf_counter()
+        captured["compiled"] = step.lower(state, *batch_args(0)).compile()
+        captured.update(compile_s=time.perf_counter() - t0, state=state, batch_args=batch_args)
+        return {}
+
+    variants = {}
+    _jax_step_result, _model_flops = capture, lambda *a: 0.0
+    try:
+        for name, fn in (("flax GroupNorm + SiLU", flax_group_norm), ("latentdiff.nn.norms", saved[2])):
+            unet_module._group_norm = fn
+            if args.stage == "ldm":
+                ours_ldm(args)
+            else:
+                ours_ae(args, gan=args.stage == "ae_gan")
+            variants[name] = dict(captured)
+    finally:
+        _jax_step_result, _model_flops, unet_module._group_norm = saved
+    wall: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(args.runs + 1):  # the first round is warm-up
+        for k, v in variants.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            v["state"], metrics = v["compiled"](v["state"], *v["batch_args"](i))
+            jax.block_until_ready(metrics)
+            if i:
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    rows = [
+        {
+            "variant": k,
+            "wall": statistics.median(wall[k]) * 1e3,
+            "range": f"{min(wall[k]) * 1e3:.0f}–{max(wall[k]) * 1e3:.0f}",
+            "cpu": statistics.median(cpu[k]) * 1e3,
+            "compile": variants[k]["compile_s"],
+        }
+        for k in variants
+    ]
+    cols = [("variant", "UNet GroupNorm"), ("wall", "step ms (median)"), ("range", "min–max ms")]
+    cols += [("cpu", "CPU ms (median)"), ("compile", "compile s")]
+    return common.table(rows, cols) + f"\n\n{args.runs} interleaved steps each; load average {common.load_average()}."
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Parent: run the workers, print and record the table.
 
@@ -429,6 +506,13 @@ def main(argv: list[str] | None = None) -> None:
         common.emit(out)
         return
     header = common.run_header(sys.argv, args.device)
+    if args.ab_groupnorm:
+        args.stage = args.stage.split(",")[0]
+        text = ab_groupnorm(args)
+        print(text)
+        if args.results:
+            common.append_section("latentdiff/nn/norms.py (GroupNorm A/B)", f"{header}\n\n{text}", args.results)
+        return
     frameworks = args.frameworks.split(",")
     env = common.limit_threads(args.threads)
     if args.device == "gpu":
@@ -446,7 +530,8 @@ def main(argv: list[str] | None = None) -> None:
         ours_ok = [r for r in results.get("ours", []) if "times" in r]
         flops = ours_ok[0]["model_flops"] if ours_ok else 0.0
         if args.device == "cpu":
-            peak = statistics.median(r["matmul_peak_gflops"] for r in ours_ok) if ours_ok else 0.0
+            measured = statistics.median(r["matmul_peak_gflops"] for r in ours_ok) if ours_ok else 0.0
+            peak = args.peak_gflops or measured
         else:
             peak = GPU_PEAK_TFLOPS * 1e3
         stage_rows = {fw: row_for(stage, fw, results[fw], flops, peak, None) for fw in frameworks}
@@ -463,7 +548,11 @@ def main(argv: list[str] | None = None) -> None:
     text = common.table(rows, COLUMNS)
     print(text)
     peak_note = (
-        "matmul peak = jnp.dot 2048² f32 measured in the JAX worker"
+        (
+            f"matmul peak = {args.peak_gflops:.0f} GFLOP/s (given)"
+            if args.peak_gflops
+            else "matmul peak = jnp.dot 2048² f32 measured in each stage's JAX worker"
+        )
         if args.device == "cpu"
         else f"peak = {GPU_PEAK_TFLOPS:.0f} TFLOP/s (H100 SXM dense bf16 datasheet)"
     )

@@ -87,6 +87,16 @@ class Checkpointer:
         with ocp.PyTreeCheckpointer() as checkpointer:
             return checkpointer.restore(path, args=args)
 
+    def read_numpy(self, step: int) -> dict:
+        """The whole saved state at `step` as nested dicts/lists of numpy arrays, without a target: works on any
+        device topology (e.g. inspecting or comparing checkpoints written by a multi-host run on one CPU)."""
+        metadata = self._manager.item_metadata(step)["state"]
+        metadata = getattr(metadata, "tree", metadata)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+        path = os.path.join(self.directory, str(step), "state")
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
     def _check_shapes(self, step: int, abstract_state: Any) -> None:
         """Names the first parameters whose stored shape differs from the config's (clearer than orbax's message)."""
         metadata = self._manager.item_metadata(step)["state"]

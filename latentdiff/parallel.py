@@ -31,8 +31,9 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
     Sources, first match wins:
       1. the arguments (--config.distributed.coordinator/num_processes/process_id), each falling back to the usual
          env vars JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (GPU/CPU clusters, any launcher);
-      2. a Cloud TPU pod slice (TPU_WORKER_HOSTNAMES / MEGASCALE_*) or a SLURM job with more than one task: JAX
-         detects coordinator, process count and id itself (`jax.distributed.initialize()` without arguments).
+      2. num_processes == -1 ("auto"), a Cloud TPU pod slice (TPU_WORKER_HOSTNAMES / MEGASCALE_*) or a SLURM job with
+         more than one task: JAX detects coordinator, process count and id itself (`jax.distributed.initialize()`
+         without arguments; on TPU VMs from the metadata server, so pass num_processes=-1 there).
     Raises ValueError for a half-given multi-process setup (e.g. a coordinator but no process id).
     """
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
@@ -41,8 +42,11 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
         process_id = int(os.environ.get("JAX_PROCESS_ID", "-1") or -1)
     on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
     on_slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    explicit = bool(coordinator) or num_processes > 1
+    explicit = bool(coordinator) or num_processes > 1 or num_processes < -1
     if _distributed_initialized():
+        return
+    if num_processes == -1:
+        jax.distributed.initialize()
         return
     if explicit:
         if not coordinator or num_processes < 1 or not 0 <= process_id < num_processes:

@@ -60,3 +60,111 @@ def test_create_sharded_and_host_to_global():
     assert batch["image"].sharding.spec == P(("data", "fsdp"))
     with pytest.raises(ValueError, match="not divisible"):
         parallel.global_batch_size_ok(12, mesh)
+
+
+# ------------------------------------------------------------------------------------------ multi-host set-up
+
+
+def test_init_distributed_rejects_a_half_given_setup(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="process_id"):
+        parallel.init_distributed("127.0.0.1:1234", 2, -1)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    with pytest.raises(ValueError, match="num_processes"):
+        parallel.init_distributed("", 0, -1)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+    parallel.init_distributed("", 0, -1)  # nothing given, not on a pod or SLURM: single process, no-op
+    assert jax.process_count() == 1
+
+
+# ------------------------------------------------------------------------------------------ gradient accumulation
+
+
+def test_micro_batches_are_strided_so_each_stays_evenly_sharded():
+    from latentdiff.train.common import split_micro_batches
+
+    x = np.arange(16)
+    micro = np.asarray(split_micro_batches({"x": jnp.asarray(x)}, 2)["x"])
+    np.testing.assert_array_equal(micro, [x[0::2], x[1::2]])
+    # Rows of device d's contiguous block (8 devices, 2 rows each) go one to each micro-batch.
+    assert all({int(micro[0, d]) // 2, int(micro[1, d]) // 2} == {d} for d in range(8))
+    with pytest.raises(ValueError, match="does not split"):
+        split_micro_batches({"x": jnp.zeros((6,))}, 4)
+
+
+def test_accumulated_gradient_equals_the_full_batch_gradient_on_a_mesh():
+    """Least squares: the mean of micro-batch gradients is the closed-form full-batch gradient X^T(Xw - y)/n."""
+    from latentdiff.train.common import accumulate_gradients
+
+    rng = np.random.default_rng(0)
+    x, y, w = rng.normal(size=(32, 5)), rng.normal(size=(32,)), rng.normal(size=(5,))
+
+    def grad_fn(params, batch, key):
+        del key
+        loss_fn = lambda p: 0.5 * jnp.mean((batch["x"] @ p["w"] - batch["y"]) ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        return grads, {"loss": loss}
+
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    batch = parallel.host_to_global({"x": x.astype(np.float32), "y": y.astype(np.float32)}, mesh)
+    params = {"w": jnp.asarray(w, jnp.float32)}
+    step = jax.jit(lambda p, b, k: accumulate_gradients(grad_fn, p, b, k, 4))
+    grads, metrics = step(params, batch, jax.random.key(0))
+    np.testing.assert_allclose(grads["w"], x.T @ (x @ w - y) / 32, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], 0.5 * np.mean((x @ w - y) ** 2), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ logging arithmetic
+
+
+def test_throughput_scalars():
+    from latentdiff.train.loop import throughput_scalars
+
+    out = throughput_scalars(10, 5.0, 64, 2e12, 8, 100.0)  # 2 TFLOP per device per step, 2 steps/s
+    assert out["step_time_s"] == 0.5 and out["images_per_sec"] == 128.0
+    assert out["tflops_per_sec"] == pytest.approx(32.0)  # 4 TFLOP/s per device x 8 devices
+    assert out["mfu"] == pytest.approx(0.04)
+    assert "mfu" not in throughput_scalars(10, 5.0, 64, 2e12, 8, 0.0)
+
+
+# ------------------------------------------------------------------------------------------ per-process data positions
+
+
+def test_each_process_gets_its_own_data_position_back(tmp_path):
+    """Two processes read different shards; a checkpoint keeps both positions and gives each process its own. (Grain's
+    state names the shard: process 0's position is refused by process 1's iterator.)"""
+    from latentdiff import checkpoint
+    from latentdiff.data import pipeline
+    from latentdiff.data.errors import DataError
+
+    cfg = pipeline.default_data_config()
+    cfg.data_dir, cfg.resolution = str(tmp_path / "tfds"), 8
+    cfg.shapes_num_train, cfg.shapes_num_validation, cfg.shapes_num_novel = 64, 8, 8
+
+    def make(process_index):
+        return pipeline.make_dataset(
+            cfg,
+            split="train",
+            tokenizer=None,
+            global_batch_size=8,
+            process_index=process_index,
+            process_count=2,
+            seed=0,
+            train=True,
+        )
+
+    iterators = [make(0), make(1)]
+    for it in iterators:
+        for _ in range(3):
+            next(it)
+    saved = checkpoint.pack_data_states([it.get_state() for it in iterators])
+    expected = [next(it)["image"] for it in iterators]
+    for p in range(2):
+        resumed = make(p)
+        resumed.set_state(checkpoint.unpack_data_state(saved, p, 2))
+        np.testing.assert_array_equal(next(resumed)["image"], expected[p])
+    with pytest.raises(DataError, match="does not match"):
+        make(1).set_state(saved["processes"][0])
+    assert checkpoint.unpack_data_state(saved, 0, 4) is None  # another process count: fresh iterators (warned)
+    assert checkpoint.unpack_data_state({}, 0, 1) is None

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from latentdiff.nn.norms import GroupNorm
 from latentdiff.nn.quantizer import QuantizerOutput, VectorQuantizer
 
 Dtype = Any
@@ -47,12 +46,8 @@ def _conv(features: int, kernel: int, dtype: Dtype, name: str | None, stride: in
     )
 
 
-def _norm(x: jax.Array, dtype: Dtype, name: str, activation: str) -> jax.Array:
-    """GroupNorm(32, eps 1e-6) [+ swish when activation='silu'] with statistics in float32 and the closed-form
-    backward of latentdiff/nn/norms.py (params 'scale'/'bias' as flax GroupNorm). [B,H,W,C] -> [B,H,W,C] in dtype."""
-    return GroupNorm(
-        num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, activation=activation, name=name
-    )(x)
+def _norm(dtype: Dtype, name: str) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -64,9 +59,9 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        h = _norm(x, self.dtype, "norm1", "silu")
+        h = nn.swish(_norm(self.dtype, "norm1")(x))
         h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
-        h = _norm(h, self.dtype, "norm2", "silu")
+        h = nn.swish(_norm(self.dtype, "norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -87,7 +82,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-        y = _norm(x, self.dtype, "norm", "none")
+        y = _norm(self.dtype, "norm")(x)
         q, k, v = (dense(n)(y).reshape(b, h * w, c) for n in ("q", "k", "v"))
         logits = jnp.einsum("bqc,bkc->bqk", q.astype(jnp.float32), k.astype(jnp.float32)) * (c**-0.5)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -159,7 +154,7 @@ class Encoder(nn.Module):
         h = ResnetBlock(block_in, self.dropout, self.dtype, name="mid_block_1")(h, train)
         h = AttnBlock(self.dtype, name="mid_attn_1")(h)
         h = ResnetBlock(block_in, self.dropout, self.dtype, name="mid_block_2")(h, train)
-        h = _norm(h, self.dtype, "norm_out", "silu")
+        h = nn.swish(_norm(self.dtype, "norm_out")(h))
         out_ch = 2 * self.z_channels if self.double_z else self.z_channels
         return _conv(out_ch, 3, self.dtype, "conv_out")(h)
 
@@ -193,7 +188,7 @@ class Decoder(nn.Module):
             if i != 0:
                 h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
                 curr_res *= 2
-        h = _norm(h, self.dtype, "norm_out", "silu")
+        h = nn.swish(_norm(self.dtype, "norm_out")(h))
         return _conv(self.out_ch, 3, self.dtype, "conv_out")(h)
 
 

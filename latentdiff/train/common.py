@@ -100,16 +100,15 @@ def accumulate_gradients(
     micro = split_micro_batches(batch, num_micro)
     rngs = jax.random.split(rng, num_micro)
 
-    def body(carry: tuple[Any, dict], inputs: tuple[dict, jax.Array]) -> tuple[tuple[Any, dict], None]:
-        grads_sum, metrics_sum = carry
+    def body(grads_sum: Any, inputs: tuple[dict, jax.Array]) -> tuple[Any, dict]:
         grads, metrics = grad_fn(params, inputs[0], inputs[1])
-        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
+        return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
-    first = jax.tree.map(lambda x: x[0], micro)
-    grads_shape, metrics_shape = jax.eval_shape(grad_fn, params, first, rngs[0])
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
-    (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, rngs))
-    return jax.tree.map(lambda g: g / num_micro, grads), jax.tree.map(lambda m: m / num_micro, metrics)
+    # Gradients have the params' structure and dtypes; per-micro-batch metrics come out stacked (no extra trace of
+    # grad_fn just to learn their shapes).
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, metrics = jax.lax.scan(body, zeros, (micro, rngs))
+    return jax.tree.map(lambda g: g / num_micro, grads), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
 def guarded_update(

@@ -2,11 +2,14 @@
 
 A stage supplies a `Task` (pure init and step functions plus optional image/eval callbacks); `run` does the rest:
   * mesh from config.mesh; state created already sharded (`jax.jit(init, out_shardings=...)`) or restored from the
-    latest checkpoint in `workdir/checkpoints` (params, optimizer, EMA, step, counters and the data iterator position);
+    latest checkpoint in `workdir/checkpoints` (params, optimizer, EMA, step, counters and every process's data
+    iterator position), so a run killed at any point and restarted reaches bit-identical params;
   * the step is `jax.jit` with explicit in/out shardings and the state donated; rng = fold_in(base, step);
-  * SIGTERM (preemption) -> checkpoint, exit code 0; non-finite updates are skipped inside the step and counted;
-    `max_consecutive_nonfinite` in a row stops the run with a clear error;
-  * process 0 writes TensorBoard scalars, metrics.jsonl, config.json, a progress bar and image grids.
+  * SIGTERM (preemption) -> checkpoint, exit code 0 (several processes agree on the step first); non-finite updates
+    are skipped inside the step and counted; `max_consecutive_nonfinite` in a row stops the run with a clear error
+    (checked one step late, so the host never waits on the device just for that);
+  * process 0 writes TensorBoard scalars (losses, lr, grad norm, images/s, step time, TFLOP/s, MFU), metrics.jsonl,
+    config.json, a progress bar with ETA and image grids; an optional jax.profiler trace of a few steps.
 """
 
 from __future__ import annotations
