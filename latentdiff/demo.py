@@ -121,11 +121,12 @@ def run(demo_dir: str, out: str, num: int = NUM_SCORED) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def train(workdir: str, demo_dir: str, overrides: list[str]) -> dict[str, Any]:
+def train(workdir: str, demo_dir: str, overrides: list[str], num: int = NUM_SCORED) -> dict[str, Any]:
     """make demo-train: both stages through train.py's code path, then ship the result into demo_dir."""
     from latentdiff.config_utils import atomic_write_text, load_config
     from latentdiff.train import train_and_evaluate
 
+    commit = git_commit()  # the code this run starts from (the tree may change while it trains)
     timings_path = os.path.join(workdir, "timings.json")
     timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
     ae_dir, ldm_dir = os.path.join(workdir, "autoencoder"), os.path.join(workdir, "ldm")
@@ -153,16 +154,17 @@ def train(workdir: str, demo_dir: str, overrides: list[str]) -> dict[str, Any]:
         guidance=s.guidance,
         steps=s.steps,
         sampler=s.sampler,
-        num=NUM_SCORED,
+        num=num,
         resolution=ldm_config.data.resolution,
     )
     training_report = {
-        "commit": git_commit(),
+        "commit": commit,
         "command": "make demo-train",
         "configs": [AE_CONFIG, LDM_CONFIG],
         "overrides": overrides,
         "wall_seconds": timings,
         "scoring_seconds": time.perf_counter() - start,
+        "images_per_cell": num,
         "alignment": report,
     }
     if os.path.isfile(os.path.join(ae_dir, "eval.json")):
@@ -185,6 +187,7 @@ def ship(ldm_workdir: str, demo_dir: str) -> None:
     """Copies what sampling needs from a stage-2 workdir into demo_dir: config.json, tokenizer/, first_stage/ and
     the EMA params of the latest checkpoint as params/ema.safetensors (no optimizer state: small)."""
     from latentdiff import config_utils, first_stage, params_io
+    from latentdiff.convert.workdir import FORMAT as CONVERTED_FORMAT
     from latentdiff.train.ldm import null_condition, restore_params
 
     config = config_utils.load_workdir_config(ldm_workdir)
@@ -199,7 +202,12 @@ def ship(ldm_workdir: str, demo_dir: str) -> None:
     config_utils.save_config(config, staging)
     tokenizer.save(os.path.join(staging, "tokenizer"))
     first_stage.save_export(fs.config, fs.variables, os.path.join(staging, "first_stage"))
-    metadata = {"step": str(restored["step"]), "scale_factor": repr(float(restored["scale_factor"]))}
+    metadata = {
+        "format": CONVERTED_FORMAT,  # the layout of a converted workdir, which Pipeline.from_workdir reads
+        "step": str(restored["step"]),
+        "scale_factor": repr(float(restored["scale_factor"])),
+        "source": f"make demo-train ({ldm_workdir})",
+    }
     params_io.save_params(os.path.join(staging, "params", "ema.safetensors"), restored["ema_params"], metadata)
     if os.path.isdir(demo_dir):
         shutil.rmtree(demo_dir)
@@ -217,11 +225,12 @@ def main(argv: list[str]) -> None:
     p_train.add_argument("--workdir", default="workdirs/demo")
     p_train.add_argument("--demo_dir", default="demo")
     p_train.add_argument("--override", action="append", default=[], help="ae.FIELD=VALUE or ldm.FIELD=VALUE")
+    p_train.add_argument("--num", type=int, default=NUM_SCORED, help="images scored per (split, guidance) cell")
     args = parser.parse_args(argv)
     if args.command == "run":
         errors.run_cli(lambda: run(args.demo_dir, args.out, args.num))
     else:
-        errors.run_cli(lambda: train(args.workdir, args.demo_dir, args.override))
+        errors.run_cli(lambda: train(args.workdir, args.demo_dir, args.override, args.num))
 
 
 if __name__ == "__main__":
