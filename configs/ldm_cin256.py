@@ -33,8 +33,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.data.random_flip = paper
 
     config.first_stage = ml_collections.ConfigDict(
-        dict(workdir=config_dict.placeholder(str), scale_factor=1.0 if paper else 0.0, sample_posterior=False)
+        dict(
+            workdir=config_dict.placeholder(str),
+            scale_factor=1.0 if paper else 0.0,
+            sample_posterior=False,
+            latents="",  # a directory written by `python -m latentdiff.encode` ('' = encode images on the fly)
+        )
     )
+    # concat conditioning (latentdiff/conditioning.py): none / inpaint / sr (configs/ldm_inpaint.py, ldm_sr4.py)
+    config.conditioning = ml_collections.ConfigDict(dict(concat="none"))
     width = 512 if paper else 64
     num_classes = 1000 if paper else 24
     config.unet = ml_collections.ConfigDict(

@@ -63,8 +63,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             workdir=config_dict.placeholder(str),  # a trained stage-1 workdir (required on the first run)
             scale_factor=0.18215 if paper else 0.0,  # 0: 1/std of the first batch's latents, stored in the checkpoint
             sample_posterior=True,
+            latents="",  # a directory written by `python -m latentdiff.encode` ('' = encode images on the fly)
         )
     )
+    # concat conditioning (latentdiff/conditioning.py): none / inpaint / sr (configs/ldm_inpaint.py, ldm_sr4.py)
+    config.conditioning = ml_collections.ConfigDict(dict(concat="none"))
     config.unet = ml_collections.ConfigDict(
         dict(
             in_channels=4,

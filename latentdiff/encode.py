@@ -1,11 +1,17 @@
-"""Precompute stage-1 latents of a dataset split and report the latent scale factor (1 / std).
+"""Precompute stage-1 latents of a dataset split (a stage-2 data source) and report the latent scale factor (1 / std).
 
     python -m latentdiff.encode --workdir workdirs/ae --out latents/ [--split train] [--num 0] [--batch_size 64]
+    python train.py --config configs/ldm_txt2img_kl8.py:tiny --workdir workdirs/ldm \
+        --config.first_stage.workdir=workdirs/ae --config.first_stage.latents=latents/
 
-Writes `OUT/latents.npz` with `mean` and `logvar` [N, h, w, c] (KL posterior moments, so stage 2 can sample the
-posterior as the LDM code does) or `latents` (VQ pre-quantisation), plus `captions.jsonl`, `labels.npy` when the
-dataset has labels, and `meta.json` (scale factor, shapes, source workdir and step). The dataset is the stage-1
-config's `data` block (override with --config.data.* style flags is not needed: pass --split / --num).
+Writes into OUT one memory-mappable `.npy` file per array (stage 2 reads them with np.load(mmap_mode="r"); see
+latentdiff/data/latents.py for the layout): `mean.npy` and `logvar.npy` [N, h, w, c] (KL posterior moments, so stage 2
+samples the posterior as the LDM code does) or `latents.npy` (VQ pre-quantisation), `labels.npy` when the dataset has
+labels, `captions.jsonl` (one caption per image: the one the loader picked for multi-caption datasets) and
+`meta.json` (scale factor, shapes, source workdir and step). Arrays are filled batch by batch into temporary
+memory-mapped files and renamed when complete, so memory stays at one batch and readers never see half a file;
+meta.json is written last. The dataset is the stage-1 config's `data` block, read in order (no augmentation); the
+last partial batch of the split is dropped (a smaller --batch_size keeps more).
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from latentdiff import errors
 
 
 def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, seed: int) -> dict[str, Any]:
-    """Encodes `split` of the stage-1 workdir's dataset; returns the meta dict (also written to OUT/meta.json)."""
+    """Encodes `split` of the stage-1 workdir's dataset into OUT; returns the meta dict (also OUT/meta.json)."""
     import jax
     import jax.numpy as jnp
 
     from latentdiff import config_utils, first_stage, params_io
+    from latentdiff.data.latents import ARRAYS, CAPTIONS, LABELS, META
     from latentdiff.data.pipeline import make_dataset
     from latentdiff.train.autoencoder import export_first_stage
 
@@ -44,7 +51,12 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
         seed=seed,
         train=False,
     )
+    total = iterator.num_batches * batch_size
+    total = min(total, num) if num else total
+    if total == 0:
+        raise ValueError(f"split {split!r} gave no full batch of {batch_size}; lower --batch_size")
     kl = fs.config.kind == "kl"
+    latent_shape = fs.latent_shape(config.data.resolution)
 
     @jax.jit
     def encode(variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -54,46 +66,69 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
         h = fs.module.apply(variables, images, False, method=type(fs.module).encode)
         return h, jnp.zeros_like(h)
 
-    means, logvars, captions, labels = [], [], [], []
-    total = 0
-    for batch in iterator:
-        mean, logvar = jax.device_get(encode(fs.variables, jnp.asarray(batch["image"])))
-        means.append(np.asarray(mean))
-        logvars.append(np.asarray(logvar))
-        captions.extend(str(c) for c in batch["caption"])
-        if "label" in batch:
-            labels.append(np.asarray(batch["label"]))
-        total += len(mean)
-        if num and total >= num:
-            break
-    if not means:
-        raise ValueError(f"split {split!r} gave no full batch of {batch_size}; lower --batch_size")
-    mean = np.concatenate(means)[: num or None]
-    logvar = np.concatenate(logvars)[: num or None]
-    rng = np.random.default_rng(seed)
-    sampled = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape) if kl else mean
-    scale_factor = float(1.0 / np.std(sampled))
     os.makedirs(out, exist_ok=True)
-    arrays = {"mean": mean, "logvar": logvar} if kl else {"latents": mean}
-    tmp = os.path.join(out, f"latents.tmp.{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, os.path.join(out, "latents.npz"))
-    config_utils.atomic_write_text(
-        os.path.join(out, "captions.jsonl"), "".join(json.dumps(c) + "\n" for c in captions[: len(mean)])
-    )
-    if labels:
-        np.save(os.path.join(out, "labels.npy"), np.concatenate(labels)[: len(mean)])
+    if os.path.isfile(os.path.join(out, META)):  # the directory is not a valid latents source until rewritten
+        os.remove(os.path.join(out, META))
+    tag = f"tmp.{os.getpid()}"
+    names = ARRAYS[fs.config.kind]
+    tmp = {n: os.path.join(out, f"{n}.{tag}.npy") for n in names}
+    arrays = {
+        n: np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, *latent_shape))
+        for n, path in tmp.items()
+    }
+    label_tmp = os.path.join(out, f"labels.{tag}.npy")
+    labels = None
+    captions_tmp = os.path.join(out, f"captions.{tag}.jsonl")
+    rng = np.random.default_rng(seed)
+    moments = np.zeros(2, np.float64)  # sum and sum of squares of the (sampled) latents, for the scale factor
+    filled = 0
+    with open(captions_tmp, "w", encoding="utf-8") as captions:
+        for batch in iterator:
+            take = min(len(batch["image"]), total - filled)
+            mean, logvar = (
+                np.asarray(a)[:take] for a in jax.device_get(encode(fs.variables, jnp.asarray(batch["image"])))
+            )
+            rows = slice(filled, filled + take)
+            if kl:
+                arrays["mean"][rows], arrays["logvar"][rows] = mean, logvar
+                sampled = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape)
+            else:
+                arrays["latents"][rows] = sampled = mean
+            moments += (np.sum(sampled, dtype=np.float64), np.sum(np.square(sampled, dtype=np.float64)))
+            captions.writelines(json.dumps(str(c)) + "\n" for c in batch["caption"][:take])
+            if "label" in batch:
+                if labels is None:
+                    labels = np.lib.format.open_memmap(label_tmp, mode="w+", dtype=np.int32, shape=(total,))
+                labels[rows] = np.asarray(batch["label"][:take], np.int32)
+            filled += take
+            if filled >= total:
+                break
+    count = total * int(np.prod(latent_shape))
+    std = float(np.sqrt(max(moments[1] / count - (moments[0] / count) ** 2, 0.0)))
+    for name, arr in arrays.items():
+        arr.flush()
+        os.replace(tmp[name], os.path.join(out, f"{name}.npy"))
+    if labels is not None:
+        labels.flush()
+        os.replace(label_tmp, os.path.join(out, LABELS))
+    elif os.path.isfile(os.path.join(out, LABELS)):  # stale labels of an earlier encoding
+        os.remove(os.path.join(out, LABELS))
+    os.replace(captions_tmp, os.path.join(out, CAPTIONS))
     meta = {
+        "format": "npy",
         "workdir": os.path.abspath(workdir),
         "step": params_io.read_metadata(os.path.join(export_dir, "params.safetensors")).get("step"),
         "split": split,
-        "num": len(mean),
+        "num": total,
         "kind": fs.config.kind,
-        "latent_shape": list(mean.shape[1:]),
-        "latent_std": float(np.std(sampled)),
-        "scale_factor": scale_factor,
+        "latent_shape": list(latent_shape),
+        "embed_dim": int(fs.config.embed_dim),
+        "downsample_factor": fs.downsample_factor,
+        "resolution": int(config.data.resolution),
+        "latent_std": std,
+        "scale_factor": 1.0 / std,
     }
-    config_utils.atomic_write_text(os.path.join(out, "meta.json"), json.dumps(meta, indent=2))
+    config_utils.atomic_write_text(os.path.join(out, META), json.dumps(meta, indent=2))
     return meta
 
 

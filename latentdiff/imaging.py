@@ -75,3 +75,75 @@ def save_pairs_grid(inputs: np.ndarray, outputs: np.ndarray, path: str, *, colum
     pairs = np.concatenate([inputs, outputs], axis=2)
     scale = max(1, 128 // inputs.shape[1])
     save_png(grid(pairs, None, columns=columns, scale=scale), path)
+
+
+# ----- reading user images (image modification) -----
+MASK_HELP = "white (>= 128) = repaint, black = keep"
+MASK_CONVERT = "convert it with: python -c \"from PIL import Image; Image.open('M.png').convert('L').save('M.png')\""
+
+
+def _open(path: str, flag: str) -> Image.Image:
+    """PIL image of `path`, loaded; one-line errors naming the flag and the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, Image.DecompressionBombError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{flag} {path!r} is not a readable image ({reason}); save it as PNG or JPEG") from None
+    return img
+
+
+def read_image(path: str, flag: str) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3]. Greyscale and palette images become RGB; an alpha channel is dropped."""
+    img = _open(path, flag)
+    if img.mode in ("I", "I;16", "I;16B", "F"):
+        raise ValueError(f"{flag} {path!r} has {img.mode!r} pixels (16-bit/float); save it as an 8-bit RGB PNG")
+    return np.asarray(img.convert("RGB"), np.uint8)
+
+
+def read_mask(path: str, flag: str) -> np.ndarray:
+    """A mask file -> float32 [H, W] in {0, 1}, 1 = repaint: pixels >= 128 (white) are repainted, the rest kept.
+
+    Accepted: single-channel PNGs (mode 'L' or '1'), and RGB / palette / greyscale-with-alpha files whose colour
+    channels are identical everywhere (a grey image saved as RGB) and whose alpha, if any, is fully opaque. Anything
+    else (colours, transparency, 16-bit) is refused with the conversion command.
+    """
+    img = _open(path, flag)
+    if img.mode == "1":
+        return np.asarray(img, bool).astype(np.float32)
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode not in ("L", "LA", "RGB", "RGBA"):
+        raise ValueError(f"{flag} {path!r} has mode {img.mode!r}; a mask must be 8-bit single-channel; {MASK_CONVERT}")
+    a = np.asarray(img, np.uint8)
+    if a.ndim == 2:
+        grey = a
+    else:
+        colour = a[..., :3] if img.mode in ("RGB", "RGBA") else a[..., :1]
+        if img.mode in ("LA", "RGBA") and (a[..., -1] != 255).any():
+            raise ValueError(
+                f"{flag} {path!r} has transparent pixels; a mask must be opaque ({MASK_HELP}); {MASK_CONVERT}"
+            )
+        if (colour != colour[..., :1]).any():
+            raise ValueError(
+                f"{flag} {path!r} is a colour image; a mask must be single-channel ({MASK_HELP}); {MASK_CONVERT}"
+            )
+        grey = colour[..., 0]
+    return (grey >= 128).astype(np.float32)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [h, w, 3], bicubic (PIL; antialiased when shrinking). size = (h, w)."""
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC), np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float {0, 1} [H, W] -> {0, 1} [h, w]: bilinear (antialiased) resize of the 0/255 picture, then >= 128."""
+    if tuple(mask.shape) == tuple(size):
+        return mask
+    img = Image.fromarray((mask * 255).astype(np.uint8)).resize((size[1], size[0]), Image.BILINEAR)
+    return (np.asarray(img) >= 128).astype(np.float32)

@@ -22,13 +22,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from latentdiff import config_utils, first_stage, parallel, sampling
+from latentdiff import conditioning, config_utils, first_stage, parallel, sampling
 from latentdiff.diffusion.schedules import make_schedule
 from latentdiff.imaging import to_uint8
 from latentdiff.nn.text_encoder import build_text_encoder, null_label
 from latentdiff.nn.unet import build_unet
 
-OUTPUTS = ("uint8", "float")
+OUTPUTS = ("uint8", "float", "latent")
 
 
 @dataclasses.dataclass
@@ -97,8 +97,16 @@ class Pipeline:
     def class_conditional(self) -> bool:
         return self.config.text_encoder.kind == "class"
 
+    @property
+    def unconditioned(self) -> bool:
+        """True for models without τ_θ (text_encoder.kind 'none', e.g. super-resolution): prompts are ignored."""
+        return self.config.text_encoder.kind == "none"
+
     def encode_condition(self, prompts: Sequence[str] | Sequence[int]) -> np.ndarray:
-        """Prompts -> tokens [N, L] int32, or class labels -> [N] int32 (range-checked)."""
+        """Prompts -> tokens [N, L] int32, class labels -> [N] int32 (range-checked), or dummy labels [N] (zeros) for
+        a model without conditioning."""
+        if self.unconditioned:
+            return np.zeros((len(prompts),), np.int32)
         if self.class_conditional:
             labels = np.asarray([int(p) for p in prompts], np.int32)
             n = self.config.text_encoder.num_classes
@@ -109,13 +117,30 @@ class Pipeline:
 
     def unconditional(self, negative_prompt: str) -> np.ndarray:
         """The guidance baseline: the negative prompt's tokens (default "") or the null class; shape [1, ...]."""
+        if self.unconditioned:
+            return np.zeros((1,), np.int32)
         if self.class_conditional:
             return np.asarray([null_label(self.config.text_encoder)], np.int32)
         return np.asarray(self.tokenizer.encode([negative_prompt]), np.int32)
 
     # ----- generation -----
-    def _generate_fn(self, sampler: str, steps: int) -> Any:
-        key = (sampler, steps)
+    @property
+    def concat(self) -> str:
+        """The model's concat conditioning: 'none' (text/class-to-image), 'inpaint' or 'sr'."""
+        return conditioning.concat_kind(self.config)
+
+    @property
+    def low_res_shape(self) -> tuple[int, int, int]:
+        """[h, w, 3] of the low-resolution input of a super-resolution model: resolution / conditioning.sr_factor."""
+        if self.concat != "sr":
+            raise ValueError(
+                f"low_res is for super-resolution models; this model's concat conditioning is {self.concat!r}"
+            )
+        side = self.resolution // int(self.config.conditioning.sr_factor)
+        return (side, side, 3)
+
+    def _generate_fn(self, sampler: str, steps: int, start_step: int = 0, blend: bool = False) -> Any:
+        key = (sampler, steps, start_step, blend)
         if key not in self._compiled:
             generate = sampling.make_generate(
                 unet=self.unet,
@@ -125,9 +150,69 @@ class Pipeline:
                 parameterization=self.config.diffusion.parameterization,
                 sampler=sampler,
                 num_steps=steps,
+                start_step=start_step,
+                blend=blend,
+                concat=self.concat,
+                return_latents=True,
             )
             self._compiled[key] = jax.jit(generate)
         return self._compiled[key]
+
+    def autoencode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """images [N, H, W, 3] (uint8, or float in [-1, 1]) -> (z0 = E(x).mode·scale_factor [N, h, w, c], the
+        reconstruction D(z0 / scale_factor) [N, H, W, 3] float in [-1, 1]): what image modification starts from."""
+        x = _image_array(images, "images", len(images), (self.resolution, self.resolution))
+        if "autoencode" not in self._compiled:
+
+            def run(fs_variables: dict, scale_factor: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+                z = first_stage.encode(self.fs, fs_variables, x, None, False) * scale_factor
+                return z, first_stage.decode(self.fs, fs_variables, z / scale_factor)
+
+            self._compiled["autoencode"] = jax.jit(run)
+        z, rec = self._compiled["autoencode"](self._fs_variables, jnp.float32(self.scale_factor), jnp.asarray(x))
+        return np.asarray(z), np.asarray(rec)
+
+    def modification_inputs(
+        self,
+        n: int,
+        init_image: np.ndarray | None,
+        strength: float | None,
+        mask: np.ndarray | None,
+        low_res: np.ndarray | None,
+        blend: bool | None,
+    ) -> tuple[float, bool, dict[str, np.ndarray]]:
+        """Checks the image-modification arguments against this model -> (strength, blend, inputs) where inputs holds
+        the host arrays the jitted function needs: 'image' [N,H,W,3] and 'mask' [N,H,W,1] (1 = repaint) float32,
+        'low_res' [N,h,w,3] float32 in [-1, 1]. strength 1 with nothing else to do returns no inputs (text-to-image)."""
+        kind = self.concat
+        if strength is not None and init_image is None:
+            raise ValueError("strength needs init_image (the image to modify)")
+        if mask is not None and init_image is None:
+            raise ValueError("mask needs init_image (the image whose masked region is repainted)")
+        if blend and mask is None:
+            raise ValueError("blend needs a mask")
+        if kind == "inpaint" and (init_image is None or mask is None):
+            raise ValueError("this is an inpainting model (concat conditioning 'inpaint'): pass init_image and mask")
+        if kind == "sr" and low_res is None:
+            raise ValueError("this is a super-resolution model (concat conditioning 'sr'): pass low_res")
+        if kind != "sr" and low_res is not None:
+            raise ValueError(f"low_res is for super-resolution models; this model's concat conditioning is {kind!r}")
+        if init_image is not None and strength is None:
+            if mask is None and kind != "inpaint":
+                raise ValueError("img2img needs strength in (0, 1] (the fraction of the sampling steps to run)")
+            strength = 1.0
+        if strength is not None and not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        blend = (mask is not None and kind != "inpaint") if blend is None else bool(blend)
+        inputs: dict[str, np.ndarray] = {}
+        size = (self.resolution, self.resolution)
+        if init_image is not None:
+            inputs["image"] = _image_array(init_image, "init_image", n, size)
+        if mask is not None:
+            inputs["mask"] = _mask_array(mask, n, size)
+        if low_res is not None:
+            inputs["low_res"] = _image_array(low_res, "low_res", n, self.low_res_shape[:2])
+        return (1.0 if strength is None else float(strength)), blend, inputs
 
     def __call__(
         self,
@@ -143,18 +228,40 @@ class Pipeline:
         x_T: np.ndarray | None = None,
         progress: Any = None,
         output: str = "uint8",
+        init_image: np.ndarray | None = None,
+        strength: float | None = None,
+        mask: np.ndarray | None = None,
+        low_res: np.ndarray | None = None,
+        blend: bool | None = None,
     ) -> np.ndarray:
-        """Generates one image per prompt -> [N, H, W, 3]: uint8 (output 'uint8'), or float32 in [0, 1] ('float',
-        diffusers' output_type 'np'). batch_size 0 = all at once (padded to the device count). Image i depends only
-        on (seed, i, its prompt) for eta 0. `x_T` [N, h, w, c] overrides the initial noise."""
+        """Generates one image per prompt -> [N, H, W, 3]: uint8 (output 'uint8'), float32 in [0, 1] ('float',
+        diffusers' output_type 'np'), or the final latents [N, h, w, c] ('latent', scaled as the UNet sees them).
+        batch_size 0 = all at once (padded to the device count). Image i depends only on (seed, i, its prompt and
+        inputs). `x_T` [N, h, w, c] overrides the initial noise (with init_image: the noise it is noised with).
+
+        Image modification (arrays [H, W, C] are used for every prompt, [N, H, W, C] one per prompt):
+          init_image [H, W, 3] uint8 or float in [-1, 1], at the model's resolution; strength in (0, 1]: img2img /
+            SDEdit runs the last round(strength·steps) steps from E(init_image) noised to that level. strength 1
+            (or any value that rounds to every step) starts from pure noise: exactly text-to-image, unless a mask
+            or the model's concat conditioning uses the image.
+          mask [H, W] or [H, W, 1], 1 (or 255, True) = repaint, 0 = keep; with init_image (strength defaults to 1).
+            blend (default: True unless the model is a concat 'inpaint' model) replaces the kept latents at every
+            step (RePaint); latents whose f×f cell holds any repainted pixel are regenerated.
+          low_res [H/k, W/k, 3] (k = config.conditioning.sr_factor; uint8 or [-1, 1]) for super-resolution ('sr')
+            models; the output is k times larger.
+        """
         sampling.check_sampling_args(sampler, steps, self.schedule.num_timesteps, guidance, eta)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if len(prompts) == 0:
             raise ValueError("no prompts given")
+        n = len(prompts)
+        strength, blend, inputs = self.modification_inputs(n, init_image, strength, mask, low_res, blend)
+        start_step = sampling.start_for_strength(sampler, self.schedule, steps, strength)[0]
+        if start_step == 0 and not blend and self.concat != "inpaint":
+            inputs.pop("image", None)  # nothing uses the image: plain text-to-image from x_T
         cond_all = self.encode_condition(prompts)
         uncond = self.unconditional(negative_prompt)
-        n = len(prompts)
         devices = self.mesh.shape["data"]
         batch = batch_size or n
         batch = -(-batch // devices) * devices
@@ -162,7 +269,7 @@ class Pipeline:
             x_T = np.asarray(sampling.initial_noise(seed, jnp.arange(n), self.latent_shape))
         elif tuple(x_T.shape) != (n, *self.latent_shape):
             raise ValueError(f"x_T must be [{n}, {', '.join(map(str, self.latent_shape))}], got {tuple(x_T.shape)}")
-        generate = self._generate_fn(sampler, steps)
+        generate = self._generate_fn(sampler, steps, start_step, blend)
         sharded = NamedSharding(self.mesh, P("data"))
         out = []
         for start in range(0, n, batch):
@@ -170,7 +277,9 @@ class Pipeline:
             pad = batch - (stop - start)
             cond = _pad(cond_all[start:stop], pad)
             noise = _pad(x_T[start:stop], pad)
-            images = generate(
+            batch_inputs = {k: jax.device_put(_pad(v[start:stop], pad), sharded) for k, v in inputs.items()}
+            keys = jax.device_put(sampling.sampler_keys(seed, jnp.arange(start, start + batch)), sharded)
+            images, latents = generate(
                 self._params,
                 self._fs_variables,
                 jnp.float32(self.scale_factor),
@@ -179,10 +288,14 @@ class Pipeline:
                 jnp.float32(guidance),
                 jnp.float32(eta),
                 jax.device_put(noise, sharded),
-                jax.random.fold_in(jax.random.key(seed), start),
+                keys,
+                batch_inputs,
             )
-            images = np.asarray(jax.device_get(images))[: stop - start]
-            out.append(to_uint8(images) if output == "uint8" else (images.astype(np.float32) + 1.0) / 2.0)
+            if output == "latent":
+                out.append(np.asarray(jax.device_get(latents))[: stop - start].astype(np.float32))
+            else:
+                images = np.asarray(jax.device_get(images))[: stop - start]
+                out.append(to_uint8(images) if output == "uint8" else (images.astype(np.float32) + 1.0) / 2.0)
             if progress is not None:
                 progress(stop - start)
         return np.concatenate(out, axis=0)
@@ -199,3 +312,47 @@ def _pad(x: np.ndarray, pad: int) -> np.ndarray:
     if pad == 0:
         return np.asarray(x)
     return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
+
+
+def _per_prompt(x: np.ndarray, name: str, n: int, ndim: int) -> np.ndarray:
+    """[...] with `ndim` dims (one for every prompt) or [1 or n, ...] -> [n, ...]."""
+    if x.ndim == ndim:
+        x = x[None]
+    if x.ndim != ndim + 1 or x.shape[0] not in (1, n):
+        raise ValueError(f"{name} must be one array for all {n} prompts or one per prompt, got shape {x.shape}")
+    return np.broadcast_to(x, (n, *x.shape[1:]))
+
+
+def _image_array(images: Any, name: str, n: int, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [0, 255] or float [-1, 1] images [H, W, 3] / [1 or n, H, W, 3] -> float32 [n, H, W, 3] in [-1, 1]."""
+    x = _per_prompt(np.asarray(images), name, n, 3)
+    if x.shape[-1] != 3:
+        raise ValueError(f"{name} must have 3 (RGB) channels, got shape {x.shape}")
+    if tuple(x.shape[1:3]) != tuple(size):
+        got, want = f"{x.shape[1]}x{x.shape[2]}", f"{size[0]}x{size[1]}"
+        raise ValueError(f"{name} is {got} but this model needs {want}: resize it (sample.py --resize)")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 127.5 - 1.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
+    if not np.isfinite(x).all() or x.min() < -1.0 - 1e-3 or x.max() > 1.0 + 1e-3:
+        raise ValueError(f"{name} floats must lie in [-1, 1] (pass uint8 for [0, 255] images)")
+    return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+
+def _mask_array(mask: Any, n: int, size: tuple[int, int]) -> np.ndarray:
+    """[H, W], [H, W, 1] or [1 or n, H, W(, 1)] with 1 / 255 / True = repaint -> float32 [n, H, W, 1] in [0, 1]."""
+    m = np.asarray(mask)
+    if m.ndim in (3, 4) and m.shape[-1] == 1:
+        m = m[..., 0]
+    if m.ndim not in (2, 3):
+        raise ValueError(f"mask must be [H, W] or [N, H, W] (single channel: 1 = repaint), got shape {m.shape}")
+    m = _per_prompt(m, "mask", n, 2)
+    if tuple(m.shape[1:3]) != tuple(size):
+        raise ValueError(f"mask is {m.shape[1]}x{m.shape[2]} but the image is {size[0]}x{size[1]}: make them equal")
+    if m.dtype == np.uint8:
+        m = m.astype(np.float32) / 255.0
+    m = m.astype(np.float32)
+    if not np.isfinite(m).all() or m.min() < 0.0 or m.max() > 1.0:
+        raise ValueError("mask values must lie in [0, 1] (1 = repaint), or be uint8 with 255 = repaint")
+    return m[..., None]

@@ -1,6 +1,12 @@
 """The sampling CLI behind sample.py: prompts in, one PNG per image plus a captioned grid out.
 
 python sample.py --workdir workdirs/ldm_tiny --prompt "a red circle at the top left" --n 4 --steps 50
+
+Image modification (one input image for every prompt and sample):
+  img2img / SDEdit:  --init_image IMG --strength 0.6 --prompt ...   (runs the last 60 % of the steps from IMG noised)
+  inpainting:        --init_image IMG --mask MASK --prompt ...      (MASK: white = repaint, black = keep; any model)
+  super-resolution:  --low_res IMG                                   (models with config.conditioning.concat 'sr')
+Inputs must have the model's sizes (the resolution; for --low_res the latent grid) or be given --resize.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +38,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
     parser.add_argument("--batch_size", type=int, default=0, help="images per device batch (0 = all at once)")
     parser.add_argument("--out", default="samples", help="output directory")
+    parser.add_argument("--init_image", default="", help="image to modify (img2img, inpainting): PNG/JPEG, RGB")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="img2img strength in (0, 1]: the fraction of the steps run from the noised input (1 = from pure noise); "
+        "required for img2img, default 1 with --mask or an inpainting model",
+    )
+    parser.add_argument(
+        "--mask", default="", help="inpainting mask, same size as --init_image: white (>= 128) = repaint, black = keep"
+    )
+    parser.add_argument(
+        "--blend",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replace the kept region's latents at every step (default: on, except for concat inpainting models)",
+    )
+    parser.add_argument("--low_res", default="", help="low-resolution input of a super-resolution model")
+    parser.add_argument("--resize", action="store_true", help="resize inputs to the model's sizes (bicubic)")
     return parser.parse_args(argv)
 
 
@@ -55,12 +81,69 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def validate(args: argparse.Namespace) -> None:
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        raise ValueError(f"--strength must be in (0, 1] (a fraction of the sampling steps), got {args.strength}")
+    if args.strength is not None and not args.init_image:
+        raise ValueError("--strength needs --init_image IMG (the image to modify)")
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init_image IMG (the image whose white mask region is repainted)")
+    if args.blend is not None and not args.mask:
+        raise ValueError("--blend/--no-blend need --mask")
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 0:
         raise ValueError(f"--batch_size must be >= 0, got {args.batch_size}")
     if not os.path.isdir(args.workdir):
         raise FileNotFoundError(f"--workdir {args.workdir!r} does not exist")
+
+
+def read_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """The input files, read and checked against each other (before the model loads): 'init_image' uint8 [H,W,3],
+    'mask' float {0,1} [H,W] (1 = repaint), 'low_res' uint8 [h,w,3]."""
+    from latentdiff.imaging import read_image, read_mask
+
+    inputs = {}
+    if args.init_image:
+        inputs["init_image"] = read_image(args.init_image, "--init_image")
+    if args.mask:
+        inputs["mask"] = read_mask(args.mask, "--mask")
+        (h, w), (hi, wi) = inputs["mask"].shape, inputs["init_image"].shape[:2]
+        if (h, w) != (hi, wi):
+            raise ValueError(
+                f"--mask {args.mask!r} is {w}x{h} but --init_image {args.init_image!r} is {wi}x{hi}: "
+                "make the mask the same size as the image"
+            )
+    if args.low_res:
+        inputs["low_res"] = read_image(args.low_res, "--low_res")
+    return inputs
+
+
+def fit_inputs(args: argparse.Namespace, inputs: dict[str, np.ndarray], pipe: Any) -> dict[str, np.ndarray]:
+    """Checks the inputs against the loaded model (its concat conditioning and sizes); resizes with --resize."""
+    from latentdiff.imaging import resize_image, resize_mask
+
+    kind = pipe.concat
+    if kind == "inpaint" and not (args.init_image and args.mask):
+        raise ValueError("this is an inpainting model (concat conditioning): pass --init_image IMG and --mask MASK")
+    if kind == "sr" and not args.low_res:
+        raise ValueError("this is a super-resolution model (concat conditioning): pass --low_res IMG")
+    if kind != "sr" and args.low_res:
+        raise ValueError(f"--low_res is for super-resolution models; this model's concat conditioning is {kind!r}")
+    if args.init_image and args.strength is None and not args.mask and kind != "inpaint":
+        raise ValueError("img2img needs --strength S in (0, 1] (e.g. 0.6: run the last 60 % of the steps)")
+    files = {"init_image": args.init_image, "mask": args.mask, "low_res": args.low_res}
+    out = {}
+    for name, value in inputs.items():
+        want = tuple(pipe.low_res_shape[:2]) if name == "low_res" else (pipe.resolution, pipe.resolution)
+        if tuple(value.shape[:2]) != want:
+            if not args.resize:
+                raise ValueError(
+                    f"--{name} {files[name]!r} is {value.shape[1]}x{value.shape[0]} but this model needs "
+                    f"{want[1]}x{want[0]}: resize it, or pass --resize"
+                )
+            value = resize_mask(value, want) if name == "mask" else resize_image(value, want)
+        out[name] = value
+    return out
 
 
 def run(args: argparse.Namespace) -> list[str]:
@@ -72,15 +155,21 @@ def run(args: argparse.Namespace) -> list[str]:
 
     validate(args)
     prompts = read_prompts(args)
+    inputs = read_inputs(args)
     pipe = Pipeline.from_workdir(args.workdir, use_ema=args.ema)
+    inputs = fit_inputs(args, inputs, pipe)
     if pipe.class_conditional:
         if not args.class_label:
             raise ValueError("this model is class-conditional: pass --class_label N (repeatable)")
         conditions: list = list(args.class_label)
+    elif pipe.unconditioned:
+        if prompts:
+            raise ValueError("this model takes no prompt (text_encoder.kind 'none'): drop --prompt / --prompt_file")
+        conditions = [""]
     else:
-        if not prompts:
+        if not prompts and pipe.concat == "none":
             raise ValueError("no prompt given: pass --prompt TEXT (repeatable) or --prompt_file FILE")
-        conditions = prompts
+        conditions = prompts or [""]  # concat-conditioned (inpainting) models may run on the empty caption
     items = [c for c in conditions for _ in range(args.n)]
     check_sampling_args(args.sampler, args.steps, pipe.schedule.num_timesteps, args.guidance, args.eta)
     bar = tqdm(total=len(items), unit="img", file=sys.stderr)
@@ -95,6 +184,9 @@ def run(args: argparse.Namespace) -> list[str]:
         negative_prompt=args.negative_prompt,
         batch_size=args.batch_size,
         progress=bar.update,
+        strength=args.strength,
+        blend=args.blend,
+        **inputs,
     )
     elapsed = time.perf_counter() - start
     bar.close()
@@ -115,6 +207,15 @@ def run(args: argparse.Namespace) -> list[str]:
             "checkpoint_step": str(pipe.step),
             "workdir": os.path.abspath(args.workdir),
         }
+        for flag in ("init_image", "mask", "low_res"):
+            if getattr(args, flag):
+                text[flag] = os.path.abspath(getattr(args, flag))
+        if args.init_image:
+            text["strength"] = str(1.0 if args.strength is None else args.strength)
+        if args.mask:
+            text["blend"] = str(pipe.concat != "inpaint" if args.blend is None else args.blend)
+        if args.resize:
+            text["resize"] = "True"
         save_png(image, path, text)
         paths.append(path)
     captions = [str(c) for c in items]

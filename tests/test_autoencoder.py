@@ -127,6 +127,15 @@ def test_shapes_and_last_layer_path(tiny_kl):
     assert not np.allclose(np.asarray(rec_mode), np.asarray(rec))  # sample_posterior draws z ~ q(z|x)
 
 
+def test_images_of_wrong_size_or_channels_are_one_line_errors(tiny_kl):
+    _, model, variables, x = tiny_kl
+    encode = lambda images: jax.eval_shape(lambda: model.apply(variables, images, method=AutoencoderKL.encode))
+    encode(x)  # the good shape traces
+    for bad in (x[..., :1], jnp.concatenate([x, x[..., :1]], -1), x[:, :7, :7], x[0]):
+        with pytest.raises(ValueError, match=r"autoencoder expects images \[B, H, W, 3\] with H and W divisible by 2"):
+            encode(bad)
+
+
 def test_sample_posterior_needs_rng_and_dropout_used_in_train(tiny_kl):
     cfg, _, variables, x = tiny_kl
     cfg = ml_collections.ConfigDict(cfg.to_dict())

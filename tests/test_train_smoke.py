@@ -169,8 +169,9 @@ def test_encode_tool_reports_scale_factor(workdirs, tmp_path):
     from latentdiff.encode import encode_split
 
     meta = encode_split(str(workdirs / "ae"), str(tmp_path / "lat"), "validation", 16, 8, 0)
-    data = np.load(tmp_path / "lat" / "latents.npz")
-    assert data["mean"].shape == (16, 8, 8, 4) and data["logvar"].shape == (16, 8, 8, 4)
-    assert meta["num"] == 16 and meta["latent_shape"] == [8, 8, 4]
+    mean = np.load(tmp_path / "lat" / "mean.npy", mmap_mode="r")  # one memory-mappable .npy per array
+    logvar = np.load(tmp_path / "lat" / "logvar.npy", mmap_mode="r")
+    assert mean.shape == (16, 8, 8, 4) and logvar.shape == (16, 8, 8, 4)
+    assert meta["num"] == 16 and meta["latent_shape"] == [8, 8, 4] and meta["format"] == "npy"
     assert abs(meta["scale_factor"] * meta["latent_std"] - 1.0) < 1e-6
     assert len(open(tmp_path / "lat" / "captions.jsonl").read().splitlines()) == 16

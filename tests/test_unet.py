@@ -159,6 +159,24 @@ def test_remat_gradients_match(block):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
 
 
+def test_cudnn_only_for_sequence_lengths_its_backward_supports(monkeypatch):
+    from latentdiff.nn import attention as attention_module
+
+    assert attention_module.kernel_for("cudnn", 1024, 1024) == "cudnn"
+    assert attention_module.kernel_for("cudnn", 1024, 77) == "xla"  # cross-attention to 77 text tokens
+    assert attention_module.kernel_for("cudnn", 16, 16) == "xla"  # 4x4 feature map
+    assert attention_module.kernel_for("xla", 1024, 1024) == "xla"
+    seen = []
+    monkeypatch.setattr(attention_module.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(
+        attention_module.jax.nn, "dot_product_attention", lambda q, k, v, implementation: seen.append(implementation)
+    )
+    q = jnp.zeros((1, 64, 2, 8), jnp.bfloat16)
+    attention_module.attention(q, q, q, "cudnn")
+    attention_module.attention(q, q[:, :7], q[:, :7], "cudnn")
+    assert seen == ["cudnn", "xla"]
+
+
 def test_heads_for():
     assert heads_for(320, 8, -1) == (8, 40)
     assert heads_for(512, -1, 32) == (16, 32)

@@ -68,8 +68,9 @@ def stage2_config(
     config.data = default_data_config()
     config.data.resolution = int(resolution)
     config.first_stage = ml_collections.ConfigDict(
-        dict(workdir="", scale_factor=float(scale_factor), sample_posterior=True)
+        dict(workdir="", latents="", scale_factor=float(scale_factor), sample_posterior=True)
     )
+    config.conditioning = ml_collections.ConfigDict(dict(concat="none"))  # converted models: text-to-image
     config.unet = ml_collections.ConfigDict(dict(unet))
     config.text_encoder = ml_collections.ConfigDict(dict(text_encoder))
     config.tokenizer = ml_collections.ConfigDict(dict(tokenizer))
@@ -209,7 +210,7 @@ def _abstract_stage2(frozen: str) -> dict:
 
     def init() -> dict:
         tokens = init_tokens(c.text, 1)
-        cond = encoder.init(jax.random.key(0), tokens)["params"]
+        cond = encoder.init(jax.random.key(0), tokens).get("params", {})  # kind "none": no params
         inputs = init_inputs(c.unet, batch=1, size=size, context_len=1)
         if inputs["context"] is not None:
             inputs["context"] = encoder.apply({"params": cond}, tokens)[:, :1]

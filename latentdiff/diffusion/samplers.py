@@ -8,7 +8,7 @@ parameterisation are static (Python values); eta, the schedule arrays and all ar
 Randomness: step i of the full step sequence (i = 0 is the noisiest step, whatever start_step is) draws its noise
 from `sampler_noise(rng, i, stream, shape, dtype)`: stream 0 is the DDIM σ_t·z noise, stream 1 the noise that
 re-noises x0_known for the inpainting blend. So a run started at start_step=k continues exactly the same random
-path as a full run from step k on.
+path as a full run from step k on. rng may be one key or one key per sample ([B]; see `sampler_noise`).
 
 img2img / SDEdit (Meng et al. 2022): `start_step, t_start = img2img_start(schedule, num_steps, strength)`, then
 `x = q_sample(schedule, x0_image, jnp.full([B], t_start), noise)` and `ddim_sample(model_fn, schedule, x, num_steps,
@@ -35,8 +35,15 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def sampler_noise(rng: jax.Array, step_index: jax.Array | int, stream: int, shape: tuple[int, ...], dtype: Any):
-    """Standard normal noise for step step_index (index in the full descending step sequence) and stream (0: the
-    DDIM σ_t·z term, 1: re-noising x0_known for the mask blend)."""
+    """Standard normal noise [B, ...] for step step_index (index in the full descending step sequence) and stream
+    (0: the DDIM σ_t·z term, 1: re-noising x0_known for the mask blend).
+
+    rng is one key (the whole batch draws from it) or a batch of keys [B] (typed keys; raw uint32 keys [B, 2]): then
+    row b draws from rng[b] alone, so a sample's noise does not depend on the batch it is in."""
+    if rng.ndim == (1 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 2):
+        if rng.shape[0] != shape[0]:
+            raise ValueError(f"{rng.shape[0]} per-sample keys for a batch of {shape[0]}")
+        return jax.vmap(lambda key: sampler_noise(key, step_index, stream, shape[1:], dtype))(rng)
     key = jax.random.fold_in(jax.random.fold_in(rng, step_index), stream)
     return jax.random.normal(key, shape, dtype)
 
@@ -103,9 +110,20 @@ def img2img_start(schedule: Schedule, num_steps: int, strength: float) -> tuple[
     at the first (noisiest) step, i.e. plain sampling from the noised image; strength → 0 runs only the last step
     (t_start = the smallest DDIM timestep, 1), which returns the input up to ~√(1−ᾱ_1)-sized changes.
     """
+    return _start_from_strength(ddim_timesteps(schedule.num_timesteps, num_steps)[::-1], strength)
+
+
+def dpmpp_img2img_start(schedule: Schedule, num_steps: int, strength: float, spacing: str) -> tuple[int, int]:
+    """(start_step, t_start) as `img2img_start`, for `dpmpp_2m_sample`'s step sequence (`dpmpp_timesteps`). With
+    strength → 0 the one step run jumps from its smallest timestep (≈T/S for 'linspace') to σ = 0."""
+    return _start_from_strength(dpmpp_timesteps(schedule, num_steps, spacing), strength)
+
+
+def _start_from_strength(ts_desc: np.ndarray, strength: float) -> tuple[int, int]:
+    """The last n = clip(round(strength·S), 1, S) of the S descending timesteps: (S − n, ts_desc[S − n])."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
-    ts_desc = ddim_timesteps(schedule.num_timesteps, num_steps)[::-1]
+    num_steps = len(ts_desc)
     n = int(min(max(round(strength * num_steps), 1), num_steps))
     start_step = num_steps - n
     return start_step, int(ts_desc[start_step])

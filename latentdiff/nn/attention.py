@@ -1,8 +1,9 @@
 """Attention modules of the LDM denoiser and text encoder (Rombach et al. 2022, §3.3; CompVis ldm/modules/attention.py).
 
 Layout: tokens [B, L, C], images NHWC [B, H, W, C]. Heads go through `jax.nn.dot_product_attention` in the
-[B, L, N, H] layout, so `attention_impl='cudnn'` selects cuDNN flash attention on GPU (bf16/fp16 only) and
-`'xla'` the portable path. Both compute the logits and the softmax in float32.
+[B, L, N, H] layout, so `attention_impl='cudnn'` selects cuDNN flash attention on GPU (bf16/fp16 only; for the
+sequence lengths it supports, see `kernel_for`) and `'xla'` the portable path. Both compute the logits and the
+softmax in float32.
 
 Param names mirror the PyTorch modules (to_q/to_k/to_v/to_out, norm1..3, ff/proj, ff/out, proj_in/proj_out) so the
 converters in latentdiff/convert/ are plain tables. Mixed precision: `dtype` is the compute dtype, params stay
@@ -20,6 +21,18 @@ import jax.numpy as jnp
 Dtype = Any
 
 ATTENTION_IMPLS = ("xla", "cudnn")
+# cuDNN's fused attention rejects some sequence lengths in its backward pass (measured on an H100, JAX 0.10: the
+# UNet's cross-attention, Q 1024 / KV 77, fails with "Unsupported sequence length"). Shapes whose query and key
+# lengths are both multiples of this run on cuDNN; the rest (text tokens, 4x4 feature maps) take the XLA path, which
+# computes the same function.
+CUDNN_SEQ_MULTIPLE = 64
+
+
+def kernel_for(implementation: str, query_len: int, key_len: int) -> str:
+    """The jax.nn.dot_product_attention implementation used for these sequence lengths ('xla' or 'cudnn')."""
+    if implementation == "cudnn" and query_len % CUDNN_SEQ_MULTIPLE == 0 and key_len % CUDNN_SEQ_MULTIPLE == 0:
+        return "cudnn"
+    return "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
@@ -34,7 +47,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> 
         raise ValueError(
             f"attention_impl='cudnn' needs a CUDA GPU, the JAX backend is {jax.default_backend()!r}; use 'xla'"
         )
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, implementation=kernel_for(implementation, q.shape[1], k.shape[1]))
 
 
 def _dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:

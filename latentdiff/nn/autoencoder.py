@@ -120,6 +120,16 @@ def _check_resolution(resolution: int, num_levels: int) -> None:
         )
 
 
+def check_input(x: jax.Array, in_channels: int, num_levels: int) -> None:
+    """Images must be [B, H, W, in_channels] with H and W divisible by f = 2**(num_levels-1) (checked at trace time)."""
+    f = 2 ** (num_levels - 1)
+    if x.ndim != 4 or x.shape[-1] != in_channels or x.shape[1] % f or x.shape[2] % f:
+        raise ValueError(
+            f"autoencoder expects images [B, H, W, {in_channels}] with H and W divisible by {f}, got "
+            f"{tuple(x.shape)}; resize/convert the images (NHWC, RGB) or set autoencoder.in_channels"
+        )
+
+
 class Encoder(nn.Module):
     """Image [B,H,W,in_ch] -> latent moments [B,H/f,W/f,(2 if double_z else 1)*z_channels], f = 2**(len(ch_mult)-1).
 
@@ -261,6 +271,8 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: jax.Array, train: bool = False) -> DiagonalGaussian:
         """x [B,H,W,in_channels] in [-1, 1] -> posterior over [B,H/f,W/f,embed_dim] (float32)."""
+        _check_resolution(self.resolution, len(self.ch_mult))  # the config first, then the input
+        check_input(x, self.in_channels, len(self.ch_mult))
         moments = self.quant_conv(self.encoder(x, train).astype(jnp.float32))
         return DiagonalGaussian.from_moments(moments)
 
@@ -335,6 +347,8 @@ class VQAutoencoder(nn.Module):
 
     def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x [B,H,W,in] -> pre-quantisation latent h [B,H/f,W/f,embed_dim] (float32)."""
+        _check_resolution(self.resolution, len(self.ch_mult))  # the config first, then the input
+        check_input(x, self.in_channels, len(self.ch_mult))
         return self.quant_conv(self.encoder(x, train).astype(jnp.float32))
 
     def quantize_latent(self, h: jax.Array, update_ema: bool = False) -> QuantizerOutput:

@@ -9,6 +9,10 @@ exact GELU), final LayerNorm. No attention mask (the original attends to padding
 `ClassEmbedder`: one learned vector per class plus a last "null" row for classifier-free guidance, as a
 length-1 context [B, 1, width] (CompVis ClassEmbedder for cross-attention class conditioning).
 
+`NoCondition` (kind 'none'): no τ_θ at all — unconditional models (e.g. the super-resolution LDM, conditioned only
+through concatenated inputs). Takes dummy labels [B] and returns context None (use unet.context_dim = 0 and
+text_encoder.width = 0); it has no params.
+
 `CLIPTextEncoder` (kind 'clip', latentdiff/nn/clip_text.py): the frozen CLIP text transformer of Stable Diffusion v1
 (causal mask, biased q/k/v, quick_gelu); same config fields as 'bert' (head_dim · num_heads must equal width).
 
@@ -31,7 +35,7 @@ from latentdiff.nn.unet import DTYPES, check_fields
 
 Dtype = Any
 
-TEXT_KINDS = ("bert", "clip", "class")
+TEXT_KINDS = ("bert", "clip", "class", "none")
 
 TEXT_FIELDS = (
     "kind",
@@ -114,16 +118,31 @@ class ClassEmbedder(nn.Module):
         return table(labels)[:, None, :]
 
 
-def build_text_encoder(cfg: Mapping) -> TextEncoder | CLIPTextEncoder | ClassEmbedder:
-    """TextEncoder (kind 'bert'), CLIPTextEncoder ('clip') or ClassEmbedder ('class') from exactly TEXT_FIELDS."""
+class NoCondition(nn.Module):
+    """kind 'none': any input [B, ...] -> None (no context; the UNet must have context_dim 0). No params."""
+
+    @nn.compact
+    def __call__(self, labels: jax.Array) -> None:
+        del labels
+        return None
+
+
+def build_text_encoder(cfg: Mapping) -> TextEncoder | CLIPTextEncoder | ClassEmbedder | NoCondition:
+    """TextEncoder (kind 'bert'), CLIPTextEncoder ('clip'), ClassEmbedder ('class') or NoCondition ('none') from
+    exactly TEXT_FIELDS."""
     c = check_fields(cfg, TEXT_FIELDS, "text_encoder")
+    if c["kind"] == "none":
+        if int(c["width"]) != 0:
+            raise ValueError("text_encoder.kind='none' needs text_encoder.width=0 (and unet.context_dim=0)")
+        return NoCondition()
     if c["kind"] == "class":
         if c["num_classes"] < 1 or c["width"] < 1:
             raise ValueError("text_encoder.kind='class' needs text_encoder.num_classes >= 1 and width >= 1")
         return ClassEmbedder(num_classes=int(c["num_classes"]), width=int(c["width"]))
     if c["kind"] not in TEXT_KINDS:
         raise ValueError(
-            f"text_encoder.kind must be 'bert' or 'class' (or 'clip', Stable Diffusion's text model), got {c['kind']!r}"
+            f"text_encoder.kind must be 'bert' or 'class' (or 'none': no conditioning; 'clip': Stable Diffusion's "
+            f"text model), got {c['kind']!r}"
         )
     if c["dtype"] not in DTYPES:
         raise ValueError(f"text_encoder.dtype must be one of {tuple(DTYPES)}, got {c['dtype']!r}")
@@ -158,7 +177,8 @@ def null_label(cfg: Mapping) -> int:
 
 
 def init_tokens(cfg: Mapping, batch: int) -> jax.Array:
-    """Dummy input for init / jax.eval_shape: int tokens [B, max_length] (kind 'bert') or labels [B] (kind 'class')."""
-    if cfg["kind"] == "class":
+    """Dummy input for init / jax.eval_shape: int tokens [B, max_length] (kind 'bert') or labels [B] (kind 'class',
+    and the dummy labels of kind 'none')."""
+    if cfg["kind"] in ("class", "none"):
         return jnp.zeros((batch,), jnp.int32)
     return jnp.zeros((batch, int(cfg["max_length"])), jnp.int32)

@@ -43,9 +43,10 @@ def model_inits(config) -> dict:
             return jax.eval_shape(lambda: unet.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32), ctx))["params"]
 
         inits["unet"] = unet_params
-        inits["text_encoder" if config.text_encoder.kind == "bert" else "class_embedder"] = lambda: jax.eval_shape(
-            lambda: enc.init(jax.random.key(0), tokens)
-        )["params"]
+        if config.text_encoder.kind != "none":  # 'none' (super-resolution): no conditioning model, no params
+            inits["text_encoder" if config.text_encoder.kind == "bert" else "class_embedder"] = lambda: jax.eval_shape(
+                lambda: enc.init(jax.random.key(0), tokens)
+            )["params"]
     return inits
 
 

@@ -139,7 +139,8 @@ def plan(
     res = config.data.resolution
     batch = {"image": jax.ShapeDtypeStruct((rows, res, res, 3), np.float32)}
     cond_shape = (rows,) if config.text_encoder.kind == "class" else (rows, config.text_encoder.max_length)
-    batch[task.cond_key] = jax.ShapeDtypeStruct(cond_shape, np.int32)
+    if task.cond_key is not None:  # None: unconditional apart from concat inputs (super-resolution)
+        batch[task.cond_key] = jax.ShapeDtypeStruct(cond_shape, np.int32)
     batch_sharding = parallel.batch_sharding(mesh)
 
     def with_sharding(tree: Any, sharding: Any) -> Any:

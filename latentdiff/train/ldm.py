@@ -1,10 +1,16 @@
 """Stage 2: the latent diffusion model ε_θ(z_t, t, τ_θ(y)) trained with L_LDM (DESIGN.md §1, §4).
 
-Per step: frozen stage-1 encoder -> z = scale_factor · E(x); caption dropout (p_uncond, the empty caption / null
-class) for classifier-free guidance; t ~ U{0..T-1}; z_t = q_sample(z, t, ε); loss = ‖target − UNet(z_t, t, τ_θ(y))‖²
-(ε-, v- or x0-target; optional min-SNR-γ). UNet and τ_θ are trained together with AdamW (warmup, clipping) and an EMA
-of their params is kept in the state. The latent scale factor is config.first_stage.scale_factor, or (0) 1/std of
-the first batch's latents, and is stored in the state (so the checkpoint carries it).
+Per step: frozen stage-1 encoder -> z = scale_factor · E(x) (or, with config.first_stage.latents, a posterior
+sample from precomputed moments written by `python -m latentdiff.encode`, read memory-mapped); caption dropout
+(p_uncond, the empty caption / null class) for classifier-free guidance; t ~ U{0..T-1}; z_t = q_sample(z, t, ε);
+loss = ‖target − UNet(z_t, t, τ_θ(y))‖² (ε-, v- or x0-target; optional min-SNR-γ). UNet and τ_θ are trained
+together with AdamW (warmup, clipping) and an EMA of their params is kept in the state. The latent scale factor is
+config.first_stage.scale_factor, or (0) the precomputed latents' meta.json value / 1/std of the first batch's
+latents, and is stored in the state (so the checkpoint carries it).
+
+Concat conditioning (config.conditioning.concat, latentdiff/conditioning.py): 'inpaint' builds [masked-image latent,
+mask] from the batch images and random masks drawn from the step rng, 'sr' the bicubic ↓sr_factor image of the batch;
+the UNet sees concat([z_t, condition], channels). text_encoder.kind 'none' = no τ_θ (context None, no dropout).
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from latentdiff import checkpoint, config_utils, first_stage, parallel, sampling
+from latentdiff import checkpoint, conditioning, config_utils, first_stage, parallel, sampling
 from latentdiff.diffusion import losses as diffusion_losses
 from latentdiff.diffusion.schedules import make_schedule, q_sample
 from latentdiff.imaging import to_uint8
+from latentdiff.nn.autoencoder import DiagonalGaussian
 from latentdiff.nn.text_encoder import build_text_encoder, init_tokens, null_label
 from latentdiff.nn.unet import build_unet, validate_context
 from latentdiff.train import common, loop
@@ -46,16 +53,39 @@ def schedule_from_config(diffusion: ml_collections.ConfigDict) -> Any:
     return make_schedule(diffusion.schedule, diffusion.timesteps, diffusion.linear_start, diffusion.linear_end)
 
 
+def latents_dir(config: ml_collections.ConfigDict) -> str:
+    """config.first_stage.latents ('' = encode images on the fly); '' for configs saved before the field existed."""
+    return config.first_stage.latents if "latents" in config.first_stage else ""
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Config-time checks that would otherwise fail deep inside a trace."""
     validate_context(config.unet, config.text_encoder)
-    if config.text_encoder.kind not in ("bert", "class"):
-        raise ValueError(f"text_encoder.kind must be 'bert' or 'class', got {config.text_encoder.kind!r}")
+    if config.text_encoder.kind not in ("bert", "class", "none"):
+        raise ValueError(f"text_encoder.kind must be 'bert', 'class' or 'none', got {config.text_encoder.kind!r}")
     if config.text_encoder.kind == "bert" and config.tokenizer.max_length != config.text_encoder.max_length:
         raise ValueError(
             f"tokenizer.max_length ({config.tokenizer.max_length}) must equal text_encoder.max_length "
             f"({config.text_encoder.max_length})"
         )
+    concat = conditioning.concat_kind(config)
+    latent_channels = config.unet.out_channels
+    need = latent_channels + conditioning.concat_channels(concat, latent_channels)
+    if config.unet.in_channels != need:
+        raise ValueError(
+            f"unet.in_channels={config.unet.in_channels} but conditioning.concat={concat!r} feeds {latent_channels} "
+            f"latent (= unet.out_channels) + {need - latent_channels} concat channels; "
+            f"set --config.unet.in_channels={need}"
+        )
+    if concat != "none" and latents_dir(config):
+        raise ValueError(
+            f"concat conditioning ({concat!r}) needs images; unset first_stage.latents "
+            "(--config.first_stage.latents='')"
+        )
+    if concat == "sr":
+        factor = config.conditioning.sr_factor
+        if factor < 1 or config.data.resolution % factor:
+            raise ValueError(f"conditioning.sr_factor={factor} must be >= 1 and divide data.resolution")
 
 
 class LDMTask:
@@ -78,6 +108,7 @@ class LDMTask:
         self.null_cond = jnp.asarray(null_cond)
         self.initial_scale_factor = float(scale_factor)
         self.latent_shape = fs.latent_shape(config.data.resolution)
+        self.concat = conditioning.concat_kind(config)
         if self.latent_shape[-1] != config.unet.out_channels:
             raise ValueError(
                 f"unet.out_channels ({config.unet.out_channels}) must equal the stage-1 latent channels "
@@ -85,13 +116,26 @@ class LDMTask:
             )
 
     @property
-    def cond_key(self) -> str:
-        return "label" if self.config.text_encoder.kind == "class" else "tokens"
+    def cond_key(self) -> str | None:
+        """The batch field τ_θ reads: 'label' (kind 'class'), None ('none'), else 'tokens'."""
+        kind = self.config.text_encoder.kind
+        return "label" if kind == "class" else None if kind == "none" else "tokens"
+
+    @property
+    def source_key(self) -> str:
+        """The batch field z0 comes from: 'image' (encoded on the fly), 'moments' (KL) or 'latents' (VQ)."""
+        if not latents_dir(self.config):
+            return "image"
+        return "moments" if self.fs.config.kind == "kl" else "latents"
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return (self.source_key,) + ((self.cond_key,) if self.cond_key else ())
 
     def init_state(self, rng: jax.Array) -> LDMState:
         k_unet, k_cond = jax.random.split(rng)
         cond = init_tokens(self.config.text_encoder, 1)
-        cond_params = self.cond_encoder.init(k_cond, cond)["params"]
+        cond_params = self.cond_encoder.init(k_cond, cond).get("params", {})  # kind 'none' has no params
         context = self.cond_encoder.apply({"params": cond_params}, cond)
         x = jnp.zeros((1, *self.latent_shape[:2], self.config.unet.in_channels), jnp.float32)
         unet_params = self.unet.init(k_unet, x, jnp.zeros((1,), jnp.int32), context, None, False)["params"]
@@ -111,20 +155,57 @@ class LDMTask:
         z = first_stage.encode(self.fs, fs_variables, images, rng, self.config.first_stage.sample_posterior)
         return jax.lax.stop_gradient(z) * scale_factor
 
+    def z0(self, batch: dict, rng: jax.Array, fs_variables: dict, scale_factor: jax.Array) -> jax.Array:
+        """Scaled latents [B,h,w,c] of a batch: encoded images, or a posterior sample (mode without
+        sample_posterior) of precomputed moments [B,h,w,2c] with the same rng use as on-the-fly encoding, or
+        precomputed VQ latents."""
+        if self.source_key == "image":
+            return self.latents(fs_variables, batch["image"], rng, scale_factor)
+        if self.source_key == "moments":
+            posterior = DiagonalGaussian.from_moments(batch["moments"])
+            z = posterior.sample(rng) if self.config.first_stage.sample_posterior else posterior.mode()
+        else:
+            z = batch["latents"].astype(jnp.float32)
+        return jax.lax.stop_gradient(z) * scale_factor
+
+    def concat_input(self, batch: dict, rng: jax.Array, fs_variables: dict, scale_factor: jax.Array) -> jax.Array:
+        """The concat condition [B,h,w,k] of a batch (inpaint: random masks from rng; sr: the batch's 'low_res' if
+        present, else the bicubic ↓sr_factor of its images)."""
+        images = batch["image"]
+        common_args = dict(fs=self.fs, fs_variables=fs_variables, scale_factor=scale_factor)
+        if self.concat == "inpaint":
+            b, h, w, _ = images.shape
+            mask = conditioning.random_masks(rng, b, h, w)
+            return conditioning.make_concat(
+                "inpaint", **common_args, latent_hw=self.latent_shape[:2], image=images, mask=mask
+            )
+        low_res = batch.get("low_res")  # a batch field, not a config default: precomputed inputs when given
+        if low_res is None:
+            low_res = conditioning.low_res_from_image(images, self.config.conditioning.sr_factor)
+        return conditioning.make_concat("sr", **common_args, latent_hw=self.latent_shape[:2], low_res=low_res)
+
     def grads(self, params: dict, batch: dict, rng: jax.Array, fs_variables: dict, scale_factor: jax.Array) -> tuple:
         """Gradient of L_LDM on one (micro-)batch -> (grads, metrics)."""
         diffusion = self.config.diffusion
         k_enc, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
-        z0 = self.latents(fs_variables, batch["image"], k_enc, scale_factor)
-        cond = diffusion_losses.drop_condition(k_drop, batch[self.cond_key], self.null_cond, diffusion.p_uncond)
+        z0 = self.z0(batch, k_enc, fs_variables, scale_factor)
+        if self.cond_key is None:
+            cond = jnp.zeros((z0.shape[0],), jnp.int32)  # dummy labels of kind 'none' (no context, no dropout)
+        else:
+            cond = diffusion_losses.drop_condition(k_drop, batch[self.cond_key], self.null_cond, diffusion.p_uncond)
         t = diffusion_losses.sample_timesteps(k_t, z0.shape[0], self.schedule.num_timesteps)
         noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
         z_t = q_sample(self.schedule, z0, t, noise)
+        if self.concat != "none":
+            k_concat = jax.random.fold_in(rng, 5)  # not a split: the other keys stay those of unconditioned runs
+            z_in = jnp.concatenate([z_t, self.concat_input(batch, k_concat, fs_variables, scale_factor)], axis=-1)
+        else:
+            z_in = z_t
         gamma = diffusion.min_snr_gamma if diffusion.min_snr_gamma > 0 else None
 
         def loss_fn(p: dict) -> tuple[jax.Array, jax.Array]:
             context = self.cond_encoder.apply({"params": p["cond"]}, cond)
-            out = self.unet.apply({"params": p["unet"]}, z_t, t, context, None, True, rngs={"dropout": k_dropout})
+            out = self.unet.apply({"params": p["unet"]}, z_in, t, context, None, True, rngs={"dropout": k_dropout})
             loss, per_example = diffusion_losses.diffusion_loss(
                 self.schedule, diffusion.parameterization, out, z0, noise, t, gamma
             )
@@ -206,14 +287,25 @@ def prepare_first_stage(config: ml_collections.ConfigDict, workdir: str) -> firs
     return fs
 
 
-def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, captions: list[str] | None = None) -> Any:
     """The run's tokenizer, saved in workdir/tokenizer (first run: a named/local HF tokenizer, or WordPiece trained on
-    the training captions — the offline default), so sampling later uses exactly the same vocabulary."""
+    the training captions — the offline default), so sampling later uses exactly the same vocabulary.
+
+    captions: the training captions when they do not come from config.data (precomputed latents' captions.jsonl);
+    the WordPiece vocabulary is then built from their first data.tokenizer_corpus_examples.
+    """
+    from latentdiff.data import tokenizer as tokenizer_lib
     from latentdiff.data.pipeline import make_tokenizer
 
     local = os.path.join(workdir, "tokenizer")
     save_dir = local if jax.process_index() == 0 or os.path.isdir(local) else ""
-    tok = make_tokenizer(config.tokenizer, config.data, save_dir=save_dir)
+    if captions is None or (save_dir and tokenizer_lib.is_tokenizer_dir(save_dir)) or config.tokenizer.name_or_path:
+        tok = make_tokenizer(config.tokenizer, config.data, save_dir=save_dir)
+    else:
+        corpus = captions[: config.data.tokenizer_corpus_examples]
+        tok = tokenizer_lib.train_wordpiece(corpus, config.tokenizer.vocab_size, config.tokenizer.max_length)
+        if save_dir:
+            tok.save(save_dir)
     if tok.vocab_size > config.text_encoder.vocab_size:
         raise ValueError(
             f"tokenizer has {tok.vocab_size} tokens but text_encoder.vocab_size is {config.text_encoder.vocab_size}; "
@@ -223,7 +315,10 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 
 def null_condition(config: ml_collections.ConfigDict, tokenizer: Any) -> np.ndarray:
-    """The unconditional input: tokens of the empty caption "" [L], or the null class label (a scalar)."""
+    """The unconditional input: tokens of the empty caption "" [L], the null class label (a scalar), or the dummy
+    label 0 of kind 'none'."""
+    if config.text_encoder.kind == "none":
+        return np.zeros((), np.int32)
     if config.text_encoder.kind == "class":
         return np.asarray(null_label(config.text_encoder), np.int32)
     return np.asarray(tokenizer.encode([""])[0], np.int32)
@@ -241,8 +336,25 @@ def first_batch_scale_factor(
     return float(1.0 / jnp.std(z))
 
 
+def check_latents_meta(meta: dict, fs: first_stage.FirstStage, config: ml_collections.ConfigDict) -> None:
+    """One-line ValueError unless precomputed latents (meta.json) come from a first stage like first_stage.workdir's
+    (kind, embed_dim and latent shape at data.resolution)."""
+    expected = list(fs.latent_shape(config.data.resolution))
+    got = (meta["kind"], int(meta["embed_dim"]), list(meta["latent_shape"]))
+    if got != (fs.config.kind, int(fs.config.embed_dim), expected):
+        raise ValueError(
+            f"first_stage.latents={latents_dir(config)!r} holds {got[0]} latents {got[2]} (embed_dim {got[1]}) but "
+            f"first_stage.workdir gives {fs.config.kind} latents {expected} (embed_dim {fs.config.embed_dim}) at "
+            f"data.resolution={config.data.resolution}; re-encode with python -m latentdiff.encode --workdir "
+            f"{config.first_stage.workdir} --out DIR"
+        )
+    if config.text_encoder.kind == "class" and not os.path.isfile(os.path.join(latents_dir(config), "labels.npy")):
+        raise ValueError(f"text_encoder.kind='class' needs labels, but {latents_dir(config)!r} has no labels.npy")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMState:
     """Trains stage 2; writes checkpoints, metrics, sample grids to `workdir` (resumes if it holds a checkpoint)."""
+    from latentdiff.data import latents as latent_data
     from latentdiff.data import pipeline as data_pipeline
 
     parallel.init_distributed(
@@ -251,15 +363,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
     check_config(config)
     mesh = parallel.make_mesh(dict(config.mesh))
     fs = prepare_first_stage(config, workdir)
-    tokenizer = prepare_tokenizer(config, workdir) if config.text_encoder.kind == "bert" else None
+    latents = latents_dir(config)
+    meta = latent_data.read_meta(latents) if latents else None
+    if meta is not None:
+        check_latents_meta(meta, fs, config)
+    if config.text_encoder.kind == "bert":
+        captions = latent_data.open_arrays(latents)[2] if latents else None
+        tokenizer = prepare_tokenizer(config, workdir, captions)
+    else:
+        tokenizer = None
     null_cond = null_condition(config, tokenizer)
+    global_batch = config.batch_size * config.grad_accum_steps
 
     def make_iter() -> Any:
+        if latents:
+            return latent_data.LatentIterator(
+                latents,
+                global_batch_size=global_batch,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                seed=config.seed,
+                shuffle=True,
+                tokenizer=tokenizer,
+            )
         return data_pipeline.make_dataset(
             config.data,
             split=config.data.train_split,
             tokenizer=tokenizer,
-            global_batch_size=config.batch_size * config.grad_accum_steps,
+            global_batch_size=global_batch,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             seed=config.seed,
@@ -267,7 +398,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
         )
 
     scale_factor = config.first_stage.scale_factor
-    if scale_factor <= 0:
+    if scale_factor <= 0 and meta is not None:
+        scale_factor = float(meta["scale_factor"])
+        log.info("latent scale factor from %s/meta.json: %.5f", latents, scale_factor)
+    elif scale_factor <= 0:
         scale_factor = first_batch_scale_factor(
             fs, next(iter(make_iter())), mesh, config.first_stage.sample_posterior, config.seed
         )
@@ -278,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
     loop_task = loop.Task(
         init_state=task.init_state,
         step_for=lambda step: task.train_step,
-        batch_keys=("image", task.cond_key),
+        batch_keys=task.batch_keys,
         constants=fs_variables,
         write_images=write_images,
     )
@@ -288,7 +422,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
 def make_image_writer(
     config: ml_collections.ConfigDict, task: LDMTask, tokenizer: Any, fs_variables: dict, mesh: jax.sharding.Mesh
 ) -> Any:
-    """Periodic sample grids (EMA params, the config's sampler and prompts/classes) -> workdir/images/*.png."""
+    """Periodic sample grids (EMA params, the config's sampler and prompts/classes) -> workdir/images/*.png.
+
+    None (no grids) for concat-conditioned models: their samples need concat inputs, which sampling.make_generate
+    does not take.
+    """
+    if task.concat != "none":
+        log.info("no sample grids during training for conditioning.concat=%r", task.concat)
+        return None
     s = config.sampling
     generate = jax.jit(
         sampling.make_generate(
@@ -305,6 +446,9 @@ def make_image_writer(
         labels = [int(p) for p in s.prompts]
         cond = np.asarray(labels, np.int32)
         captions = [f"class {c}" for c in labels]
+    elif config.text_encoder.kind == "none":
+        cond = np.zeros((len(s.prompts),), np.int32)
+        captions = ["" for _ in s.prompts]
     else:
         captions = list(s.prompts)
         cond = tokenizer.encode(captions)

@@ -1,0 +1,77 @@
+"""The embedded default: the shipped demo model (demo/) generates what its captions say, and the recipe that
+produced it (`make demo-train`) runs end to end at toy length."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from latentdiff import demo
+from latentdiff.data import shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(REPO, "demo")
+
+
+def test_shipped_demo_model_follows_caption_colour_and_size():
+    """64 fixed-seed samples of the shipped model, graded from pixels. Colour and size meet issue 8's targets; position
+    does not yet (the model ignores position words: ~0.1 = chance; see README "The demo"), so it is not asserted."""
+    from latentdiff.pipeline import Pipeline
+
+    assert os.path.isfile(os.path.join(SHIPPED, "config.json")), (
+        "demo/ holds no model: the repository must ship the model that `make demo-train` produced"
+    )
+    pipe = Pipeline.from_workdir(SHIPPED)
+    s = pipe.config.sampling
+    _, captions = shapes.make_examples(64, pipe.resolution, "validation", 4321)
+    images = pipe(list(captions), sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=4321, batch_size=64)
+    assert images.shape == (64, pipe.resolution, pipe.resolution, 3)
+    grades = shapes.grade(images, captions)
+    assert grades["num_parsed"] == 64
+    assert grades["colour"] >= 0.95, grades
+    assert grades["size"] >= 0.90, grades
+    report = json.load(open(os.path.join(SHIPPED, "training_report.json")))
+    assert report["command"] == "make demo-train" and report["overrides"] == []
+
+
+def test_demo_recipe_runs_end_to_end_at_toy_length(tmp_path):
+    data = [
+        "data.shapes_num_train=64",
+        "data.shapes_num_validation=32",
+        "data.shapes_num_novel=32",
+        f"data.data_dir={tmp_path / 'tfds'}",
+        "data.tokenizer_corpus_examples=64",
+        "batch_size=8",
+        "num_train_steps=3",
+        "checkpoint_every=3",
+        "image_every=3",
+        "log_every=1",
+    ]
+    overrides = [f"ae.{o}" for o in [*data, "eval_every=3", "num_eval_batches=1"]]
+    overrides += [f"ldm.{o}" for o in [*data, "sampling.steps=3"]]
+    workdir, demo_dir = tmp_path / "work", tmp_path / "demo"
+    report = demo.train(str(workdir), str(demo_dir), overrides, num=8)
+    assert set(report["wall_seconds"]) == {"autoencoder", "ldm"}
+    for key in ("seen@3", "seen@1", "novel@3", "novel@1"):
+        assert 0.0 <= report["alignment"][key]["colour"] <= 1.0
+        assert report["alignment"][key]["num_images"] == 8
+    shipped = json.load(open(demo_dir / "training_report.json"))
+    assert shipped["overrides"] == overrides and shipped["images_per_cell"] == 8
+    for path in ("config.json", "params/ema.safetensors", "first_stage/params.safetensors", "tokenizer"):
+        assert (demo_dir / path).exists(), path
+    # `make demo` on what was shipped: grid + report through the same pipeline as sample.py.
+    run_report = demo.run(str(demo_dir), str(tmp_path / "out"), num=8)
+    assert (tmp_path / "out" / "grid.png").stat().st_size > 0
+    assert json.load(open(tmp_path / "out" / "report.json"))["images_per_cell"] == 8
+    assert np.isfinite(run_report["seen@3"]["colour"])
+    # Re-running resumes: both stages are already at their last step, so no training step runs again.
+    metrics = [workdir / stage / "metrics.jsonl" for stage in ("autoencoder", "ldm")]
+    before = [p.read_text() for p in metrics]
+    demo.train(str(workdir), str(demo_dir), overrides, num=8)
+    assert [p.read_text() for p in metrics] == before
+
+
+def test_demo_without_a_model_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `make demo-train`"):
+        demo.run(str(tmp_path / "nothing"), str(tmp_path / "out"), num=8)
