@@ -18,7 +18,14 @@ from ml_collections import config_dict
 
 from latentdiff.config_utils import check_variant
 from latentdiff.data.pipeline import default_data_config
-from latentdiff.train.config_blocks import run_block
+from latentdiff.train.config_blocks import (
+    adamw_block,
+    diffusion_block,
+    run_block,
+    text_encoder_block,
+    tokenizer_block,
+    unet_block,
+)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -44,67 +51,47 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.conditioning = ml_collections.ConfigDict(dict(concat="none"))
     width = 512 if paper else 64
     num_classes = 1000 if paper else 24
-    config.unet = ml_collections.ConfigDict(
-        dict(
-            in_channels=3,
-            out_channels=3,
-            model_channels=192 if paper else 32,
-            channel_mult=(1, 2, 3, 5) if paper else (1, 2),
-            num_res_blocks=2 if paper else 1,
-            attention_resolutions=(8, 4, 2) if paper else (2, 1),
-            num_heads=-1,
-            num_head_channels=32 if paper else 16,
-            transformer_depth=1,
-            context_dim=width,
-            num_classes=0,  # the class enters through cross-attention (ClassEmbedder), as in cin256-v2
-            dropout=0.0,
-            use_linear_proj=False,
-            dtype="bfloat16" if paper else "float32",
-            remat=paper,
-            attention_impl="xla",
-        )
+    config.unet = unet_block(
+        in_channels=3,
+        out_channels=3,
+        model_channels=192 if paper else 32,
+        channel_mult=(1, 2, 3, 5) if paper else (1, 2),
+        num_res_blocks=2 if paper else 1,
+        attention_resolutions=(8, 4, 2) if paper else (2, 1),
+        num_heads=-1,
+        num_head_channels=32 if paper else 16,
+        context_dim=width,
+        dtype="bfloat16" if paper else "float32",
+        remat=paper,
     )
-    config.text_encoder = ml_collections.ConfigDict(
-        dict(
-            kind="class",
-            vocab_size=0,
-            max_length=0,
-            width=width,
-            depth=0,
-            num_heads=0,
-            head_dim=0,
-            mlp_ratio=0,
-            num_classes=num_classes,
-            dtype="float32",
-            remat=False,
-        )
+    config.text_encoder = text_encoder_block(
+        kind="class",
+        vocab_size=0,
+        max_length=0,
+        width=width,
+        depth=0,
+        num_heads=0,
+        head_dim=0,
+        mlp_ratio=0,
+        num_classes=num_classes,
+        dtype="float32",
+        remat=False,
     )
-    config.tokenizer = ml_collections.ConfigDict(dict(name_or_path="", vocab_size=0, max_length=0))
-    config.diffusion = ml_collections.ConfigDict(
-        dict(
-            schedule="linear",
-            timesteps=1000,
-            linear_start=0.0015 if paper else 0.00085,
-            linear_end=0.0195 if paper else 0.012,
-            parameterization="eps",
-            min_snr_gamma=0.0,
-            p_uncond=0.1,  # label dropout to the null class for classifier-free guidance
-            loss_buckets=4,
-        )
+    config.tokenizer = tokenizer_block(name_or_path="", vocab_size=0, max_length=0)
+    config.diffusion = diffusion_block(
+        schedule="linear",
+        timesteps=1000,
+        linear_start=0.0015 if paper else 0.00085,
+        linear_end=0.0195 if paper else 0.012,
+        parameterization="eps",
+        p_uncond=0.1,  # label dropout to the null class for classifier-free guidance
     )
-    config.optim = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=1e-4 if paper else 1e-3,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            warmup_steps=10_000 if paper else 100,
-            schedule="constant" if paper else "cosine",
-            grad_clip=1.0,
-            flatten=not paper,
-        )
+    config.optim = adamw_block(
+        lr=1e-4 if paper else 1e-3,
+        weight_decay=0.0,
+        warmup_steps=10_000 if paper else 100,
+        schedule="constant" if paper else "cosine",
+        flatten=not paper,
     )
     config.ema = ml_collections.ConfigDict(dict(decay=0.9999 if paper else 0.999, warmup=True))
     config.sampling = ml_collections.ConfigDict(

@@ -24,7 +24,14 @@ from ml_collections import config_dict
 
 from latentdiff.config_utils import check_variant
 from latentdiff.data.pipeline import default_data_config
-from latentdiff.train.config_blocks import run_block
+from latentdiff.train.config_blocks import (
+    adamw_block,
+    diffusion_block,
+    run_block,
+    text_encoder_block,
+    tokenizer_block,
+    unet_block,
+)
 
 SHAPES_PROMPTS = (
     "a red circle at the top left",
@@ -68,69 +75,51 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         )
     )
     config.conditioning = ml_collections.ConfigDict(dict(concat="inpaint"))
-    config.unet = ml_collections.ConfigDict(
-        dict(
-            in_channels=2 * v["latent_ch"] + 1,  # z_t + masked-image latent + mask
-            out_channels=v["latent_ch"],
-            model_channels=v["mc"],
-            channel_mult=v["mult"],
-            num_res_blocks=v["nrb"],
-            attention_resolutions=v["attn"],
-            num_heads=v["heads"],
-            num_head_channels=-1,
-            transformer_depth=1,
-            context_dim=v["width"],  # 0 (paper): no cross-attention
-            num_classes=0,
-            dropout=0.0,
-            use_linear_proj=False,
-            dtype="bfloat16" if paper else "float32",
-            remat=paper,
-            attention_impl="xla",
-        )
+    config.unet = unet_block(
+        in_channels=2 * v["latent_ch"] + 1,  # z_t + masked-image latent + mask
+        out_channels=v["latent_ch"],
+        model_channels=v["mc"],
+        channel_mult=v["mult"],
+        num_res_blocks=v["nrb"],
+        attention_resolutions=v["attn"],
+        num_heads=v["heads"],
+        num_head_channels=-1,
+        context_dim=v["width"],  # 0 (paper): no cross-attention
+        dtype="bfloat16" if paper else "float32",
+        remat=paper,
     )
-    config.text_encoder = ml_collections.ConfigDict(
-        dict(
-            kind="none" if paper else "bert",
-            vocab_size=v["vocab"],
-            max_length=v["length"],
-            width=v["width"],
-            depth=v["depth"],
-            num_heads=v["theads"],
-            head_dim=v["hdim"],
-            mlp_ratio=0 if paper else 4,
-            num_classes=0,
-            dtype="float32",
-            remat=False,
-        )
+    config.text_encoder = text_encoder_block(
+        kind="none" if paper else "bert",
+        vocab_size=v["vocab"],
+        max_length=v["length"],
+        width=v["width"],
+        depth=v["depth"],
+        num_heads=v["theads"],
+        head_dim=v["hdim"],
+        mlp_ratio=0 if paper else 4,
+        num_classes=0,
+        dtype="float32",
+        remat=False,
     )
-    config.tokenizer = ml_collections.ConfigDict(
-        dict(name_or_path="", vocab_size=v["vocab"], max_length=v["length"])  # '' = WordPiece from the captions
+    config.tokenizer = tokenizer_block(
+        name_or_path="",
+        vocab_size=v["vocab"],
+        max_length=v["length"],  # '' = WordPiece from the captions
     )
-    config.diffusion = ml_collections.ConfigDict(
-        dict(
-            schedule="linear",
-            timesteps=1000,
-            linear_start=v["start"],
-            linear_end=v["end"],
-            parameterization="eps",
-            min_snr_gamma=0.0,
-            p_uncond=0.0 if paper else 0.1,  # caption dropout (the concat input is never dropped)
-            loss_buckets=4,
-        )
+    config.diffusion = diffusion_block(
+        schedule="linear",
+        timesteps=1000,
+        linear_start=v["start"],
+        linear_end=v["end"],
+        parameterization="eps",
+        p_uncond=0.0 if paper else 0.1,  # caption dropout (the concat input is never dropped)
     )
-    config.optim = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=v["lr"],
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0 if paper else 0.01,
-            warmup_steps=v["warmup"],
-            schedule="constant" if paper else "cosine",
-            grad_clip=1.0,
-            flatten=not paper,
-        )
+    config.optim = adamw_block(
+        lr=v["lr"],
+        weight_decay=0.0 if paper else 0.01,
+        warmup_steps=v["warmup"],
+        schedule="constant" if paper else "cosine",
+        flatten=not paper,
     )
     config.ema = ml_collections.ConfigDict(dict(decay=v["ema"], warmup=True))
     config.sampling = ml_collections.ConfigDict(

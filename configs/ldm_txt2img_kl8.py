@@ -21,7 +21,14 @@ from ml_collections import config_dict
 
 from latentdiff.config_utils import check_variant
 from latentdiff.data.pipeline import default_data_config
-from latentdiff.train.config_blocks import run_block
+from latentdiff.train.config_blocks import (
+    adamw_block,
+    diffusion_block,
+    run_block,
+    text_encoder_block,
+    tokenizer_block,
+    unet_block,
+)
 
 SHAPES_PROMPTS = (
     "a red circle at the top left",
@@ -68,73 +75,51 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     # concat conditioning (latentdiff/conditioning.py): none / inpaint / sr (configs/ldm_inpaint.py, ldm_sr4.py)
     config.conditioning = ml_collections.ConfigDict(dict(concat="none"))
-    config.unet = ml_collections.ConfigDict(
-        dict(
-            in_channels=4,
-            out_channels=4,
-            model_channels=v["mc"],
-            channel_mult=v["mult"],
-            num_res_blocks=v["nrb"],
-            attention_resolutions=v["attn"],
-            num_heads=v["heads"],
-            num_head_channels=-1,
-            transformer_depth=1,
-            context_dim=v["width"],
-            num_classes=0,
-            dropout=0.0,
-            use_linear_proj=False,
-            dtype="bfloat16" if paper else "float32",
-            remat=paper,
-            attention_impl="xla",
-        )
+    config.unet = unet_block(
+        in_channels=4,
+        out_channels=4,
+        model_channels=v["mc"],
+        channel_mult=v["mult"],
+        num_res_blocks=v["nrb"],
+        attention_resolutions=v["attn"],
+        num_heads=v["heads"],
+        num_head_channels=-1,
+        context_dim=v["width"],
+        dtype="bfloat16" if paper else "float32",
+        remat=paper,
     )
-    config.text_encoder = ml_collections.ConfigDict(
-        dict(
-            kind="bert",
-            vocab_size=v["vocab"],
-            max_length=v["length"],
-            width=v["width"],
-            depth=v["depth"],
-            num_heads=v["theads"],
-            head_dim=v["hdim"],
-            mlp_ratio=4,
-            num_classes=0,
-            dtype="bfloat16" if paper else "float32",
-            remat=paper,
-        )
+    config.text_encoder = text_encoder_block(
+        kind="bert",
+        vocab_size=v["vocab"],
+        max_length=v["length"],
+        width=v["width"],
+        depth=v["depth"],
+        num_heads=v["theads"],
+        head_dim=v["hdim"],
+        mlp_ratio=4,
+        num_classes=0,
+        dtype="bfloat16" if paper else "float32",
+        remat=paper,
     )
-    config.tokenizer = ml_collections.ConfigDict(
-        dict(
-            name_or_path="bert-base-uncased" if paper else "",  # '' = WordPiece built from the training captions
-            vocab_size=v["vocab"],
-            max_length=v["length"],
-        )
+    config.tokenizer = tokenizer_block(
+        name_or_path="bert-base-uncased" if paper else "",  # '' = WordPiece built from the training captions
+        vocab_size=v["vocab"],
+        max_length=v["length"],
     )
-    config.diffusion = ml_collections.ConfigDict(
-        dict(
-            schedule="linear",
-            timesteps=1000,
-            linear_start=0.00085,
-            linear_end=0.012,
-            parameterization="eps",
-            min_snr_gamma=0.0,  # > 0 enables min-SNR-γ weighting
-            p_uncond=0.1,  # caption dropout for classifier-free guidance
-            loss_buckets=4,  # loss logged per timestep bucket
-        )
+    config.diffusion = diffusion_block(
+        schedule="linear",
+        timesteps=1000,
+        linear_start=0.00085,
+        linear_end=0.012,
+        parameterization="eps",
+        p_uncond=0.1,  # caption dropout for classifier-free guidance
     )
-    config.optim = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=v["lr"],
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            warmup_steps=v["warmup"],
-            schedule="constant" if paper else "cosine",
-            grad_clip=1.0,
-            flatten=not paper,  # one flat optimizer vector: faster CPU compiles; off where FSDP shards params
-        )
+    config.optim = adamw_block(
+        lr=v["lr"],
+        weight_decay=0.01,
+        warmup_steps=v["warmup"],
+        schedule="constant" if paper else "cosine",
+        flatten=not paper,  # one flat optimizer vector: faster CPU compiles; off where FSDP shards params
     )
     config.ema = ml_collections.ConfigDict(dict(decay=v["ema"], warmup=True))
     config.sampling = ml_collections.ConfigDict(

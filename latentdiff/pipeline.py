@@ -233,6 +233,7 @@ class Pipeline:
         mask: np.ndarray | None = None,
         low_res: np.ndarray | None = None,
         blend: bool | None = None,
+        keep_unmasked: bool | None = None,
     ) -> np.ndarray:
         """Generates one image per prompt -> [N, H, W, 3]: uint8 (output 'uint8'), float32 in [0, 1] ('float',
         diffusers' output_type 'np'), or the final latents [N, h, w, c] ('latent', scaled as the UNet sees them).
@@ -247,6 +248,9 @@ class Pipeline:
           mask [H, W] or [H, W, 1], 1 (or 255, True) = repaint, 0 = keep; with init_image (strength defaults to 1).
             blend (default: True unless the model is a concat 'inpaint' model) replaces the kept latents at every
             step (RePaint); latents whose f×f cell holds any repainted pixel are regenerated.
+            keep_unmasked (default: True with a mask) composites the decoded image with init_image by the mask,
+            mask·generated + (1 − mask)·init_image, so kept pixels are the input's exactly: the decoder's GroupNorm
+            and attention would otherwise shift them by up to the autoencoder's error (more for large masks).
           low_res [H/k, W/k, 3] (k = config.conditioning.sr_factor; uint8 or [-1, 1]) for super-resolution ('sr')
             models; the output is k times larger.
         """
@@ -257,6 +261,10 @@ class Pipeline:
             raise ValueError("no prompts given")
         n = len(prompts)
         strength, blend, inputs = self.modification_inputs(n, init_image, strength, mask, low_res, blend)
+        if keep_unmasked and mask is None:
+            raise ValueError("keep_unmasked needs a mask (the region to repaint; the rest is kept)")
+        keep = (mask is not None) if keep_unmasked is None else bool(keep_unmasked)
+        composite = (inputs["image"], inputs["mask"]) if keep and output != "latent" else None
         start_step = sampling.start_for_strength(sampler, self.schedule, steps, strength)[0]
         if start_step == 0 and not blend and self.concat != "inpaint":
             inputs.pop("image", None)  # nothing uses the image: plain text-to-image from x_T
@@ -295,10 +303,18 @@ class Pipeline:
                 out.append(np.asarray(jax.device_get(latents))[: stop - start].astype(np.float32))
             else:
                 images = np.asarray(jax.device_get(images))[: stop - start]
+                if composite is not None:
+                    images = keep_unmasked_pixels(images, *(c[start:stop] for c in composite))
                 out.append(to_uint8(images) if output == "uint8" else (images.astype(np.float32) + 1.0) / 2.0)
             if progress is not None:
                 progress(stop - start)
         return np.concatenate(out, axis=0)
+
+
+def keep_unmasked_pixels(generated: np.ndarray, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """generated, image [N, H, W, 3] in [-1, 1], mask [N, H, W, 1] in [0, 1] (1 = repaint) ->
+    mask·generated + (1 − mask)·image: the kept region is the input image itself."""
+    return (mask * generated + (1.0 - mask) * image).astype(generated.dtype)
 
 
 def _has_checkpoints(workdir: str) -> bool:

@@ -55,6 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="replace the kept region's latents at every step (default: on, except for concat inpainting models)",
     )
+    parser.add_argument(
+        "--keep_unmasked",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="paste --init_image back outside the mask, so kept pixels are exactly the input's (default: on)",
+    )
     parser.add_argument("--low_res", default="", help="low-resolution input of a super-resolution model")
     parser.add_argument("--resize", action="store_true", help="resize inputs to the model's sizes (bicubic)")
     return parser.parse_args(argv)
@@ -89,6 +95,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--mask needs --init_image IMG (the image whose white mask region is repainted)")
     if args.blend is not None and not args.mask:
         raise ValueError("--blend/--no-blend need --mask")
+    if args.keep_unmasked is not None and not args.mask:
+        raise ValueError("--keep_unmasked/--no-keep_unmasked need --mask")
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 0:
@@ -186,6 +194,7 @@ def run(args: argparse.Namespace) -> list[str]:
         progress=bar.update,
         strength=args.strength,
         blend=args.blend,
+        keep_unmasked=args.keep_unmasked,
         **inputs,
     )
     elapsed = time.perf_counter() - start
@@ -214,6 +223,7 @@ def run(args: argparse.Namespace) -> list[str]:
             text["strength"] = str(1.0 if args.strength is None else args.strength)
         if args.mask:
             text["blend"] = str(pipe.concat != "inpaint" if args.blend is None else args.blend)
+            text["keep_unmasked"] = str(args.keep_unmasked is None or args.keep_unmasked)
         if args.resize:
             text["resize"] = "True"
         save_png(image, path, text)

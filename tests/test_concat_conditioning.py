@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from tiny_workdirs import shrink_data, train_tiny_kl_f4
 
 from latentdiff import conditioning, first_stage
 from latentdiff.config_utils import load_config
@@ -141,29 +142,10 @@ def test_check_config_requires_the_concat_input_channels():
         check_config(sr)
 
 
-def shrink_data(config, data_dir):
-    config.data.data_dir = str(data_dir)
-    config.data.resolution = 16
-    config.data.shapes_num_train = 64
-    config.data.shapes_num_validation = 16
-    config.data.shapes_num_novel = 16
-    config.progress_bar = False
-
-
 @pytest.fixture(scope="module")
 def ae_workdir(tmp_path_factory):
-    from latentdiff.train import train_and_evaluate
-
     root = tmp_path_factory.mktemp("concat")
-    ae = load_config(os.path.join(ROOT, "configs/autoencoder_kl_f4.py:tiny"))
-    shrink_data(ae, root / "tfds")
-    ae.autoencoder.resolution = 16
-    ae.autoencoder.ch = 32
-    ae.batch_size = 8
-    ae.num_train_steps = 1
-    ae.log_every = ae.checkpoint_every = 1
-    ae.eval_every = ae.image_every = 10**9
-    train_and_evaluate(ae, str(root / "ae"))
+    train_tiny_kl_f4(root / "ae", root / "tfds", steps=1, num_validation=16)
     return root
 
 
@@ -172,7 +154,7 @@ def test_three_training_steps_of_the_tiny_config(ae_workdir, spec):
     from latentdiff.train import train_and_evaluate
 
     config = load_config(os.path.join(ROOT, spec))
-    shrink_data(config, ae_workdir / "tfds")
+    shrink_data(config, ae_workdir / "tfds", num_train=64, num_validation=16, num_novel=16)
     config.first_stage.workdir = str(ae_workdir / "ae")
     config.unet.model_channels = 32
     config.unet.channel_mult = (1,)

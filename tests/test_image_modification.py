@@ -231,7 +231,7 @@ def test_mask_blend_keeps_the_unmasked_region(pipe, images, strength):
     z = run(pipe, output="latent", init_image=images, mask=mask, strength=strength)
     np.testing.assert_allclose(z[:, keep], z0[:, keep], rtol=0, atol=Z_ATOL * np.abs(z0).max())
     assert np.abs(z[:, ~keep] - z0[:, ~keep]).mean() > 0.1  # the masked region was regenerated
-    out = run(pipe, output="float", init_image=images, mask=mask, strength=strength) * 2 - 1
+    out = run(pipe, output="float", init_image=images, mask=mask, strength=strength, keep_unmasked=False) * 2 - 1
     decode = jax.jit(lambda v, z: first_stage.decode(pipe.fs, v, z))
     decoded = np.asarray(decode(pipe.fs.variables, jnp.asarray(z) / pipe.scale_factor))
     np.testing.assert_allclose(out, decoded, atol=1e-4)  # the pixels are D(z) of those latents
@@ -242,6 +242,12 @@ def test_mask_blend_keeps_the_unmasked_region(pipe, images, strength):
     # self-attention span the whole 8x8 latent), measured 0.6-0.75 of the change inside the mask. The trained demo
     # decoder is measured by bench/inpaint_colour.py (test_demo_inpainting_repaints_shapes_in_the_prompted_colour).
     assert outside < inside, (outside, inside)
+    # By default the input is pasted back outside the mask: kept pixels are the input's exactly, repainted ones D(z).
+    pasted = run(pipe, output="float", init_image=images, mask=mask, strength=strength) * 2 - 1
+    px_mask = mask.astype(bool)
+    image_f = images.astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_allclose(pasted[:, ~px_mask], np.broadcast_to(image_f, pasted.shape)[:, ~px_mask], atol=1e-6)
+    np.testing.assert_allclose(pasted[:, px_mask], out[:, px_mask], atol=1e-6)
 
 
 def test_mask_all_keep_returns_the_input_latents(pipe, images):
@@ -346,6 +352,7 @@ def test_mask_files_accepted(files):
         (["--init_image", "img.png", "--strength", "1.5"], "--strength must be in (0, 1]"),
         (["--strength", "0.5"], "--strength needs --init_image"),
         (["--mask", "mask.png"], "--mask needs --init_image"),
+        (["--init_image", "img.png", "--strength", "0.5", "--keep_unmasked"], "--no-keep_unmasked need --mask"),
         (["--init_image", "nothere.png", "--strength", "0.5"], "does not exist"),
         (["--init_image", "broken.png", "--strength", "0.5"], "is not a readable image"),
         (["--init_image", "img.png", "--mask", "broken.png"], "is not a readable image"),
@@ -397,7 +404,7 @@ def test_cli_inpainting_writes_pngs_with_metadata(pipe, files, monkeypatch, caps
     assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "grid.png"]
     png = Image.open(out / "00001.png")
     assert png.text["mask"] == str(files / "mask32.png") and png.text["strength"] == "0.5"
-    assert png.text["blend"] == "True" and png.text["resize"] == "True"
+    assert png.text["blend"] == "True" and png.text["resize"] == "True" and png.text["keep_unmasked"] == "True"
     image = resize_image(np.asarray(Image.open(files / "img32.png")), (RES, RES))
     mask = resize_mask(read_mask(str(files / "mask32.png"), "--mask"), (RES, RES))
     np.testing.assert_array_equal(mask, box_mask(4, 4, 12, 12))
@@ -428,3 +435,5 @@ def test_demo_inpainting_repaints_shapes_in_the_prompted_colour():
     # The kept latents are the input's; the trained decoder moves the kept pixels of the median image by less than
     # the autoencoder's own RMS error (a few images with large repainted boxes shift more: see the report).
     assert result["median_image_rms_change_kept"] < result["rms_reconstruction_error_all"], result
+    # What the pipeline returns by default (keep_unmasked) is the input itself outside the mask, for every image.
+    assert result["max_abs_change_kept_pixels_returned"] == 0, result

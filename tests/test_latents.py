@@ -10,26 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_workdirs import shrink_data, train_tiny_kl_f4
 
 from latentdiff.config_utils import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def shrink_data(config, data_dir):
-    config.data.data_dir = str(data_dir)
-    config.data.resolution = 16
-    config.data.shapes_num_train = 64
-    config.data.shapes_num_validation = 32
-    config.data.shapes_num_novel = 16
-    config.progress_bar = False
-
-
 def tiny_ldm_config(root, kind="class"):
     """ldm_cin256:tiny (class labels) or ldm_txt2img_kl8:tiny ('bert'), shrunk, on the KL-f4 stage 1 at root/ae."""
     spec = "configs/ldm_cin256.py:tiny" if kind == "class" else "configs/ldm_txt2img_kl8.py:tiny"
     c = load_config(os.path.join(ROOT, spec))
-    shrink_data(c, root / "tfds")
+    shrink_data(c, root / "tfds", num_train=64, num_validation=32, num_novel=16)
     c.first_stage.workdir = str(root / "ae")
     c.first_stage.sample_posterior = True
     c.unet.in_channels = c.unet.out_channels = 4
@@ -51,18 +43,9 @@ def tiny_ldm_config(root, kind="class"):
 def root(tmp_path_factory):
     """A KL-f4 stage-1 workdir (2 steps, 16 px) and its validation latents (32 images) in root/lat."""
     from latentdiff.encode import encode_split
-    from latentdiff.train import train_and_evaluate
 
     root = tmp_path_factory.mktemp("latents")
-    ae = load_config(os.path.join(ROOT, "configs/autoencoder_kl_f4.py:tiny"))
-    shrink_data(ae, root / "tfds")
-    ae.autoencoder.resolution = 16
-    ae.autoencoder.ch = 32
-    ae.batch_size = 8
-    ae.num_train_steps = 2
-    ae.log_every = ae.checkpoint_every = 2
-    ae.eval_every = ae.image_every = 10**9
-    train_and_evaluate(ae, str(root / "ae"))
+    train_tiny_kl_f4(root / "ae", root / "tfds", steps=2, num_validation=32)
     encode_split(str(root / "ae"), str(root / "lat"), "validation", 0, 8, 0)
     return root
 

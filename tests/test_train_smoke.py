@@ -8,19 +8,12 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_workdirs import shrink_data
 
 from latentdiff.config_utils import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def shrink_data(config, data_dir):
-    config.data.data_dir = str(data_dir)
-    config.data.resolution = 16
-    config.data.shapes_num_train = 128
-    config.data.shapes_num_validation = 32
-    config.data.shapes_num_novel = 32
-    config.progress_bar = False
+DATA = dict(num_train=128, num_validation=32, num_novel=32)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +23,7 @@ def workdirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("smoke")
     ae = load_config(os.path.join(ROOT, "configs/autoencoder_kl_f8.py:tiny"))
-    shrink_data(ae, root / "tfds")
+    shrink_data(ae, root / "tfds", **DATA)
     ae.autoencoder.resolution = 16
     ae.autoencoder.ch = 32
     ae.autoencoder.ch_mult = (1, 1)
@@ -43,7 +36,7 @@ def workdirs(tmp_path_factory):
     train_and_evaluate(ae, str(root / "ae"))
 
     ldm = load_config(os.path.join(ROOT, "configs/ldm_txt2img_kl8.py:tiny"))
-    shrink_data(ldm, root / "tfds")
+    shrink_data(ldm, root / "tfds", **DATA)
     ldm.first_stage.workdir = str(root / "ae")
     ldm.unet.model_channels = 32
     ldm.unet.channel_mult = (1,)

@@ -61,9 +61,9 @@ def stage2_config(
 ) -> ml_collections.ConfigDict:
     """A complete stage-2 config (every field configs/ldm_txt2img_kl8.py has) for a converted model."""
     from latentdiff.data.pipeline import default_data_config
-    from latentdiff.train.config_blocks import run_block
+    from latentdiff.train import config_blocks
 
-    config = run_block(batch_size=8, num_train_steps=0, seed=0)
+    config = config_blocks.run_block(batch_size=8, num_train_steps=0, seed=0)
     config.stage = "ldm"
     config.data = default_data_config()
     config.data.resolution = int(resolution)
@@ -74,23 +74,10 @@ def stage2_config(
     config.unet = ml_collections.ConfigDict(dict(unet))
     config.text_encoder = ml_collections.ConfigDict(dict(text_encoder))
     config.tokenizer = ml_collections.ConfigDict(dict(tokenizer))
-    config.diffusion = ml_collections.ConfigDict(
-        dict(**dict(diffusion), min_snr_gamma=0.0, p_uncond=0.1, loss_buckets=4)
-    )
-    config.optim = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=1e-5,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.01,
-            warmup_steps=0,
-            schedule="constant",
-            grad_clip=1.0,
-            flatten=False,
-        )
-    )
+    config.diffusion = config_blocks.diffusion_block(**dict(diffusion), p_uncond=0.1)
+    config.optim = config_blocks.adamw_block(
+        lr=1e-5, weight_decay=0.01, warmup_steps=0, schedule="constant", flatten=False
+    )  # for fine-tuning a converted model
     config.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
     config.sampling = ml_collections.ConfigDict(dict(sampling))
     config.log_every = 50
@@ -101,7 +88,7 @@ def stage2_config(
 
 
 def diffusion_block(kind: str, timesteps: int, linear_start: float, linear_end: float, parameterization: str) -> dict:
-    """The schedule fields of config.diffusion."""
+    """The schedule fields of config.diffusion (stage2_config adds the training fields via config_blocks)."""
     return dict(
         schedule=kind,
         timesteps=int(timesteps),

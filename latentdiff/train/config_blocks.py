@@ -47,3 +47,146 @@ def merge(*blocks: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for key, value in block.items():
             setattr(out, key, value)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- stage 2
+
+
+def unet_block(
+    *,
+    in_channels: int,
+    out_channels: int,
+    model_channels: int,
+    channel_mult: tuple[int, ...],
+    num_res_blocks: int,
+    attention_resolutions: tuple[int, ...],
+    num_heads: int,
+    num_head_channels: int,
+    context_dim: int,
+    dtype: str,
+    remat: bool,
+) -> ml_collections.ConfigDict:
+    """config.unet of the LDM configs (fields: latentdiff/nn/unet.py). Fixed here: one transformer block per
+    attention level, no label embedding (classes enter through cross-attention), no dropout, conv proj_in/out, XLA
+    attention (bench/ and the GPU docs switch to 'cudnn')."""
+    return ml_collections.ConfigDict(
+        dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            model_channels=model_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            transformer_depth=1,
+            context_dim=context_dim,
+            num_classes=0,
+            dropout=0.0,
+            use_linear_proj=False,
+            dtype=dtype,
+            remat=remat,
+            attention_impl="xla",
+        )
+    )
+
+
+def text_encoder_block(
+    *,
+    kind: str,
+    vocab_size: int,
+    max_length: int,
+    width: int,
+    depth: int,
+    num_heads: int,
+    head_dim: int,
+    mlp_ratio: int,
+    num_classes: int,
+    dtype: str,
+    remat: bool,
+) -> ml_collections.ConfigDict:
+    """config.text_encoder (fields: latentdiff/nn/text_encoder.py); kind 'none' takes every size as 0."""
+    return ml_collections.ConfigDict(
+        dict(
+            kind=kind,
+            vocab_size=vocab_size,
+            max_length=max_length,
+            width=width,
+            depth=depth,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            mlp_ratio=mlp_ratio,
+            num_classes=num_classes,
+            dtype=dtype,
+            remat=remat,
+        )
+    )
+
+
+def no_text_encoder_block() -> ml_collections.ConfigDict:
+    """config.text_encoder of a model without τ_θ (kind 'none': conditioned only through concatenated inputs)."""
+    return text_encoder_block(
+        kind="none",
+        vocab_size=0,
+        max_length=0,
+        width=0,
+        depth=0,
+        num_heads=0,
+        head_dim=0,
+        mlp_ratio=0,
+        num_classes=0,
+        dtype="float32",
+        remat=False,
+    )
+
+
+def tokenizer_block(*, name_or_path: str, vocab_size: int, max_length: int) -> ml_collections.ConfigDict:
+    """config.tokenizer: a HF name/path, or '' = WordPiece built from the training captions (0s: no tokenizer)."""
+    return ml_collections.ConfigDict(dict(name_or_path=name_or_path, vocab_size=vocab_size, max_length=max_length))
+
+
+def diffusion_block(
+    *,
+    schedule: str,
+    timesteps: int,
+    linear_start: float,
+    linear_end: float,
+    parameterization: str,
+    p_uncond: float,
+) -> ml_collections.ConfigDict:
+    """config.diffusion: the schedule, the parameterisation and the condition dropout p_uncond (for classifier-free
+    guidance; concat inputs are never dropped). Fixed here: uniform loss weights (min_snr_gamma 0 = off; > 0 enables
+    min-SNR-γ) and the loss logged in 4 timestep buckets."""
+    return ml_collections.ConfigDict(
+        dict(
+            schedule=schedule,
+            timesteps=timesteps,
+            linear_start=linear_start,
+            linear_end=linear_end,
+            parameterization=parameterization,
+            min_snr_gamma=0.0,
+            p_uncond=p_uncond,
+            loss_buckets=4,
+        )
+    )
+
+
+def adamw_block(
+    *, lr: float, weight_decay: float, warmup_steps: int, schedule: str, flatten: bool
+) -> ml_collections.ConfigDict:
+    """config.optim of stage 2: AdamW (β 0.9 / 0.999, eps 1e-8), global-norm clipping at 1. flatten: one flat
+    optimizer vector (faster CPU compiles; off where FSDP shards the params)."""
+    return ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=lr,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            grad_clip=1.0,
+            flatten=flatten,
+        )
+    )
