@@ -25,19 +25,13 @@ from ml_collections import config_dict
 from latentdiff.config_utils import check_variant
 from latentdiff.data.pipeline import default_data_config
 from latentdiff.train.config_blocks import (
+    SHAPES_PROMPTS,
     adamw_block,
     diffusion_block,
     run_block,
     text_encoder_block,
     tokenizer_block,
     unet_block,
-)
-
-SHAPES_PROMPTS = (
-    "a red circle at the top left",
-    "a small blue square in the centre",
-    "a large green triangle at the bottom right",
-    "a yellow circle on a white background",
 )
 
 #                      tiny       paper

@@ -22,25 +22,14 @@ from ml_collections import config_dict
 from latentdiff.config_utils import check_variant
 from latentdiff.data.pipeline import default_data_config
 from latentdiff.train.config_blocks import (
+    PAPER_TEXT_PROMPTS,
+    SHAPES_PROMPTS,
     adamw_block,
     diffusion_block,
     run_block,
     text_encoder_block,
     tokenizer_block,
     unet_block,
-)
-
-SHAPES_PROMPTS = (
-    "a red circle at the top left",
-    "a small blue square in the centre",
-    "a large green triangle at the bottom right",
-    "a yellow circle on a white background",
-)
-PAPER_PROMPTS = (
-    "a painting of a virus monster playing guitar",
-    "a street sign that reads latent diffusion",
-    "a zombie in the style of picasso",
-    "an oil painting of a latent space",
 )
 
 #                      tiny       demo       paper
@@ -128,7 +117,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             steps=250 if paper else 50,
             eta=0.0,
             guidance=v["guidance"],
-            prompts=PAPER_PROMPTS if paper else SHAPES_PROMPTS,
+            prompts=PAPER_TEXT_PROMPTS if paper else SHAPES_PROMPTS,
         )
     )
     config.log_every = 50 if paper else 25

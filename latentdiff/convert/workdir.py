@@ -30,6 +30,7 @@ import numpy as np
 
 from latentdiff import config_utils, first_stage, params_io
 from latentdiff.convert.common import ConversionError
+from latentdiff.train import config_blocks
 
 PARAMS_DIR = "params"
 EMA_FILE = "ema.safetensors"
@@ -61,7 +62,6 @@ def stage2_config(
 ) -> ml_collections.ConfigDict:
     """A complete stage-2 config (every field configs/ldm_txt2img_kl8.py has) for a converted model."""
     from latentdiff.data.pipeline import default_data_config
-    from latentdiff.train import config_blocks
 
     config = config_blocks.run_block(batch_size=8, num_train_steps=0, seed=0)
     config.stage = "ldm"
@@ -102,12 +102,7 @@ def sampling_block(prompts: tuple, guidance: float) -> dict:
     return dict(sampler="ddim", steps=50, eta=0.0, guidance=float(guidance), prompts=tuple(prompts))
 
 
-TEXT_PROMPTS = (
-    "a painting of a virus monster playing guitar",
-    "a street sign that reads latent diffusion",
-    "a zombie in the style of picasso",
-    "an oil painting of a latent space",
-)
+TEXT_PROMPTS = config_blocks.PAPER_TEXT_PROMPTS  # sample-grid prompts of converted text-to-image models
 
 
 def tokenizer_block(tokenizer: Any, name_or_path: str) -> dict:

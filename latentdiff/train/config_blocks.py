@@ -7,6 +7,21 @@ from __future__ import annotations
 
 import ml_collections
 
+# Sample-grid prompts (config.sampling.prompts) of the shapes text-to-image models and of the paper's text-to-image
+# models (the captions of the paper's Figure 5), shared by configs/ and the converters.
+SHAPES_PROMPTS = (
+    "a red circle at the top left",
+    "a small blue square in the centre",
+    "a large green triangle at the bottom right",
+    "a yellow circle on a white background",
+)
+PAPER_TEXT_PROMPTS = (
+    "a painting of a virus monster playing guitar",
+    "a street sign that reads latent diffusion",
+    "a zombie in the style of picasso",
+    "an oil painting of a latent space",
+)
+
 
 def run_block(*, batch_size: int, num_train_steps: int, seed: int) -> ml_collections.ConfigDict:
     """Loop, logging and checkpoint settings common to both stages."""
