@@ -373,7 +373,11 @@ def run_header(argv: Sequence[str], device: str) -> str:
     """The first lines of a RESULTS.md entry: date, command, machine, versions, flags."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     cmd = " ".join(["python", os.path.relpath(argv[0], REPO), *argv[1:]])
-    flags = os.environ.get("XLA_FLAGS", "") or "(none set by the user; latentdiff adds its CPU defaults)"
+    flags = os.environ.get("XLA_FLAGS", "") or (
+        "(none; LATENTDIFF_NO_XLA_FLAGS=1 keeps latentdiff's CPU defaults out)"
+        if os.environ.get("LATENTDIFF_NO_XLA_FLAGS")
+        else "(none set by the user; latentdiff adds its CPU defaults)"
+    )
     return (
         f"### {stamp} — `{cmd}`\n"
         f"Machine: {machine_line(device)}. Versions: {versions()}. XLA_FLAGS: {flags}. Load average (1 min) at start: "

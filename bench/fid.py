@@ -2,10 +2,13 @@
 
     python bench/fid.py                                   # batch 16 of 256 px uint8 images, all cores, 5 runs
     python bench/fid.py --batch_size 32 --image_size 299 --runs 7 --threads 2 --no_results
+    python bench/fid.py --device gpu --batch_size 128       # both frameworks on the GPU (bench/gpu.sh section fid)
 
 Both sides get the same random FID-Inception weights (ours through latentdiff.convert.inception_weights' key table,
 theirs loaded into pytorch-fid's InceptionV3([3]) with its FID blocks: no download), the same uint8 batch and the
-same CPU threads (the worker processes are pinned to the first --threads cores; torch.set_num_threads too). Timed:
+same CPU threads (the worker processes are pinned to the first --threads cores; torch.set_num_threads too), or
+with --device gpu the same GPU (ours: JAX's default backend; theirs: the model and each batch moved to CUDA, as
+pytorch-fid's fid_score does with --device cuda; no pinning). Timed:
 uint8 [B, S, S, 3] in host memory -> 2048-d pool features in host memory, preprocessing included (pytorch-fid's:
 /255, bilinear resize to 299, 2x - 1; ours with --preprocess pytorch_fid), after one warm-up call (our jit compile).
 Each framework runs in its own subprocess, one after the other. Prints a table and appends it to bench/RESULTS.md
@@ -15,6 +18,7 @@ Each framework runs in its own subprocess, one after the other. Prints a table a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -78,7 +82,8 @@ def pin_threads(threads: int) -> None:
 
 
 def worker_jax(args: argparse.Namespace) -> dict:
-    pin_threads(args.threads)
+    if args.device == "cpu":
+        pin_threads(args.threads)
     import latentdiff  # noqa: F401, I001  (CPU XLA flags before JAX starts)
     import jax
     import jax.numpy as jnp
@@ -91,7 +96,14 @@ def worker_jax(args: argparse.Namespace) -> dict:
     run = lambda: metrics.inception_features(params, x, args.batch_size, args.preprocess, dtype=dtype)
     times = common.time_runs(run, args.runs, warmup=1)
     pool = run()[0]
-    return {"framework": "latentdiff (JAX)", "times": times, "features": pool[0, :FEATURE_CHECK].tolist()}
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        raise RuntimeError(f"--device gpu but JAX's backend is {jax.default_backend()!r}")
+    return {
+        "framework": "latentdiff (JAX)",
+        "backend": jax.default_backend(),
+        "times": times,
+        "features": pool[0, :FEATURE_CHECK].tolist(),
+    }
 
 
 def build_pytorch_fid(state_dict: dict[str, np.ndarray]):
@@ -119,21 +131,28 @@ def build_pytorch_fid(state_dict: dict[str, np.ndarray]):
 
 
 def worker_torch(args: argparse.Namespace) -> dict:
-    pin_threads(args.threads)
+    if args.device == "cpu":
+        pin_threads(args.threads)
     import torch
 
     torch.set_num_threads(args.threads)
-    model = build_pytorch_fid(torch_state_dict(random_params()))
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    model = build_pytorch_fid(torch_state_dict(random_params())).to(device)
     x = images(args.batch_size, args.image_size)
 
-    def run() -> np.ndarray:  # what pytorch_fid.fid_score.get_activations does per batch (ToTensor: /255)
+    def run() -> np.ndarray:  # what pytorch_fid.fid_score.get_activations does per batch (ToTensor: /255, .to(device))
         with torch.no_grad():
-            batch = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
-            return model(batch)[0].squeeze(3).squeeze(2).numpy()
+            batch = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0).to(device)
+            return model(batch)[0].squeeze(3).squeeze(2).cpu().numpy()
 
     times = common.time_runs(run, args.runs, warmup=1)
     pool = run()
-    return {"framework": "pytorch-fid (PyTorch)", "times": times, "features": pool[0, :FEATURE_CHECK].tolist()}
+    return {
+        "framework": "pytorch-fid (PyTorch)",
+        "backend": device.type,
+        "times": times,
+        "features": pool[0, :FEATURE_CHECK].tolist(),
+    }
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -143,8 +162,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="timed runs per framework (median reported; >= 5)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU cores for both sides")
     p.add_argument("--preprocess", default="pytorch_fid", choices=("pytorch_fid", "paper", "clean"), help="ours")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="where both frameworks run")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our conv compute dtype")
-    p.add_argument("--no_results", action="store_true", help="do not append to bench/RESULTS.md")
+    p.add_argument("--no_results", action="store_true", help="do not append to the results file")
+    p.add_argument("--results", default=common.RESULTS, help="markdown file the table is appended to")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--worker", default=None, choices=("jax", "torch"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -153,6 +175,7 @@ def worker_args(args: argparse.Namespace) -> list[str]:
     return [
         *("--batch_size", str(args.batch_size), "--image_size", str(args.image_size), "--runs", str(args.runs)),
         *("--threads", str(args.threads), "--preprocess", args.preprocess, "--dtype", args.dtype),
+        *("--device", args.device),
     ]
 
 
@@ -165,8 +188,10 @@ def main(argv: list[str]) -> None:
         raise SystemExit("error: --runs must be >= 5 (medians of at least 5 runs)")
     if not 1 <= args.threads <= len(os.sched_getaffinity(0)):
         raise SystemExit(f"error: --threads must be in 1..{len(os.sched_getaffinity(0))}")
-    header = common.run_header([os.path.abspath(__file__), *argv], "cpu")
+    header = common.run_header([os.path.abspath(__file__), *argv], args.device)
     env = common.limit_threads(args.threads)
+    if args.device == "gpu":
+        env |= {"LATENTDIFF_NO_XLA_FLAGS": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}
     rows = []
     for name in ("torch", "jax"):
         result = common.run_worker(os.path.abspath(__file__), [name, *worker_args(args)], env=env)
@@ -200,7 +225,8 @@ def main(argv: list[str]) -> None:
     body = "\n".join(
         [
             header,
-            f"Batch {args.batch_size} × {args.image_size}² uint8 -> 2048-d pool features, {args.threads} thread(s), "
+            f"Batch {args.batch_size} × {args.image_size}² uint8 -> 2048-d pool features on {args.device} "
+            f"({jax_row.get('backend')} / {torch_row.get('backend')}), {args.threads} CPU thread(s), "
             f"{args.runs} timed runs each (after 1 warm-up), ours: preprocess {args.preprocess}, dtype {args.dtype}. "
             f"Max relative difference of the features (first image, {FEATURE_CHECK} dims): {agreement:.2e}.",
             "",
@@ -208,9 +234,12 @@ def main(argv: list[str]) -> None:
         ]
     )
     print(body)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "agreement": agreement, "header": header}, f, indent=1, default=str)
     if not args.no_results:
-        common.append_section(SECTION, body)
-        print(f"appended to {common.RESULTS}")
+        common.append_section(SECTION, body, args.results)
+        print(f"appended to {args.results}")
 
 
 if __name__ == "__main__":

@@ -3,18 +3,20 @@
 #
 #   OUT=/tmp/gpu_out bash bench/gpu.sh                       # all sections, in this order:
 #     env           versions, nvidia-smi, bf16 matmul rate (jnp.dot 8192³)
-#     parity        tiny bf16 UNet: cuDNN vs XLA attention, outputs and parameter gradients (vs a float32 reference)
+#     fid           Inception features (FID network, float32), batch 128 of 256 px uint8: ours vs pytorch-fid
 #     train_paper   paper-scale stage-2 train step (UNet 872M + text encoder 543M, remat, AdamW, EMA, batch 32,
 #                   XLA attention: cuDNN flash attention has no backward for the 77-token cross-attention; see RESULTS),
-#                   ours bf16 vs diffusers/PyTorch bf16 autocast; MFU vs 989 TFLOP/s (H100 SXM dense bf16)
+#                   ours bf16 vs diffusers/PyTorch bf16 autocast; MFU vs 989 TFLOP/s (H100 SXM dense bf16), from
+#                   the 24.3 TFLOP/step (no remat) that XLA's cost analysis gives on the CPU (RESULTS.md, GPU)
 #     sample_paper  DDIM 50 steps with guidance, batch 16, paper UNet + KL-f8 decoder: ours bf16 vs diffusers fp16
+#     parity        tiny bf16 UNet: cuDNN vs XLA attention, outputs and parameter gradients (vs a float32 reference)
 #     train_tiny    the tiny stage-2 step on the GPU, both frameworks
 #   OUT=... bash bench/gpu.sh parity train_paper             # only some sections
 #   GPU_SH_DRY=1 bash bench/gpu.sh                           # the same logic on the CPU with tiny sizes
 #
 # Results: $OUT/RESULTS_gpu.md (sections to paste into bench/RESULTS.md), $OUT/*.json, $OUT/log.txt.
-# Python packages: the GPU image's jax/torch/flax/optax; diffusers, ml_collections (and flax/optax if the image's
-# cannot import our modules) come as wheels from .whl/ when that folder exists (see /work/.library/device/README.md).
+# Python packages: the GPU image's jax/torch/flax/optax; diffusers, ml_collections, pytorch-fid (and flax/optax if
+# the image's cannot import our modules) come as wheels from .whl/ when that folder exists (see /work/.library/device/README.md).
 # GPU_SH_BUDGET (seconds, default 390) is the total time; each section gets at most its own limit and what is left.
 set -u
 cd "$(dirname "$0")/.."
@@ -31,14 +33,18 @@ if [ "$DRY" = 1 ]; then
   PAPER=tiny
   RUNS=2
   STEPS=3
+  FID_BATCH=4
+  PAPER_GFLOPS=0
 else
   PY=${PY:-python3}
   DEV=(--device gpu)
   PAPER=paper
   RUNS=5
   STEPS=50
+  FID_BATCH=128
+  PAPER_GFLOPS=24300
 fi
-SECTIONS=${*:-env parity train_paper sample_paper train_tiny}
+SECTIONS=${*:-env fid train_paper sample_paper parity train_tiny}
 
 if [ "$DRY" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
   base=$(ls .whl/*.whl | grep -v -E '/(flax|optax)-')
@@ -137,9 +143,13 @@ print(json.dumps(res, indent=1))
 json.dump(res, open(sys.argv[1], "w"), indent=1)
 PY
     ;;
+  fid)
+    run fid ${FID_LIMIT:-100} $PY bench/fid.py "${DEV[@]}" --batch_size $FID_BATCH --runs 5 \
+      --results "$OUT/RESULTS_gpu.md" --json "$OUT/fid.json"
+    ;;
   train_paper)
-    run train_paper 240 $PY bench/train_step.py "${DEV[@]}" --size $PAPER --stage ldm --runs $RUNS \
-      --attention "${TRAIN_ATTENTION:-xla}" \
+    run train_paper ${TRAIN_PAPER_LIMIT:-330} $PY bench/train_step.py "${DEV[@]}" --size $PAPER --stage ldm \
+      --runs $RUNS --attention "${TRAIN_ATTENTION:-xla}" --model-gflops $PAPER_GFLOPS \
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_paper.json"
     ;;
   sample_paper)
@@ -151,7 +161,7 @@ PY
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_tiny.json"
     ;;
   *)
-    echo "unknown section $section (env parity train_paper sample_paper train_tiny)" | tee -a "$LOG"
+    echo "unknown section $section (env fid train_paper sample_paper parity train_tiny)" | tee -a "$LOG"
     ;;
   esac
 done

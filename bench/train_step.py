@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU: the dense-matmul peak to compare with (0 = measure jnp.dot 2048² in each JAX worker; noisy when "
         "the machine is shared)",
     )
+    p.add_argument(
+        "--model-gflops",
+        type=float,
+        default=0.0,
+        help="FLOPs of one step without remat, if already known (skips lowering the no-remat step, which takes "
+        "minutes at paper scale; bench/gpu.sh passes the CPU-lowered count recorded in RESULTS.md)",
+    )
     p.add_argument("--results", default=common.RESULTS, help="RESULTS.md to append to ('' = do not write)")
     p.add_argument("--json", default="", help="also write all worker results to this JSON file")
     p.add_argument(
@@ -195,7 +202,7 @@ def ours_ldm(args: argparse.Namespace) -> dict:
     fs_vars = jax.device_put(fs_vars)
     batch_args = lambda i: (batch, jax.random.key(i), fs_vars)
     make_step = lambda c: jax.jit(make_task(c).train_step, donate_argnums=0)
-    model_flops = _model_flops(make_step, config, abstract, batch_args)
+    model_flops = args.model_gflops * 1e9 or _model_flops(make_step, config, abstract, batch_args)
     out = _jax_step_result(make_step(config), state, batch_args, args.runs, model_flops, args.device)
     out["params_m"] = common.count_params(abstract.params) / 1e6
     out["batch"] = b
@@ -455,6 +462,7 @@ def ab_groupnorm(args: argparse.Namespace) -> str:
 def worker_args(args: argparse.Namespace, stage: str, fw: str) -> list[str]:
     out = ["--size", args.size, "--stage", stage, "--framework", fw, "--runs", str(args.runs)]
     out += ["--threads", str(args.threads), "--device", args.device, "--batch", str(args.batch)]
+    out += ["--model-gflops", str(args.model_gflops)]
     return out + (["--attention", args.attention] if args.attention else [])
 
 

@@ -331,7 +331,7 @@ def architecture(compvis: Mapping) -> dict:
     if unet["num_head_channels"] != -1:  # openaimodel: num_head_channels wins, heads = channels // it
         unet["num_heads"] = -1
     schedule = "linear" if p["beta_schedule"] == "linear" else "cosine"
-    diffusion = wd.diffusion_block(
+    diffusion = wd.schedule_fields(
         schedule, p["timesteps"], p["linear_start"], p["linear_end"], str(p["parameterization"])
     )
     return dict(

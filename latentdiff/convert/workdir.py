@@ -87,7 +87,7 @@ def stage2_config(
     return config
 
 
-def diffusion_block(kind: str, timesteps: int, linear_start: float, linear_end: float, parameterization: str) -> dict:
+def schedule_fields(kind: str, timesteps: int, linear_start: float, linear_end: float, parameterization: str) -> dict:
     """The schedule fields of config.diffusion (stage2_config adds the training fields via config_blocks)."""
     return dict(
         schedule=kind,
@@ -481,7 +481,7 @@ def diffusion_from_scheduler(d: Mapping) -> dict:
             f"scheduler beta_schedule={schedule!r} / prediction_type={prediction!r}; supported: "
             f"{sorted(_BETA_SCHEDULES)} / {sorted(_PREDICTIONS)}"
         )
-    return diffusion_block(
+    return schedule_fields(
         _BETA_SCHEDULES[schedule],
         int(d.get("num_train_timesteps", 1000)),
         float(d.get("beta_start", 0.0001)),

@@ -92,10 +92,11 @@ def shapes_config(resolution: int, num_train: int, num_validation: int, num_nove
 class LatentdiffShapes(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
     """Procedural text-image dataset: latentdiff.data.shapes rendered into train / validation / novel splits."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {  # noqa: RUF012 (TFDS class attribute)
         "1.0.0": "First release.",
         "1.1.0": "label: the first object's colour x shape class (for class-conditional models).",
+        "1.2.0": "A caption that names no background now has a black background (it was random).",
     }
 
     def _info(self) -> tfds.core.DatasetInfo:
