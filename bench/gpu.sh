@@ -12,6 +12,10 @@
 #     parity        tiny bf16 UNet: cuDNN vs XLA attention, outputs and parameter gradients (vs a float32 reference)
 #     train_tiny    the tiny stage-2 step on the GPU, both frameworks
 #   OUT=... bash bench/gpu.sh parity train_paper             # only some sections
+#   OUT=... GPU_SH_BUDGET=560 TRAIN_PAPER_LIMIT=540 bash bench/gpu.sh env train_paper
+#                      # our paper-scale step did not finish compiling within 290 s on an H100 (session 4): give it
+#                      # a whole call (section limits: FID_LIMIT, TRAIN_PAPER_LIMIT, PARITY_LIMIT; the JAX worker
+#                      # gets 2/3 of its section's limit)
 #   GPU_SH_DRY=1 bash bench/gpu.sh                           # the same logic on the CPU with tiny sizes
 #
 # Results: $OUT/RESULTS_gpu.md (sections to paste into bench/RESULTS.md), $OUT/*.json, $OUT/log.txt.

@@ -14,9 +14,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "demo")
 
 
-def test_shipped_demo_model_follows_caption_colour_and_size():
-    """64 fixed-seed samples of the shipped model, graded from pixels. Colour and size meet issue 8's targets; position
-    does not yet (the model ignores position words: ~0.1 = chance; see README "The demo"), so it is not asserted."""
+def test_shipped_demo_model_follows_caption_colour_position_and_size():
+    """64 fixed-seed samples of the shipped model, graded from pixels, against issue 8's seen-caption targets for
+    colour, position and size (shape, 0.87 on 256 images, is below its 0.90 target and is not asserted)."""
     from latentdiff.pipeline import Pipeline
 
     assert os.path.isfile(os.path.join(SHIPPED, "config.json")), (
@@ -30,6 +30,7 @@ def test_shipped_demo_model_follows_caption_colour_and_size():
     grades = shapes.grade(images, captions)
     assert grades["num_parsed"] == 64
     assert grades["colour"] >= 0.95, grades
+    assert grades["position"] >= 0.90, grades
     assert grades["size"] >= 0.90, grades
     report = json.load(open(os.path.join(SHIPPED, "training_report.json")))
     assert report["command"] == "make demo-train" and report["overrides"] == []
