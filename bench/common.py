@@ -131,6 +131,11 @@ def run_worker(script: str, args: list[str], env: dict[str, str] | None = None, 
     return {"error": f"worker exited {proc.returncode}: " + " | ".join(tail), "cmd": " ".join(cmd)}
 
 
+def gpu_worker_env(mem_fraction: float) -> dict[str, str]:
+    """Environment for a GPU worker: no latentdiff CPU XLA flags; JAX preallocates `mem_fraction` of GPU memory."""
+    return {"LATENTDIFF_NO_XLA_FLAGS": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": str(mem_fraction)}
+
+
 def limit_threads(threads: int) -> dict[str, str]:
     """Environment for a worker using `threads` CPU threads (OpenMP/MKL pools; XLA sizes its pool by cores)."""
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -90,14 +90,14 @@ def worker_jax(args: argparse.Namespace) -> dict:
 
     from latentdiff import metrics
 
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        raise RuntimeError(f"--device gpu but JAX's backend is {jax.default_backend()!r}")
     params = jax.device_put(random_params())
     x = images(args.batch_size, args.image_size)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     run = lambda: metrics.inception_features(params, x, args.batch_size, args.preprocess, dtype=dtype)
     times = common.time_runs(run, args.runs, warmup=1)
     pool = run()[0]
-    if args.device == "gpu" and jax.default_backend() != "gpu":
-        raise RuntimeError(f"--device gpu but JAX's backend is {jax.default_backend()!r}")
     return {
         "framework": "latentdiff (JAX)",
         "backend": jax.default_backend(),
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> None:
     header = common.run_header([os.path.abspath(__file__), *argv], args.device)
     env = common.limit_threads(args.threads)
     if args.device == "gpu":
-        env |= {"LATENTDIFF_NO_XLA_FLAGS": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}
+        env |= common.gpu_worker_env(0.6)
     rows = []
     for name in ("torch", "jax"):
         result = common.run_worker(os.path.abspath(__file__), [name, *worker_args(args)], env=env)

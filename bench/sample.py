@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     header = common.run_header(sys.argv, args.device)
     env = common.limit_threads(args.threads)
     if args.device == "gpu":
-        env |= {"LATENTDIFF_NO_XLA_FLAGS": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+        env |= common.gpu_worker_env(0.9)
     frameworks = [f for f in args.frameworks.split(",") if f]
     results: dict[str, list[dict]] = {fw: [] for fw in frameworks}
     for _ in range(args.rounds):

@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     frameworks = args.frameworks.split(",")
     env = common.limit_threads(args.threads)
     if args.device == "gpu":
-        env |= {"LATENTDIFF_NO_XLA_FLAGS": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+        env |= common.gpu_worker_env(0.9)
     rows, raw = [], {}
     for stage in args.stage.split(","):
         results: dict[str, list[dict]] = {fw: [] for fw in frameworks}
