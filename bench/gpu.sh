@@ -12,10 +12,10 @@
 #     parity        tiny bf16 UNet: cuDNN vs XLA attention, outputs and parameter gradients (vs a float32 reference)
 #     train_tiny    the tiny stage-2 step on the GPU, both frameworks
 #   OUT=... bash bench/gpu.sh parity train_paper             # only some sections
-#   OUT=... GPU_SH_BUDGET=560 TRAIN_PAPER_LIMIT=540 bash bench/gpu.sh env train_paper
-#                      # our paper-scale step did not finish compiling within 290 s on an H100 (session 4): give it
-#                      # a whole call (section limits: FID_LIMIT, TRAIN_PAPER_LIMIT, PARITY_LIMIT; the JAX worker
-#                      # gets 2/3 of its section's limit)
+#   OUT=... GPU_SH_BUDGET=575 TRAIN_PAPER_LIMIT=565 bash bench/gpu.sh train_paper
+#                      # our paper-scale step compiles in ~170 s on an H100 with Triton GEMM off (the section's
+#                      # default XLA_FLAGS; over 290 s with it on, session 4): give it a whole call (section limits:
+#                      # FID_LIMIT, TRAIN_PAPER_LIMIT, PARITY_LIMIT; the JAX worker gets 2/3 of its section's limit)
 #   GPU_SH_DRY=1 bash bench/gpu.sh                           # the same logic on the CPU with tiny sizes
 #
 # Results: $OUT/RESULTS_gpu.md (sections to paste into bench/RESULTS.md), $OUT/*.json, $OUT/log.txt.
@@ -39,6 +39,7 @@ if [ "$DRY" = 1 ]; then
   STEPS=3
   FID_BATCH=4
   PAPER_GFLOPS=0
+  TRAIN_XLA_FLAGS=
 else
   PY=${PY:-python3}
   DEV=(--device gpu)
@@ -47,6 +48,7 @@ else
   STEPS=50
   FID_BATCH=128
   PAPER_GFLOPS=24300
+  TRAIN_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false  # cuBLAS dots: compile ~170 s instead of > 290 s (H100)
 fi
 SECTIONS=${*:-env fid train_paper sample_paper parity train_tiny}
 
@@ -152,7 +154,7 @@ PY
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/fid.json"
     ;;
   train_paper)
-    run train_paper ${TRAIN_PAPER_LIMIT:-330} $PY bench/train_step.py "${DEV[@]}" --size $PAPER --stage ldm \
+    XLA_FLAGS=${XLA_FLAGS:-$TRAIN_XLA_FLAGS} run train_paper ${TRAIN_PAPER_LIMIT:-330} $PY bench/train_step.py "${DEV[@]}" --size $PAPER --stage ldm \
       --runs $RUNS --attention "${TRAIN_ATTENTION:-xla}" --model-gflops $PAPER_GFLOPS \
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_paper.json"
     ;;

@@ -21,7 +21,7 @@ from latentdiff.train.config_blocks import run_block
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     variant = check_variant(arg, {"tiny": 0, "demo": 0, "paper": 1}, __file__)
     paper = variant == 1
-    config = run_block(batch_size=96 if paper else 32, num_train_steps=200_000 if paper else 1_500, seed=0)
+    config = run_block(batch_size=96 if paper else 32, num_train_steps=200_000 if paper else 2_500, seed=0)
     config.stage = "autoencoder"
 
     config.data = default_data_config()
@@ -71,7 +71,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict(
         dict(
             name="adam",
-            lr=4.5e-6 * config.batch_size if paper else 1e-3,
+            lr=4.5e-6 * config.batch_size if paper else 2e-3,
             b1=0.5,
             b2=0.9,
             eps=1e-8,

@@ -39,7 +39,7 @@ VARIANTS = {
     "tiny": dict(batch=32, steps=2_000, res=64, mc=32, mult=(1, 2), nrb=1, attn=(2, 1), heads=4, width=64,
                  depth=2, theads=4, hdim=16, vocab=512, length=32, lr=1e-3, warmup=100, ema=0.999, guidance=3.0,
                  param="eps"),
-    "demo": dict(batch=32, steps=8_000, res=32, mc=64, mult=(1, 2), nrb=1, attn=(2, 1), heads=4, width=128,
+    "demo": dict(batch=32, steps=6_000, res=32, mc=64, mult=(1, 2), nrb=1, attn=(2, 1), heads=4, width=128,
                  depth=2, theads=4, hdim=32, vocab=256, length=24, lr=5e-4, warmup=300, ema=0.999, guidance=3.0,
                  param="v"),
     "paper": dict(batch=680, steps=390_000, res=256, mc=320, mult=(1, 2, 4, 4), nrb=2, attn=(4, 2, 1), heads=8,

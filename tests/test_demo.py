@@ -53,7 +53,8 @@ def test_demo_recipe_runs_end_to_end_at_toy_length(tmp_path):
     overrides += [f"ldm.{o}" for o in [*data, "sampling.steps=3"]]
     workdir, demo_dir = tmp_path / "work", tmp_path / "demo"
     report = demo.train(str(workdir), str(demo_dir), overrides, num=8)
-    assert set(report["wall_seconds"]) == {"autoencoder", "ldm"}
+    assert set(report["wall_seconds"]) == {"autoencoder", "latents", "ldm"}
+    assert json.load(open(workdir / "latents" / "meta.json"))["num"] == 64  # stage 2 trained on precomputed latents
     for key in ("seen@3", "seen@1", "novel@3", "novel@1"):
         assert 0.0 <= report["alignment"][key]["colour"] <= 1.0
         assert report["alignment"][key]["num_images"] == 8
