@@ -15,7 +15,8 @@
 #   OUT=... GPU_SH_BUDGET=575 TRAIN_PAPER_LIMIT=565 bash bench/gpu.sh train_paper
 #                      # our paper-scale step compiles in ~170 s on an H100 with Triton GEMM off (the section's
 #                      # default XLA_FLAGS; over 290 s with it on, session 4): give it a whole call (section limits:
-#                      # FID_LIMIT, TRAIN_PAPER_LIMIT, PARITY_LIMIT; the JAX worker gets 2/3 of its section's limit)
+#                      # FID_LIMIT, TRAIN_PAPER_LIMIT, SAMPLE_PAPER_LIMIT, PARITY_LIMIT; the JAX worker gets 2/3 of
+#                      # its section's limit)
 #   GPU_SH_DRY=1 bash bench/gpu.sh                           # the same logic on the CPU with tiny sizes
 #
 # Results: $OUT/RESULTS_gpu.md (sections to paste into bench/RESULTS.md), $OUT/*.json, $OUT/log.txt.
@@ -159,7 +160,7 @@ PY
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_paper.json"
     ;;
   sample_paper)
-    run sample_paper 140 $PY bench/sample.py "${DEV[@]}" --size $PAPER --batch 16 --steps $STEPS --runs 3 \
+    run sample_paper ${SAMPLE_PAPER_LIMIT:-140} $PY bench/sample.py "${DEV[@]}" --size $PAPER --batch 16 --steps $STEPS --runs 3 \
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/sample_paper.json"
     ;;
   train_tiny)

@@ -36,6 +36,12 @@ def test_shipped_demo_model_follows_caption_colour_position_and_size():
     assert report["command"] == "make demo-train" and report["overrides"] == []
 
 
+def demo_guidance() -> float:
+    from latentdiff.config_utils import load_config
+
+    return load_config(os.path.join(REPO, demo.LDM_CONFIG)).sampling.guidance
+
+
 def test_demo_recipe_runs_end_to_end_at_toy_length(tmp_path):
     data = [
         "data.shapes_num_train=64",
@@ -55,7 +61,8 @@ def test_demo_recipe_runs_end_to_end_at_toy_length(tmp_path):
     report = demo.train(str(workdir), str(demo_dir), overrides, num=8)
     assert set(report["wall_seconds"]) == {"autoencoder", "latents", "ldm"}
     assert json.load(open(workdir / "latents" / "meta.json"))["num"] == 64  # stage 2 trained on precomputed latents
-    for key in ("seen@3", "seen@1", "novel@3", "novel@1"):
+    scale = f"{demo_guidance():g}"
+    for key in (f"seen@{scale}", "seen@1", f"novel@{scale}", "novel@1"):
         assert 0.0 <= report["alignment"][key]["colour"] <= 1.0
         assert report["alignment"][key]["num_images"] == 8
     shipped = json.load(open(demo_dir / "training_report.json"))
@@ -66,7 +73,7 @@ def test_demo_recipe_runs_end_to_end_at_toy_length(tmp_path):
     run_report = demo.run(str(demo_dir), str(tmp_path / "out"), num=8)
     assert (tmp_path / "out" / "grid.png").stat().st_size > 0
     assert json.load(open(tmp_path / "out" / "report.json"))["images_per_cell"] == 8
-    assert np.isfinite(run_report["seen@3"]["colour"])
+    assert np.isfinite(run_report[f"seen@{scale}"]["colour"])
     # Re-running resumes: both stages are already at their last step, so no training step runs again.
     metrics = [workdir / stage / "metrics.jsonl" for stage in ("autoencoder", "ldm")]
     before = [p.read_text() for p in metrics]

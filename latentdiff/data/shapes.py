@@ -22,8 +22,9 @@ train/validation; every object in `novel` is one of those pairs (compositional g
 
 Grader (`grade`): parses each caption back into attributes and measures them from pixels. Background = nearest named
 background colour to the median border pixel; the object mask = pixels far from the background (single object) or
-nearest to the named colour (several objects); colour = nearest named object colour to the mask's mean; shape = fill
-ratio of the mask's extent box (square ~1, circle ~0.785, triangle ~0.5); size = sqrt(area / fill of that shape);
+nearest to the named colour (several objects); colour = nearest named object colour to the mask's mean; shape = how
+much of its box the object fills, both measured on its anti-aliased coverage rather than thresholded pixels (square
+~1, circle ~0.785, triangle ~0.5); size = sqrt(area / fill of that shape);
 position = centre of the mask's extent (0.5th..99.5th percentile of its pixel coordinates) on the 3x3 grid. The
 extent centre is used rather than the centroid because a triangle's centroid sits h/6 below its box centre.
 """
@@ -457,9 +458,32 @@ def _extent(counts: np.ndarray, area: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return lo, hi
 
 
-def _measure(masks: np.ndarray, imgs: np.ndarray) -> dict[str, np.ndarray]:
-    """Measures one object per image from boolean masks [N, H, W] and images float [N, H, W, 3].
+def _dilate(masks: np.ndarray) -> np.ndarray:
+    """4-neighbour dilation by one pixel of boolean masks [N, H, W]."""
+    out = masks.copy()
+    out[:, 1:] |= masks[:, :-1]
+    out[:, :-1] |= masks[:, 1:]
+    out[:, :, 1:] |= masks[:, :, :-1]
+    out[:, :, :-1] |= masks[:, :, 1:]
+    return out
 
+
+def _object_coverage(imgs: np.ndarray, bgs: np.ndarray, named: np.ndarray) -> np.ndarray:
+    """Per-pixel coverage in [0, 1]: the pixel's position between the background and the named colour, [N, H, W]."""
+    direction = named - bgs
+    t = ((imgs - bgs[:, None, None]) * direction[:, None, None]).sum(-1) / (direction**2).sum(-1)[:, None, None]
+    return np.clip(t, 0.0, 1.0)
+
+
+def _measure(masks: np.ndarray, imgs: np.ndarray, coverage: np.ndarray) -> dict[str, np.ndarray]:
+    """Measures one object per image from boolean masks [N, H, W], images float [N, H, W, 3] and the object's
+    coverage [N, H, W] in [0, 1] (see `_object_coverage`).
+
+    The fill ratio that tells squares from circles is measured on the coverage c over the mask and its one-pixel
+    rim: area = sum of c, height = sum over rows of the row's largest c, width likewise, fill = area / (height ·
+    width). A boundary row that an edge half covers counts by that fraction, not by how image noise splits it around
+    the mask's 0.5 threshold (with thresholded pixels, 2 levels of pixel noise turned ~4% of real squares into
+    circles).
     Returns arrays [N]: colour, shape, size (indices), row, col (grid cells), compact (bool: a plausible object,
     >= 2% of the image and not scattered), valid (bool: enough pixels to measure anything).
     """
@@ -471,7 +495,9 @@ def _measure(masks: np.ndarray, imgs: np.ndarray) -> dict[str, np.ndarray]:
     y0, y1 = _extent(rows, safe)
     x0, x1 = _extent(cols, safe)
     frac = area / (h * w)
-    fill = frac / (((y1 - y0 + 1) / h) * ((x1 - x0 + 1) / w))
+    soft = coverage * _dilate(masks)
+    soft_height, soft_width = soft.max(axis=2).sum(axis=1), soft.max(axis=1).sum(axis=1)
+    fill = soft.sum(axis=(1, 2)) / np.maximum(soft_height * soft_width, 1e-6)
     mid = (y0 + y1) / 2
     ys = np.arange(h)[None, :]
     lower = ((rows * (ys > mid[:, None])).sum(1) + 0.5 * (rows * (ys == mid[:, None])).sum(1)) / safe
@@ -492,11 +518,11 @@ def _far_from_bg(imgs: np.ndarray, bgs: np.ndarray, named: np.ndarray) -> np.nda
     return dist > 0.5 * np.sqrt(((named - bgs) ** 2).sum(-1))[:, None, None]
 
 
-def _single_object_masks(imgs: np.ndarray, bgs: np.ndarray) -> np.ndarray:
-    """Pixels of the one object per image: far from bg (> 40), then past half-way to the object's named colour."""
+def _single_object_colours(imgs: np.ndarray, bgs: np.ndarray) -> np.ndarray:
+    """The object colour nearest to the mean of the pixels far from the background (> 40): [N, 3]."""
     rough = np.sqrt(((imgs - bgs[:, None, None]) ** 2).sum(-1)) > 40.0
     mean_rgb = (imgs * rough[..., None]).sum(axis=(1, 2)) / np.maximum(rough.sum(axis=(1, 2)), 1)[:, None]
-    return _far_from_bg(imgs, bgs, _OBJ_RGB[_nearest(mean_rgb, _OBJ_RGB)])
+    return _OBJ_RGB[_nearest(mean_rgb, _OBJ_RGB)]
 
 
 def _colour_masks(imgs: np.ndarray, bgs: np.ndarray, colours: np.ndarray) -> np.ndarray:
@@ -531,8 +557,9 @@ def _grade_chunk(imgs: np.ndarray, specs: list[CaptionSpec]) -> list[dict[str, l
             results[i]["background"].append(_BG_NAMES[bg_names[i]] == spec.background)
     single = [i for i, s in enumerate(specs) if len(s.objects) == 1]
     if single:
-        masks = _largest_components(_single_object_masks(imgs[single], bgs[single]))
-        m = _measure(masks, imgs[single])
+        named = _single_object_colours(imgs[single], bgs[single])
+        masks = _largest_components(_far_from_bg(imgs[single], bgs[single], named))
+        m = _measure(masks, imgs[single], _object_coverage(imgs[single], bgs[single], named))
         _score_objects(results, single, [specs[i].objects[0] for i in single], m, by_colour=False)
     for k in range(max((len(s.objects) for s in specs), default=0)):
         idx = [i for i, s in enumerate(specs) if len(s.objects) > 1 and len(s.objects) > k]
@@ -544,7 +571,7 @@ def _grade_chunk(imgs: np.ndarray, specs: list[CaptionSpec]) -> list[dict[str, l
         if coloured:
             targets = np.array([_COLOUR_NAMES.index(specs[i].objects[k].colour) for i in coloured])
             masks = _largest_components(_colour_masks(imgs[coloured], bgs[coloured], targets))
-            m = _measure(masks, imgs[coloured])
+            m = _measure(masks, imgs[coloured], _object_coverage(imgs[coloured], bgs[coloured], _OBJ_RGB[targets]))
             _score_objects(results, coloured, [specs[i].objects[k] for i in coloured], m, by_colour=True)
     return results
 
