@@ -7,9 +7,9 @@
 Variants:
   demo   (alias tiny) The embedded demo's autoencoder (`make demo-train`): 32 px shapes -> 8x8x4 latents, L1 + KL
          only, Adam 2e-3 for 2500 steps, ~0.95M params. Its reconstructions bound the demo's shape accuracy (blurred
-         corners turn small squares into circles): 1500 steps at 1e-3 graded 0.90, at 2e-3 0.92; a PatchGAN from
-         step 900 did not help (0.90), so the discriminator is configured but starts after the last step
-         (bench/RESULTS.md, issue 8).
+         corners turn small squares into circles): after 1500 steps at 1e-3 they graded 0.90, at 2e-3 0.92, and a
+         PatchGAN from step 900 did not help (0.90), so the discriminator is configured but starts after the last
+         step; these 2500 steps at 2e-3 grade 0.97 (bench/RESULTS.md, issue 8).
   paper  The paper's KL-f4: ch 128, ch_mult (1,2,4), 2 res blocks, z 3, 256 px, LPIPS + PatchGAN from step 50001.
 """
 
