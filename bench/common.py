@@ -388,3 +388,130 @@ def run_header(argv: Sequence[str], device: str) -> str:
         f"Machine: {machine_line(device)}. Versions: {versions()}. XLA_FLAGS: {flags}. Load average (1 min) at start: "
         f"{load_average()}."
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where a compiled step spends its time: XLA ops from a jax.profiler trace, summed by HLO instruction.
+
+
+def _hlo_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Optimised HLO text -> {instruction name: (kind, result shape)}; kind is conv | dot | reduce | attention |
+    copy/transpose | elementwise | the opcode, a fusion taking the kind of the heaviest op it calls."""
+    import re
+
+    inst = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^()]*\)|\S+(?:\s*\{[^}]*\})?)\s+([\w\-]+)\(")
+    comp_ops: dict[str, set[str]] = {}
+    current = ""
+    rows: dict[str, tuple[str, str, str]] = {}
+    for line in hlo_text.splitlines():
+        head = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and "=" not in line.split("{")[0]:
+            current = head.group(1)
+            comp_ops[current] = set()
+            continue
+        m = inst.match(line)
+        if not m:
+            continue
+        name, shape, opcode = m.groups()
+        comp_ops.setdefault(current, set()).add(opcode)
+        if opcode == "custom-call":
+            target = re.search(r'custom_call_target="([^"]+)"', line)
+            opcode = "custom-call:" + (target.group(1) if target else "?")
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        rows[name] = (opcode, shape.split("{")[0], called.group(1) if called else "")
+
+    def kind(opcode: str, ops: set[str]) -> str:
+        if "convolution" in ops or opcode == "convolution" or "$conv" in opcode:
+            return "conv"
+        if "dot" in ops or opcode == "dot" or "gemm" in opcode or "matmul" in opcode:
+            return "dot"
+        if "cudnn" in opcode and ("fmha" in opcode or "attention" in opcode):
+            return "attention"
+        if "reduce" in ops or opcode in ("reduce", "reduce-window"):
+            return "reduce"
+        if opcode in ("copy", "transpose") or (ops <= {"copy", "transpose", "parameter", "bitcast"} and ops):
+            return "copy/transpose"
+        if opcode == "fusion" or ops:
+            return "elementwise"
+        return opcode
+
+    return {n: (kind(op, comp_ops.get(c, set())), shape) for n, (op, shape, c) in rows.items()}
+
+
+def _kind_from_name(op: str) -> str:
+    """Kind of an op missing from the HLO text (GPU thunk names), from its name."""
+    table = (
+        ("conv", "conv"),
+        ("dot_product_attention", "attention"),
+        ("fmha", "attention"),
+        ("gemm", "dot"),
+        ("cublas", "dot"),
+        ("triton", "dot"),
+        ("reduce", "reduce"),
+        ("transpose", "copy/transpose"),
+        ("copy", "copy/transpose"),
+        ("fusion", "elementwise"),
+    )
+    return next((kind for key, kind in table if key in op), "?")
+
+
+def op_profile(run_step: Callable[[], Any], hlo_text: str, steps: int, top: int = 25) -> dict:
+    """Trace `steps` calls of run_step (blocking) with jax.profiler and sum the time of each XLA op by HLO
+    instruction (GPU: device kernels; CPU: thunks, summed over threads). Returns totals per kind and the top ops."""
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                run_step()
+            wall = time.perf_counter() - t0
+        path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+        data = ProfileData.from_file(path)
+    planes = [p for p in data.planes if p.name.startswith("/device:GPU")] or [
+        p for p in data.planes if p.name.startswith("/host:CPU")
+    ]
+    kinds = _hlo_kinds(hlo_text)
+    per_op: dict[str, float] = {}
+    for plane in planes[:1]:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                op = stats.get("hlo_op")
+                if op:
+                    per_op[str(op)] = per_op.get(str(op), 0.0) + event.duration_ns / 1e6 / steps
+    total = sum(per_op.values()) or 1.0
+    per_kind: dict[str, float] = {}
+    for op in per_op:
+        kinds.setdefault(op, (_kind_from_name(op), ""))
+    for op, ms in per_op.items():
+        k = kinds[op][0]
+        per_kind[k] = per_kind.get(k, 0.0) + ms
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "all_ops": {op: [kinds.get(op, ("?", ""))[0], kinds.get(op, ("?", ""))[1], ms] for op, ms in per_op.items()},
+        "wall_ms_per_step": wall * 1e3 / steps,
+        "op_ms_per_step": total,
+        "per_kind_ms": dict(sorted(per_kind.items(), key=lambda kv: -kv[1])),
+        "top_ops": [
+            {"op": op, "kind": kinds.get(op, ("?", ""))[0], "shape": kinds.get(op, ("?", ""))[1], "ms": ms}
+            for op, ms in ranked
+        ],
+    }
+
+
+def op_profile_text(profile: dict) -> str:
+    """A compact text table of op_profile's result."""
+    total = profile["op_ms_per_step"]
+    lines = [
+        f"step wall {profile['wall_ms_per_step']:.1f} ms; XLA op time {total:.1f} ms per step (summed over "
+        "threads/streams)",
+        "by kind: " + ", ".join(f"{k} {ms:.1f} ms ({ms / total:.0%})" for k, ms in profile["per_kind_ms"].items()),
+    ]
+    for row in profile["top_ops"]:
+        lines.append(f"  {row['ms']:8.2f} ms  {row['kind']:<14} {row['op']:<40} {row['shape']}")
+    return "\n".join(lines)

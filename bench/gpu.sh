@@ -9,6 +9,7 @@
 #                   ours bf16 vs diffusers/PyTorch bf16 autocast; MFU vs 989 TFLOP/s (H100 SXM dense bf16), from
 #                   the 24.3 TFLOP/step (no remat) that XLA's cost analysis gives on the CPU (RESULTS.md, GPU)
 #     sample_paper  DDIM 50 steps with guidance, batch 16, paper UNet + KL-f8 decoder: ours bf16 vs diffusers fp16
+#     train_variants  (only when named) our paper-scale step alone, once per TRAIN_VARIANTS entry (see below)
 #     parity        tiny bf16 UNet: cuDNN vs XLA attention, outputs and parameter gradients (vs a float32 reference)
 #     train_tiny    the tiny stage-2 step on the GPU, both frameworks
 #   OUT=... bash bench/gpu.sh parity train_paper             # only some sections
@@ -17,6 +18,8 @@
 #                      # default XLA_FLAGS; over 290 s with it on, session 4): give it a whole call (section limits:
 #                      # FID_LIMIT, TRAIN_PAPER_LIMIT, SAMPLE_PAPER_LIMIT, PARITY_LIMIT; the JAX worker gets 2/3 of
 #                      # its section's limit)
+#   OUT=... GPU_SH_BUDGET=575 TRAIN_VARIANTS="--attention cudnn --profile 2;--attention cudnn --no-remat" bash bench/gpu.sh train_variants
+#                      # A/B of our step: no torch peer; each variant TRAIN_VARIANT_LIMIT (280) seconds
 #   GPU_SH_DRY=1 bash bench/gpu.sh                           # the same logic on the CPU with tiny sizes
 #
 # Results: $OUT/RESULTS_gpu.md (sections to paste into bench/RESULTS.md), $OUT/*.json, $OUT/log.txt.
@@ -82,7 +85,7 @@ run() {
     return
   fi
   echo "=== $name (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
-  BENCH_WORKER_TIMEOUT=$((limit * 2 / 3)) timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -v -E "Warning|warn\(|^\s*$" | tail -n 25
+  BENCH_WORKER_TIMEOUT=$((limit * ${WORKER_SHARE:-67} / 100)) timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG" | grep -v -E "Warning|warn\(|^\s*$" | tail -n 25
   echo "=== $name rc=${PIPESTATUS[0]} $(date +%T)" | tee -a "$LOG"
 }
 
@@ -158,6 +161,21 @@ PY
     XLA_FLAGS=${XLA_FLAGS:-$TRAIN_XLA_FLAGS} run train_paper ${TRAIN_PAPER_LIMIT:-330} $PY bench/train_step.py "${DEV[@]}" --size $PAPER --stage ldm \
       --runs $RUNS --attention "${TRAIN_ATTENTION:-xla}" --model-gflops $PAPER_GFLOPS \
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_paper.json"
+    ;;
+  train_variants)
+    # Our paper-scale step only, once per variant: TRAIN_VARIANTS is a ';'-separated list of extra train_step.py
+    # arguments, e.g. "--attention cudnn --profile 2;--attention cudnn --no-remat --profile 2". Each variant gets
+    # TRAIN_VARIANT_LIMIT seconds, its worker all but 10 of them.
+    IFS=';' read -r -a variants <<<"${TRAIN_VARIANTS:---attention cudnn --profile 2}"
+    i=0
+    for variant in "${variants[@]}"; do
+      i=$((i + 1))
+      # shellcheck disable=SC2086  # the variant's words are separate arguments
+      XLA_FLAGS=${XLA_FLAGS:-$TRAIN_XLA_FLAGS} WORKER_SHARE=$(((${TRAIN_VARIANT_LIMIT:-280} - 10) * 100 / ${TRAIN_VARIANT_LIMIT:-280})) \
+        run "train_variant_$i [$variant]" ${TRAIN_VARIANT_LIMIT:-280} $PY bench/train_step.py "${DEV[@]}" --size $PAPER \
+        --stage ldm --frameworks ours --runs $RUNS --model-gflops $PAPER_GFLOPS $variant \
+        --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_variant_$i.json"
+    done
     ;;
   sample_paper)
     run sample_paper ${SAMPLE_PAPER_LIMIT:-140} $PY bench/sample.py "${DEV[@]}" --size $PAPER --batch 16 --steps $STEPS --runs 3 \

@@ -60,6 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="FLOPs of one step without remat, if already known (skips lowering the no-remat step, which takes "
         "minutes at paper scale; bench/gpu.sh passes the CPU-lowered count recorded in RESULTS.md)",
     )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="ours: after timing, trace this many steps with jax.profiler and print where the time goes, by XLA op "
+        "(kind totals and the top ops; also in --json)",
+    )
+    p.add_argument("--no-remat", action="store_true", help="ldm: turn the config's remat off (UNet and text encoder)")
     p.add_argument("--results", default=common.RESULTS, help="RESULTS.md to append to ('' = do not write)")
     p.add_argument("--json", default="", help="also write all worker results to this JSON file")
     p.add_argument(
@@ -104,6 +112,9 @@ def ldm_config(args: argparse.Namespace):
         config.unet.attention_impl = args.attention or "xla"
     if args.batch:
         config.batch_size = args.batch
+    if args.no_remat:
+        config.unet.remat = False
+        config.text_encoder.remat = False
     return config
 
 
@@ -124,7 +135,9 @@ def ae_config(args: argparse.Namespace):
 # Our side.
 
 
-def _jax_step_result(step, state, batch_args, runs: int, model_flops: float, device: str) -> dict:
+def _jax_step_result(
+    step, state, batch_args, runs: int, model_flops: float, device: str, profile_steps: int = 0
+) -> dict:
     import jax
 
     t0 = time.perf_counter()
@@ -140,8 +153,12 @@ def _jax_step_result(step, state, batch_args, runs: int, model_flops: float, dev
         jax.block_until_ready(metrics)
 
     times = common.time_runs(one, runs, warmup=2)
+    profile = common.op_profile(one, compiled.as_text(), profile_steps) if profile_steps else None
+    if profile:
+        print(common.op_profile_text(profile), file=sys.stderr, flush=True)
     peak = common.matmul_peak_gflops() if device == "cpu" else 0.0
     return {
+        "profile": profile,
         "compile_s": compile_s,
         "times": times,
         "flops": flops,
@@ -203,7 +220,7 @@ def ours_ldm(args: argparse.Namespace) -> dict:
     batch_args = lambda i: (batch, jax.random.key(i), fs_vars)
     make_step = lambda c: jax.jit(make_task(c).train_step, donate_argnums=0)
     model_flops = args.model_gflops * 1e9 or _model_flops(make_step, config, abstract, batch_args)
-    out = _jax_step_result(make_step(config), state, batch_args, args.runs, model_flops, args.device)
+    out = _jax_step_result(make_step(config), state, batch_args, args.runs, model_flops, args.device, args.profile)
     out["params_m"] = common.count_params(abstract.params) / 1e6
     out["batch"] = b
     return out
@@ -228,7 +245,8 @@ def ours_ae(args: argparse.Namespace, gan: bool) -> dict:
     batch = {"image": jax.device_put(np.random.default_rng(0).uniform(-1, 1, (b, r, r, 3)).astype(np.float32))}
     fn = task.train_step_gan if gan else task.train_step_rec
     batch_args = lambda i: (batch, jax.random.key(i), lpips)
-    out = _jax_step_result(jax.jit(fn, donate_argnums=0), state, batch_args, args.runs, 0.0, args.device)
+    step = jax.jit(fn, donate_argnums=0)
+    out = _jax_step_result(step, state, batch_args, args.runs, 0.0, args.device, args.profile)
     out["params_m"] = common.count_params(abstract.gen_params) / 1e6
     out["batch"] = b
     return out
@@ -462,7 +480,8 @@ def ab_groupnorm(args: argparse.Namespace) -> str:
 def worker_args(args: argparse.Namespace, stage: str, fw: str) -> list[str]:
     out = ["--size", args.size, "--stage", stage, "--framework", fw, "--runs", str(args.runs)]
     out += ["--threads", str(args.threads), "--device", args.device, "--batch", str(args.batch)]
-    out += ["--model-gflops", str(args.model_gflops)]
+    out += ["--model-gflops", str(args.model_gflops), "--profile", str(args.profile)]
+    out += ["--no-remat"] if args.no_remat else []
     return out + (["--attention", args.attention] if args.attention else [])
 
 
@@ -533,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
                 res = common.run_worker(__file__, worker_args(args, stage, fw), env)
                 results[fw].append(res)
                 print(f"[{stage} {fw}] " + (res.get("error") or f"median {statistics.median(res['times']):.4f} s"))
+                if res.get("profile"):
+                    print(f"[{stage} {fw}] where the time goes:\n" + common.op_profile_text(res["profile"]))
                 print(f"[{stage} {fw}] raw {json.dumps(res)}", flush=True)
         raw[stage] = results
         ours_ok = [r for r in results.get("ours", []) if "times" in r]

@@ -79,7 +79,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             warmup_steps=0 if paper else 100,
             schedule="constant",
             grad_clip=0.0,
-            flatten=not paper,  # one flat optimizer vector: faster CPU compiles; off where FSDP shards params
         )
     )
     config.disc_optim = ml_collections.ConfigDict(config.optim.to_dict())

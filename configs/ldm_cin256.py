@@ -91,7 +91,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         weight_decay=0.0,
         warmup_steps=10_000 if paper else 100,
         schedule="constant" if paper else "cosine",
-        flatten=not paper,
     )
     config.ema = ml_collections.ConfigDict(dict(decay=0.9999 if paper else 0.999, warmup=True))
     config.sampling = ml_collections.ConfigDict(

@@ -95,7 +95,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         weight_decay=0.0,
         warmup_steps=v["warmup"],
         schedule="constant" if paper else "cosine",
-        flatten=not paper,
     )
     config.ema = ml_collections.ConfigDict(dict(decay=v["ema"], warmup=True))
     config.sampling = ml_collections.ConfigDict(

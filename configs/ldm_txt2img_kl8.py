@@ -113,7 +113,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         weight_decay=0.01,
         warmup_steps=v["warmup"],
         schedule="constant" if paper else "cosine",
-        flatten=not paper,  # one flat optimizer vector: faster CPU compiles; off where FSDP shards params
     )
     config.ema = ml_collections.ConfigDict(dict(decay=v["ema"], warmup=True))
     config.sampling = ml_collections.ConfigDict(

@@ -59,7 +59,6 @@ def scale_config(num_steps: int):
     cfg.text_encoder.vocab_size = cfg.tokenizer.vocab_size = 64
     cfg.optim.warmup_steps = 0
     cfg.optim.schedule = "constant"
-    cfg.optim.flatten = False  # per-parameter optimizer state, so FSDP shards it too
     # Adam turns the rounding noise of a gradient that is exactly zero in exact arithmetic (biases right before a
     # GroupNorm with one channel per group) into updates of ±lr when eps is tiny, so different reduction orders
     # (meshes) would disagree there by O(lr). eps 1e-5 is far below every real gradient's scale here.

@@ -76,7 +76,7 @@ def stage2_config(
     config.tokenizer = ml_collections.ConfigDict(dict(tokenizer))
     config.diffusion = config_blocks.diffusion_block(**dict(diffusion), p_uncond=0.1)
     config.optim = config_blocks.adamw_block(
-        lr=1e-5, weight_decay=0.01, warmup_steps=0, schedule="constant", flatten=False
+        lr=1e-5, weight_decay=0.01, warmup_steps=0, schedule="constant"
     )  # for fine-tuning a converted model
     config.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
     config.sampling = ml_collections.ConfigDict(dict(sampling))

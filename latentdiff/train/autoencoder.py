@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import traverse_util
 
 from latentdiff import config_utils, parallel
@@ -26,7 +25,7 @@ from latentdiff.imaging import to_uint8
 from latentdiff.nn.autoencoder import build_autoencoder, last_layer_path
 from latentdiff.nn.discriminator import NLayerDiscriminator
 from latentdiff.nn.lpips import lpips_distance
-from latentdiff.train import ae_losses, common, loop
+from latentdiff.train import ae_losses, common, loop, optim
 
 
 @flax.struct.dataclass
@@ -77,8 +76,8 @@ class AutoencoderTask:
         self.kind = config.autoencoder.kind
         self.ae = build_autoencoder(config.autoencoder)
         self.disc = build_discriminator(config.discriminator)
-        self.gen_tx = common.make_optimizer(config.optim, config.num_train_steps)
-        self.disc_tx = common.make_optimizer(config.disc_optim, config.num_train_steps)
+        self.gen_tx = optim.make_optimizer(config.optim, config.num_train_steps)
+        self.disc_tx = optim.make_optimizer(config.disc_optim, config.num_train_steps)
         self.lpips_dtype = common.compute_dtype(config.loss.lpips_dtype)
 
     # ----- init -----
@@ -206,27 +205,33 @@ class AutoencoderTask:
         main, aux, grads, d_grads, new_stats, metrics = with_disc() if use_disc else without_disc()
         x_rec, reg_metrics, new_model_state, lpips_mean, nll = aux
 
-        updates, gen_opt_state = self.gen_tx.update(grads, state.gen_opt_state, state.gen_params)
-        gen_params = optax.apply_updates(state.gen_params, updates)
+        grad_norm = common.global_norm(grads)
+        d_grad_norm = common.global_norm(d_grads)
+        finite = common.all_finite(main, grad_norm + d_grad_norm)
+        gen_params, gen_opt_state, _ = self.gen_tx.apply(
+            grads, state.gen_opt_state, state.gen_params, grad_norm, finite
+        )
         if use_disc:
-            d_updates, disc_opt_state = self.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
-            disc_params = optax.apply_updates(state.disc_params, d_updates)
+            disc_params, disc_opt_state, _ = self.disc_tx.apply(
+                d_grads, state.disc_opt_state, state.disc_params, d_grad_norm, finite
+            )
         else:  # before disc_start the discriminator (and its Adam moments) do not move at all
             disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
-
-        grad_norm = common.global_norm(grads)
-        finite = common.all_finite(main, grad_norm + common.global_norm(d_grads))
-        new = (gen_params, gen_opt_state, disc_params, new_stats, disc_opt_state, new_model_state)
-        old = (
-            state.gen_params,
-            state.gen_opt_state,
-            state.disc_params,
-            state.disc_batch_stats,
-            state.disc_opt_state,
-            state.model_state,
+        disc_batch_stats, model_state = common.select_tree(
+            finite, (new_stats, new_model_state), (state.disc_batch_stats, state.model_state)
         )
-        chosen, count, streak = common.guarded_update(finite, new, old, state.nonfinite_count, state.nonfinite_streak)
-        new_state = AEState(state.step + 1, *chosen[:2], *chosen[2:5], chosen[5], count, streak)
+        count, streak = common.count_skips(finite, state.nonfinite_count, state.nonfinite_streak)
+        new_state = AEState(
+            state.step + 1,
+            gen_params,
+            gen_opt_state,
+            disc_params,
+            disc_batch_stats,
+            disc_opt_state,
+            model_state,
+            count,
+            streak,
+        )
         metrics = {
             "loss": main,
             "nll": nll,

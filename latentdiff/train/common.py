@@ -1,4 +1,5 @@
-"""Pieces both stages' train steps share: optimizers, EMA, the non-finite guard, gradient accumulation, dtypes."""
+"""Pieces both stages' train steps share: EMA decay, the non-finite guard, gradient accumulation, dtypes (the
+optimizer, with the EMA and the guard fused into its update, is latentdiff.train.optim)."""
 
 from __future__ import annotations
 
@@ -7,36 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
-
-
-def learning_rate_schedule(optim: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
-    """Linear warmup to optim.lr, then 'constant' or 'cosine' decay to 0 at num_train_steps."""
-    warmup = optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
-    if optim.schedule == "constant":
-        after = optax.constant_schedule(optim.lr)
-    elif optim.schedule == "cosine":
-        after = optax.cosine_decay_schedule(optim.lr, max(num_train_steps - optim.warmup_steps, 1))
-    else:
-        raise ValueError(f"optim.schedule {optim.schedule!r} is not one of 'constant', 'cosine'")
-    return optax.join_schedules([warmup, after], [optim.warmup_steps])
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, num_train_steps: int) -> optax.GradientTransformation:
-    """optim.name 'adam' | 'adamw' with betas, optional global-norm clipping (grad_clip > 0), optional flattening."""
-    lr = learning_rate_schedule(optim, num_train_steps)
-    if optim.name == "adam":
-        core = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
-    elif optim.name == "adamw":
-        core = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay)
-    else:
-        raise ValueError(f"optim.name {optim.name!r} is not one of 'adam', 'adamw'")
-    if optim.grad_clip > 0:
-        core = optax.chain(optax.clip_by_global_norm(optim.grad_clip), core)
-    # optim.flatten: one flat vector for the optimizer state; far fewer XLA kernels (CPU compile time ~3x lower
-    # for small models) but it defeats per-parameter FSDP sharding, so paper configs keep it off.
-    return optax.flatten(core) if optim.flatten else core
 
 
 def ema_decay(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
@@ -45,11 +17,6 @@ def ema_decay(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
     if warmup:
         return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     return jnp.asarray(decay, jnp.float32)
-
-
-def ema_update(ema_params: Any, params: Any, decay: jax.Array) -> Any:
-    """ema <- decay * ema + (1 - decay) * params."""
-    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema_params, params)
 
 
 def all_finite(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
@@ -67,7 +34,7 @@ def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 
 
 def global_norm(tree: Any) -> jax.Array:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)
 
 
 def split_micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str, jax.Array]:
@@ -111,17 +78,10 @@ def accumulate_gradients(
     return jax.tree.map(lambda g: g / num_micro, grads), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
-def guarded_update(
-    finite: jax.Array,
-    new: Any,
-    old: Any,
-    nonfinite_count: jax.Array,
-    nonfinite_streak: jax.Array,
-) -> tuple[Any, jax.Array, jax.Array]:
-    """Keeps `old` when the update is not finite and counts it (total and consecutive)."""
-    chosen = select_tree(finite, new, old)
+def count_skips(finite: jax.Array, nonfinite_count: jax.Array, nonfinite_streak: jax.Array) -> tuple:
+    """(total, consecutive) skipped updates after a step whose update was `finite` (bool [])."""
     skipped = jnp.logical_not(finite).astype(jnp.int32)
-    return chosen, nonfinite_count + skipped, jnp.where(finite, 0, nonfinite_streak + 1)
+    return nonfinite_count + skipped, jnp.where(finite, 0, nonfinite_streak + 1)
 
 
 def compute_dtype(name: str) -> jnp.dtype:

@@ -186,11 +186,8 @@ def diffusion_block(
     )
 
 
-def adamw_block(
-    *, lr: float, weight_decay: float, warmup_steps: int, schedule: str, flatten: bool
-) -> ml_collections.ConfigDict:
-    """config.optim of stage 2: AdamW (β 0.9 / 0.999, eps 1e-8), global-norm clipping at 1. flatten: one flat
-    optimizer vector (faster CPU compiles; off where FSDP shards the params)."""
+def adamw_block(*, lr: float, weight_decay: float, warmup_steps: int, schedule: str) -> ml_collections.ConfigDict:
+    """config.optim of stage 2: AdamW (β 0.9 / 0.999, eps 1e-8), global-norm clipping at 1."""
     return ml_collections.ConfigDict(
         dict(
             name="adamw",
@@ -202,6 +199,5 @@ def adamw_block(
             warmup_steps=warmup_steps,
             schedule=schedule,
             grad_clip=1.0,
-            flatten=flatten,
         )
     )

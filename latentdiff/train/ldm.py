@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from latentdiff import checkpoint, conditioning, config_utils, first_stage, parallel, sampling
 from latentdiff.diffusion import losses as diffusion_losses
@@ -33,7 +32,7 @@ from latentdiff.imaging import to_uint8
 from latentdiff.nn.autoencoder import DiagonalGaussian
 from latentdiff.nn.text_encoder import build_text_encoder, init_tokens, null_label
 from latentdiff.nn.unet import build_unet, validate_context
-from latentdiff.train import common, loop
+from latentdiff.train import common, loop, optim
 
 log = logging.getLogger("latentdiff")
 
@@ -104,7 +103,7 @@ class LDMTask:
         self.unet = build_unet(config.unet)
         self.cond_encoder = build_text_encoder(config.text_encoder)
         self.schedule = schedule_from_config(config.diffusion)
-        self.tx = common.make_optimizer(config.optim, config.num_train_steps)
+        self.tx = optim.make_optimizer(config.optim, config.num_train_steps)
         self.null_cond = jnp.asarray(null_cond)
         self.initial_scale_factor = float(scale_factor)
         self.latent_shape = fs.latent_shape(config.data.resolution)
@@ -226,19 +225,13 @@ class LDMTask:
             rng,
             self.config.grad_accum_steps,
         )
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = common.ema_decay(state.step, self.config.ema.decay, self.config.ema.warmup)
-        ema_params = common.ema_update(state.ema_params, params, decay)
         grad_norm = common.global_norm(grads)
         finite = common.all_finite(metrics["loss"], grad_norm)
-        (params, opt_state, ema_params), count, streak = common.guarded_update(
-            finite,
-            (params, opt_state, ema_params),
-            (state.params, state.opt_state, state.ema_params),
-            state.nonfinite_count,
-            state.nonfinite_streak,
+        decay = common.ema_decay(state.step, self.config.ema.decay, self.config.ema.warmup)
+        params, opt_state, ema_params = self.tx.apply(
+            grads, state.opt_state, state.params, grad_norm, finite, state.ema_params, decay
         )
+        count, streak = common.count_skips(finite, state.nonfinite_count, state.nonfinite_streak)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -256,7 +249,7 @@ class LDMTask:
             "ema_decay": decay,
             "latent_std": metrics["latent_std"],
             "update_skipped": 1.0 - finite.astype(jnp.float32),
-            "lr": common.learning_rate_schedule(self.config.optim, self.config.num_train_steps)(state.step),
+            "lr": self.tx.learning_rate(state.opt_state.count),
         }
         return new_state, loop.scalar_metrics(**scalars)
 
