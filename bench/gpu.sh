@@ -5,7 +5,8 @@
 #     env           versions, nvidia-smi, bf16 matmul rate (jnp.dot 8192³)
 #     fid           Inception features (FID network, float32), batch 128 of 256 px uint8: ours vs pytorch-fid
 #     train_paper   paper-scale stage-2 train step (UNet 872M + text encoder 543M, remat, AdamW, EMA, batch 32,
-#                   XLA attention: cuDNN flash attention has no backward for the 77-token cross-attention; see RESULTS),
+#                   cuDNN flash attention for the self-attention, XLA for the 77-token cross-attention; TRAIN_ATTENTION=xla
+#                   for XLA everywhere),
 #                   ours bf16 vs diffusers/PyTorch bf16 autocast; MFU vs 989 TFLOP/s (H100 SXM dense bf16), from
 #                   the 24.3 TFLOP/step (no remat) that XLA's cost analysis gives on the CPU (RESULTS.md, GPU)
 #     sample_paper  DDIM 50 steps with guidance, batch 16, paper UNet + KL-f8 decoder: ours bf16 vs diffusers fp16
@@ -42,7 +43,7 @@ if [ "$DRY" = 1 ]; then
   RUNS=2
   STEPS=3
   FID_BATCH=4
-  PAPER_GFLOPS=0
+  PAPER_GFLOPS=0  # 0: counted by the worker (then --model-gflops-batch is ignored)
   TRAIN_XLA_FLAGS=
 else
   PY=${PY:-python3}
@@ -159,7 +160,7 @@ PY
     ;;
   train_paper)
     XLA_FLAGS=${XLA_FLAGS:-$TRAIN_XLA_FLAGS} run train_paper ${TRAIN_PAPER_LIMIT:-330} $PY bench/train_step.py "${DEV[@]}" --size $PAPER --stage ldm \
-      --runs $RUNS --attention "${TRAIN_ATTENTION:-xla}" --model-gflops $PAPER_GFLOPS \
+      --runs $RUNS --attention "${TRAIN_ATTENTION:-cudnn}" --model-gflops $PAPER_GFLOPS --model-gflops-batch 32 \
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_paper.json"
     ;;
   train_variants)
@@ -173,7 +174,7 @@ PY
       # shellcheck disable=SC2086  # the variant's words are separate arguments
       XLA_FLAGS=${XLA_FLAGS:-$TRAIN_XLA_FLAGS} WORKER_SHARE=$(((${TRAIN_VARIANT_LIMIT:-280} - 10) * 100 / ${TRAIN_VARIANT_LIMIT:-280})) \
         run "train_variant_$i [$variant]" ${TRAIN_VARIANT_LIMIT:-280} $PY bench/train_step.py "${DEV[@]}" --size $PAPER \
-        --stage ldm --frameworks ours --runs $RUNS --model-gflops $PAPER_GFLOPS $variant \
+        --stage ldm --frameworks ours --runs $RUNS --model-gflops $PAPER_GFLOPS --model-gflops-batch 32 $variant \
         --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_variant_$i.json"
     done
     ;;

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (XLA uses all cores)")
     p.add_argument("--batch", type=int, default=0, help="override the config's batch size (0 = keep)")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    p.add_argument("--attention", default="", help="GPU: unet.attention_impl for ours (xla | cudnn; default xla)")
+    p.add_argument("--attention", default="", help="GPU: unet.attention_impl for ours (xla | cudnn; default cudnn)")
     p.add_argument(
         "--peak-gflops",
         type=float,
@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="FLOPs of one step without remat, if already known (skips lowering the no-remat step, which takes "
         "minutes at paper scale; bench/gpu.sh passes the CPU-lowered count recorded in RESULTS.md)",
+    )
+    p.add_argument(
+        "--model-gflops-batch",
+        type=int,
+        default=0,
+        help="the batch size --model-gflops was counted at (scaled linearly to --batch; 0 = the same batch)",
     )
     p.add_argument(
         "--profile",
@@ -107,9 +113,9 @@ def ldm_config(args: argparse.Namespace):
     if args.device == "gpu":
         config.unet.dtype = "bfloat16"
         config.text_encoder.dtype = "bfloat16"
-        # cuDNN flash attention has no backward for the paper's 77-token cross-attention (JAX 0.11.2 raises
-        # "Unsupported sequence length"), so training defaults to XLA attention; --attention cudnn to try it.
-        config.unet.attention_impl = args.attention or "xla"
+        # cudnn: cuDNN flash attention for the self-attention; the 77-token cross-attention, which cuDNN's backward
+        # does not take, stays on XLA (latentdiff.nn.attention.kernel_for). H100: 166 vs 182 ms per paper step.
+        config.unet.attention_impl = args.attention or "cudnn"
     if args.batch:
         config.batch_size = args.batch
     if args.no_remat:
@@ -219,7 +225,8 @@ def ours_ldm(args: argparse.Namespace) -> dict:
     fs_vars = jax.device_put(fs_vars)
     batch_args = lambda i: (batch, jax.random.key(i), fs_vars)
     make_step = lambda c: jax.jit(make_task(c).train_step, donate_argnums=0)
-    model_flops = args.model_gflops * 1e9 or _model_flops(make_step, config, abstract, batch_args)
+    known = args.model_gflops * 1e9 * b / (args.model_gflops_batch or b)  # scaled to this step's batch
+    model_flops = known or _model_flops(make_step, config, abstract, batch_args)
     out = _jax_step_result(make_step(config), state, batch_args, args.runs, model_flops, args.device, args.profile)
     out["params_m"] = common.count_params(abstract.params) / 1e6
     out["batch"] = b
@@ -480,7 +487,8 @@ def ab_groupnorm(args: argparse.Namespace) -> str:
 def worker_args(args: argparse.Namespace, stage: str, fw: str) -> list[str]:
     out = ["--size", args.size, "--stage", stage, "--framework", fw, "--runs", str(args.runs)]
     out += ["--threads", str(args.threads), "--device", args.device, "--batch", str(args.batch)]
-    out += ["--model-gflops", str(args.model_gflops), "--profile", str(args.profile)]
+    out += ["--model-gflops", str(args.model_gflops), "--model-gflops-batch", str(args.model_gflops_batch)]
+    out += ["--profile", str(args.profile)]
     out += ["--no-remat"] if args.no_remat else []
     return out + (["--attention", args.attention] if args.attention else [])
 
