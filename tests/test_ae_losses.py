@@ -80,3 +80,38 @@ def test_disc_factor_switches_on_at_disc_start():
     f = jax.jit(lambda s: L.disc_factor(s, 100, 1.5))
     assert [float(f(s)) for s in (0, 99, 100, 5000)] == [0.0, 0.0, 1.5, 1.5]
     assert float(L.disc_factor(7, 0, 1.0)) == 1.0
+
+
+def test_weighted_generator_grads_equal_two_full_gradients():
+    """One pullback of (1, λ·factor) with λ from last-layer gradients == ∇main + λ·factor·∇g from two full gradients
+    (the formulation of CompVis's loss), on a small two-layer generator with a logvar-like extra leaf."""
+    rng = np.random.default_rng(0)
+    params = {
+        "autoencoder": {
+            "enc": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
+            "decoder": {"conv_out": {"kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)}},
+        },
+        "logvar": jnp.float32(0.3),
+    }
+    x = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+    critic = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+
+    def losses(p):
+        h = jnp.tanh(x @ p["autoencoder"]["enc"]["kernel"])
+        x_rec = h @ p["autoencoder"]["decoder"]["conv_out"]["kernel"]
+        main = jnp.sum(jnp.abs(x_rec[:, :4] - x[:, :4])) / jnp.exp(p["logvar"]) + p["logvar"]
+        return (main, -jnp.mean(x_rec @ critic)), x_rec
+
+    path = ("autoencoder", "decoder", "conv_out", "kernel")
+    factor = jnp.float32(0.7)
+    grads, weight, main, g_loss, _ = L.weighted_generator_grads(losses, params, path, 0.5, factor)
+    grad_main = jax.grad(lambda p: losses(p)[0][0])(params)
+    grad_g = jax.grad(lambda p: losses(p)[0][1])(params)
+    want_weight = L.adaptive_weight(L.leaf_at(grad_main, path), L.leaf_at(grad_g, path), 0.5)
+    np.testing.assert_allclose(float(weight), float(want_weight), rtol=1e-6)
+    want = jax.tree.map(lambda a, b: a + want_weight * factor * b, grad_main, grad_g)
+    for w, h in zip(jax.tree.leaves(want), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(grads["logvar"])) > 0 and float(weight) > 0  # every term present
+    np.testing.assert_allclose(float(main), float(losses(params)[0][0]), rtol=1e-6)
+    np.testing.assert_allclose(float(g_loss), float(losses(params)[0][1]), rtol=1e-6)

@@ -8,6 +8,9 @@ No flax modules here: every function maps arrays to arrays, so the train step co
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -57,6 +60,43 @@ def adaptive_weight(nll_grad: jax.Array, g_grad: jax.Array, disc_weight: float) 
     calculate_adaptive_weight). The gradients are taken w.r.t. the decoder's last conv kernel."""
     ratio = jnp.linalg.norm(jnp.ravel(nll_grad)) / (jnp.linalg.norm(jnp.ravel(g_grad)) + 1e-4)
     return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4) * disc_weight)
+
+
+def replace_at(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+    """A copy of nested dict `tree` with the leaf at `path` replaced (the others shared)."""
+    head, *rest = path
+    return {**tree, head: replace_at(tree[head], tuple(rest), value) if rest else value}
+
+
+def leaf_at(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def weighted_generator_grads(
+    losses: Callable[[Any], tuple[tuple[jax.Array, jax.Array], Any]],
+    params: dict,
+    last_layer: tuple[str, ...],
+    disc_weight: float,
+    factor: jax.Array,
+) -> tuple[Any, jax.Array, jax.Array, jax.Array, Any]:
+    """∇(main + λ·factor·g) with the adaptive λ = adaptive_weight(∂main/∂W, ∂g/∂W) at the last layer W.
+
+    losses(params) -> ((main, g), aux). Returns (grads, λ, main, g, aux). The two gradients λ needs are taken at W
+    only (backward through the loss heads and the last layer, not the whole autoencoder), and the full gradient is
+    one pullback of the weighted cotangent (1, λ·factor): pullbacks are linear, so this equals ∇main + λ·factor·∇g
+    with one backward through the autoencoder instead of two.
+    """
+    (main, g_loss), pullback, aux = jax.vjp(losses, params, has_aux=True)
+    at_last = lambda w: losses(replace_at(params, last_layer, w))[0]
+    _, last_pullback = jax.vjp(at_last, leaf_at(params, last_layer))
+    one, zero = jnp.ones_like(main), jnp.zeros_like(main)
+    (main_at_last,) = last_pullback((one, zero))
+    (g_at_last,) = last_pullback((zero, one))
+    weight = adaptive_weight(main_at_last, g_at_last, disc_weight)
+    (grads,) = pullback((one, (weight * factor).astype(g_loss.dtype) * jnp.ones_like(g_loss)))
+    return grads, weight, main, g_loss, aux
 
 
 def disc_factor(step: jax.Array | int, disc_start: int, factor: float) -> jax.Array:

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from latentdiff import config_utils, parallel
 from latentdiff.imaging import to_uint8
@@ -171,16 +170,11 @@ class AutoencoderTask:
                 logits_fake, _ = self.disc_logits(state.disc_params, state.disc_batch_stats, aux[0])
                 return (main, ae_losses.generator_adv_loss(logits_fake)), aux
 
-            # One forward, two pullbacks: ∇(nll + reg) and ∇g separately, for the adaptive weight.
-            (main, g_loss), pullback, aux = jax.vjp(losses, state.gen_params, has_aux=True)
-            (grads_main,) = pullback((jnp.ones_like(main), jnp.zeros_like(g_loss)))
-            (grads_g,) = pullback((jnp.zeros_like(main), jnp.ones_like(g_loss)))
-            path = ("autoencoder", *last_layer_path(self.kind))
-            flat_main = traverse_util.flatten_dict(grads_main)
-            flat_g = traverse_util.flatten_dict(grads_g)
-            d_weight = ae_losses.adaptive_weight(flat_main[path], flat_g[path], cfg_loss.disc_weight)
             factor = jnp.float32(cfg_loss.disc_factor)
-            grads = jax.tree.map(lambda a, b: a + d_weight * factor * b, grads_main, grads_g)
+            path = ("autoencoder", *last_layer_path(self.kind))
+            grads, d_weight, main, g_loss, aux = ae_losses.weighted_generator_grads(
+                losses, state.gen_params, path, cfg_loss.disc_weight, factor
+            )
             x_rec = jax.lax.stop_gradient(aux[0])
 
             def d_loss_fn(disc_params: Any) -> tuple[jax.Array, tuple]:
