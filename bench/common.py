@@ -475,32 +475,26 @@ def op_profile(run_step: Callable[[], Any], hlo_text: str, steps: int, top: int 
     planes = [p for p in data.planes if p.name.startswith("/device:GPU")] or [
         p for p in data.planes if p.name.startswith("/host:CPU")
     ]
-    kinds = _hlo_kinds(hlo_text)
     per_op: dict[str, float] = {}
-    for plane in planes[:1]:
+    for plane in planes[:1]:  # one device
         for line in plane.lines:
             for event in line.events:
                 stats = dict(event.stats)
                 op = stats.get("hlo_op")
                 if op:
                     per_op[str(op)] = per_op.get(str(op), 0.0) + event.duration_ns / 1e6 / steps
-    total = sum(per_op.values()) or 1.0
+    hlo = _hlo_kinds(hlo_text)
+    kinds = {op: hlo.get(op, (_kind_from_name(op), "")) for op in per_op}
     per_kind: dict[str, float] = {}
-    for op in per_op:
-        kinds.setdefault(op, (_kind_from_name(op), ""))
     for op, ms in per_op.items():
-        k = kinds[op][0]
-        per_kind[k] = per_kind.get(k, 0.0) + ms
-    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+        per_kind[kinds[op][0]] = per_kind.get(kinds[op][0], 0.0) + ms
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
     return {
-        "all_ops": {op: [kinds.get(op, ("?", ""))[0], kinds.get(op, ("?", ""))[1], ms] for op, ms in per_op.items()},
+        "all_ops": {op: [*kinds[op], ms] for op, ms in ranked},
         "wall_ms_per_step": wall * 1e3 / steps,
-        "op_ms_per_step": total,
+        "op_ms_per_step": sum(per_op.values()) or 1.0,
         "per_kind_ms": dict(sorted(per_kind.items(), key=lambda kv: -kv[1])),
-        "top_ops": [
-            {"op": op, "kind": kinds.get(op, ("?", ""))[0], "shape": kinds.get(op, ("?", ""))[1], "ms": ms}
-            for op, ms in ranked
-        ],
+        "top_ops": [{"op": op, "kind": kinds[op][0], "shape": kinds[op][1], "ms": ms} for op, ms in ranked[:top]],
     }
 
 

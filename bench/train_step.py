@@ -160,8 +160,6 @@ def _jax_step_result(
 
     times = common.time_runs(one, runs, warmup=2)
     profile = common.op_profile(one, compiled.as_text(), profile_steps) if profile_steps else None
-    if profile:
-        print(common.op_profile_text(profile), file=sys.stderr, flush=True)
     peak = common.matmul_peak_gflops() if device == "cpu" else 0.0
     return {
         "profile": profile,

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 
 def reconstruction_nll(
@@ -62,18 +63,6 @@ def adaptive_weight(nll_grad: jax.Array, g_grad: jax.Array, disc_weight: float) 
     return jax.lax.stop_gradient(jnp.clip(ratio, 0.0, 1e4) * disc_weight)
 
 
-def replace_at(tree: dict, path: tuple[str, ...], value: Any) -> dict:
-    """A copy of nested dict `tree` with the leaf at `path` replaced (the others shared)."""
-    head, *rest = path
-    return {**tree, head: replace_at(tree[head], tuple(rest), value) if rest else value}
-
-
-def leaf_at(tree: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def weighted_generator_grads(
     losses: Callable[[Any], tuple[tuple[jax.Array, jax.Array], Any]],
     params: dict,
@@ -89,8 +78,9 @@ def weighted_generator_grads(
     with one backward through the autoencoder instead of two.
     """
     (main, g_loss), pullback, aux = jax.vjp(losses, params, has_aux=True)
-    at_last = lambda w: losses(replace_at(params, last_layer, w))[0]
-    _, last_pullback = jax.vjp(at_last, leaf_at(params, last_layer))
+    flat = traverse_util.flatten_dict(params, keep_empty_nodes=True)
+    at_last = lambda w: losses(traverse_util.unflatten_dict({**flat, last_layer: w}))[0]
+    _, last_pullback = jax.vjp(at_last, flat[last_layer])
     one, zero = jnp.ones_like(main), jnp.zeros_like(main)
     (main_at_last,) = last_pullback((one, zero))
     (g_at_last,) = last_pullback((zero, one))

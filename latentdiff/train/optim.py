@@ -4,8 +4,8 @@ The maths is optax's `chain(clip_by_global_norm(c), adamw(lr_schedule, b1, b2, e
 `apply_updates`, the EMA, and "keep the old state when the step is not finite". Written with optax's transforms and a
 select over the whole state, XLA:CPU split that into many passes per leaf plus defensive copies of the donated state
 (the guard needs the old values after the new ones are written). Here each leaf takes three fused passes, each
-writing only its own buffer. In the 70M-parameter CPU benchmark step (bench/RESULTS.md) the update's share fell from
-~290 ms to ~100 ms. Same results as optax to float rounding: tests/test_optim.py.
+writing only its own buffer. The 70M-parameter CPU benchmark step went from 1.55–2.06 s to 1.06–1.10 s
+(bench/RESULTS.md, session 6). Same results as optax to float rounding: tests/test_optim.py.
 """
 
 from __future__ import annotations
@@ -80,10 +80,11 @@ class AdamW:
         # Three dependent passes per leaf (moments; params from the new moments; EMA from the new params), each
         # writing only its own buffer, so none needs the old value of a buffer another pass overwrites in place (no
         # defensive copies of the donated state). The barriers stop XLA from re-deriving a pass's inputs inside the
-        # next one, which brings those copies back (+0.2 s per step on the 70M-parameter CPU benchmark).
+        # next one, which brings those copies back.
         barrier = jax.lax.optimization_barrier
-        g_leaves, p_leaves = leaves_of(grads), leaves_of(params)
-        mu, nu = barrier(tuple(zip(*map(moments, g_leaves, leaves_of(state.mu), leaves_of(state.nu))))) or ((), ())
+        p_leaves = leaves_of(params)
+        moment_leaves = list(map(moments, leaves_of(grads), leaves_of(state.mu), leaves_of(state.nu)))
+        mu, nu = barrier(tuple(zip(*moment_leaves))) if p_leaves else ((), ())
         new_params = barrier(list(map(param, p_leaves, mu, nu)))
         new_ema = None
         if ema_params is not None:
