@@ -10,6 +10,7 @@
 #                   ours bf16 vs diffusers/PyTorch bf16 autocast; MFU vs 989 TFLOP/s (H100 SXM dense bf16), from
 #                   the 24.3 TFLOP/step (no remat) that XLA's cost analysis gives on the CPU (RESULTS.md, GPU)
 #     sample_paper  DDIM 50 steps with guidance, batch 16, paper UNet + KL-f8 decoder: ours bf16 vs diffusers fp16
+#                   (~110 s on an H100: our worker 62 s with its compile, diffusers' 42 s)
 #     train_variants  (only when named) our paper-scale step alone, once per TRAIN_VARIANTS entry (see below)
 #     parity        tiny bf16 UNet: cuDNN vs XLA attention, outputs and parameter gradients (vs a float32 reference)
 #     train_tiny    the tiny stage-2 step on the GPU, both frameworks
@@ -21,6 +22,8 @@
 #                      # its section's limit)
 #   OUT=... GPU_SH_BUDGET=575 TRAIN_VARIANTS="--attention cudnn --profile 2;--attention cudnn --no-remat" bash bench/gpu.sh train_variants
 #                      # A/B of our step: no torch peer; each variant TRAIN_VARIANT_LIMIT (280) seconds
+#   OUT=... SAMPLE_PAPER_LIMIT=300 SAMPLE_ARGS="--frameworks ours --runs 5" SAMPLE_TAG=_a bash bench/gpu.sh sample_paper
+#                      # extra sample.py arguments; SAMPLE_TAG names the JSON (sample_paper_a.json)
 #   GPU_SH_DRY=1 bash bench/gpu.sh                           # the same logic on the CPU with tiny sizes
 #
 # Results: $OUT/RESULTS_gpu.md (sections to paste into bench/RESULTS.md), $OUT/*.json, $OUT/log.txt.
@@ -44,7 +47,7 @@ if [ "$DRY" = 1 ]; then
   STEPS=3
   FID_BATCH=4
   PAPER_GFLOPS=0  # 0: counted by the worker (then --model-gflops-batch is ignored)
-  TRAIN_XLA_FLAGS=
+  GPU_XLA_FLAGS=
 else
   PY=${PY:-python3}
   DEV=(--device gpu)
@@ -53,7 +56,9 @@ else
   STEPS=50
   FID_BATCH=128
   PAPER_GFLOPS=24300
-  TRAIN_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false  # cuBLAS dots: compile ~170 s instead of > 290 s (H100)
+  # cuBLAS dots: the train step compiles in ~170 s instead of > 290 s, the sampler in 40 s instead of 49 s at the
+  # same speed (H100, sessions 5 and 7)
+  GPU_XLA_FLAGS=--xla_gpu_enable_triton_gemm=false
 fi
 SECTIONS=${*:-env fid train_paper sample_paper parity train_tiny}
 
@@ -159,7 +164,7 @@ PY
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/fid.json"
     ;;
   train_paper)
-    XLA_FLAGS=${XLA_FLAGS:-$TRAIN_XLA_FLAGS} run train_paper ${TRAIN_PAPER_LIMIT:-330} $PY bench/train_step.py "${DEV[@]}" --size $PAPER --stage ldm \
+    XLA_FLAGS=${XLA_FLAGS:-$GPU_XLA_FLAGS} run train_paper ${TRAIN_PAPER_LIMIT:-330} $PY bench/train_step.py "${DEV[@]}" --size $PAPER --stage ldm \
       --runs $RUNS --attention "${TRAIN_ATTENTION:-cudnn}" --model-gflops $PAPER_GFLOPS --model-gflops-batch 32 \
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_paper.json"
     ;;
@@ -172,15 +177,16 @@ PY
     for variant in "${variants[@]}"; do
       i=$((i + 1))
       # shellcheck disable=SC2086  # the variant's words are separate arguments
-      XLA_FLAGS=${XLA_FLAGS:-$TRAIN_XLA_FLAGS} WORKER_SHARE=$(((${TRAIN_VARIANT_LIMIT:-280} - 10) * 100 / ${TRAIN_VARIANT_LIMIT:-280})) \
+      XLA_FLAGS=${XLA_FLAGS:-$GPU_XLA_FLAGS} WORKER_SHARE=$(((${TRAIN_VARIANT_LIMIT:-280} - 10) * 100 / ${TRAIN_VARIANT_LIMIT:-280})) \
         run "train_variant_$i [$variant]" ${TRAIN_VARIANT_LIMIT:-280} $PY bench/train_step.py "${DEV[@]}" --size $PAPER \
         --stage ldm --frameworks ours --runs $RUNS --model-gflops $PAPER_GFLOPS --model-gflops-batch 32 $variant \
         --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_variant_$i.json"
     done
     ;;
   sample_paper)
-    run sample_paper ${SAMPLE_PAPER_LIMIT:-140} $PY bench/sample.py "${DEV[@]}" --size $PAPER --batch 16 --steps $STEPS --runs 3 \
-      --results "$OUT/RESULTS_gpu.md" --json "$OUT/sample_paper.json"
+    # shellcheck disable=SC2086  # SAMPLE_ARGS: extra bench/sample.py arguments (the last of a repeated option wins)
+    XLA_FLAGS=${XLA_FLAGS:-$GPU_XLA_FLAGS} run sample_paper ${SAMPLE_PAPER_LIMIT:-240} $PY bench/sample.py "${DEV[@]}" --size $PAPER --batch 16 --steps $STEPS --runs 3 \
+      ${SAMPLE_ARGS:-} --results "$OUT/RESULTS_gpu.md" --json "$OUT/sample_paper${SAMPLE_TAG:-}.json"
     ;;
   train_tiny)
     run train_tiny 80 $PY bench/train_step.py "${DEV[@]}" --size tiny --stage ldm --runs $RUNS \
