@@ -11,7 +11,7 @@ See `python sample.py --help`.
 
 import sys
 
-import latentdiff  # noqa: F401  (applies the CPU XLA flags before JAX starts)
+import latentdiff  # noqa: F401  (applies the CPU XLA flags, and opt-in malloc settings, before JAX starts)
 from latentdiff import errors
 from latentdiff.sample_cli import parse_args, run
 

@@ -14,7 +14,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-import latentdiff  # noqa: F401  (applies the CPU XLA flags before JAX starts)
+import latentdiff  # noqa: F401  (applies the CPU XLA flags, and opt-in malloc settings, before JAX starts)
 from latentdiff import config_utils, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py:VARIANT", lock_config=True)

@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import latentdiff  # noqa: F401  (CPU XLA flags before JAX starts)
+import latentdiff  # noqa: F401  (CPU XLA flags, opt-in malloc settings, before JAX starts)
 from latentdiff import evaluation, metrics
 
 
