@@ -7,8 +7,9 @@ went to the kernel's page-fault path (perf; bench/RESULTS.md, session 7). Cappin
 turning off mmap and trimming keeps freed buffers in the heap for the next step.
 
 Opt-in because the effect depends on the step: on the 2-core CPU the bench's tiny stage-1 step ran 16% faster and its
-small stage-2 step 7–23% faster, but the demo recipe's stage 2 ran ~12% slower (fewer arenas serialise the runtime's
-small allocations) and its stage 1 unchanged. Never applied over GLIBC_TUNABLES or MALLOC_ARENA_MAX, nor off glibc.
+small stage-2 step 7–23% faster, but the demo recipe's stage 2 ran ~12% slower (likely: fewer arenas serialise the
+runtime's small allocations; one arena made the tiny stage-2 step 35% slower) and its stage 1 unchanged. Never applied
+over GLIBC_TUNABLES or MALLOC_ARENA_MAX, nor off glibc.
 """
 
 from __future__ import annotations
