@@ -10,7 +10,7 @@
 #                   ours bf16 vs diffusers/PyTorch bf16 autocast; MFU vs 989 TFLOP/s (H100 SXM dense bf16), from
 #                   the 24.3 TFLOP/step (no remat) that XLA's cost analysis gives on the CPU (RESULTS.md, GPU)
 #     sample_paper  DDIM 50 steps with guidance, batch 16, paper UNet + KL-f8 decoder: ours bf16 vs diffusers fp16
-#                   (~110 s on an H100: our worker 62 s with its compile, diffusers' 42 s)
+#                   (~105 s on an H100: our worker 62 s with its compile, diffusers' 42 s)
 #     train_variants  (only when named) our paper-scale step alone, once per TRAIN_VARIANTS entry (see below)
 #     parity        tiny bf16 UNet: cuDNN vs XLA attention, outputs and parameter gradients (vs a float32 reference)
 #     train_tiny    the tiny stage-2 step on the GPU, both frameworks

@@ -3,8 +3,8 @@
 XLA:CPU allocates each step's temporaries afresh (one buffer of hundreds of MB plus tens of MB-sized ones). glibc
 serves requests over 32 MB, and any request a thread arena's 64 MB heap cannot hold, with a fresh mmap and returns it
 with munmap on free, so every step page-faults and zeroes them again: 16% of the tiny stage-1 bench step's CPU time
-went to the kernel's page-fault path (perf; bench/RESULTS.md, session 7). Capping the arenas at the core count and
-turning off mmap and trimming keeps freed buffers in the heap for the next step.
+was in the kernel, mostly its page-fault path (perf; bench/RESULTS.md, session 7). Capping the arenas at the core
+count and turning off mmap and trimming keeps freed buffers in the heap for the next step.
 
 Opt-in because the effect depends on the step: on the 2-core CPU the bench's tiny stage-1 step ran 16% faster and its
 small stage-2 step 7–23% faster, but the demo recipe's stage 2 ran ~12% slower (likely: fewer arenas serialise the
