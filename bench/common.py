@@ -217,7 +217,7 @@ def random_like(abstract: Any, seed: int, scale: float = 0.02) -> Any:
 
 
 def xla_flops(compiled: Any) -> float:
-    """FLOPs of a compiled XLA executable from its cost analysis (0 if unavailable)."""
+    """FLOPs of a compiled XLA executable (or a lowered computation) from its cost analysis (0 if unavailable)."""
     try:
         cost = compiled.cost_analysis()
     except Exception:

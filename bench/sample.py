@@ -9,7 +9,8 @@ call per step, decode), jitted once. Peer: the loop of diffusers' LDMTextToImage
 on [cond; uncond] once, DDIMScheduler(scaled_linear 0.00085..0.012, leading spacing, steps_offset 1,
 set_alpha_to_one False, as DESIGN.md), one doubled UNet call per step, guidance, AutoencoderKL.decode — with the same
 architecture and random weights. GPU: ours bf16 (+ cuDNN attention), diffusers fp16.
-Reported: images/s (median of --runs batches), time per batch, first-call (compile) time, peak RSS; and with
+Reported: images/s (median of --runs batches), time per batch, first-call (compile) time, peak RSS, achieved GFLOP/s
+(FLOPs of one batch from XLA's cost analysis, credited to both) and its fraction of the dense-matmul peak; and with
 --compile-steps the lower+compile time of our sampler for each step count.
 """
 
@@ -124,7 +125,35 @@ def ours(args: argparse.Namespace) -> dict:
         return {"compile_s": compiled_for(args.compile_only)[2], "steps": args.compile_only}
     compiled, call_args, compile_s = compiled_for(args.steps)
     times = common.time_runs(lambda: compiled(*call_args).block_until_ready(), args.runs, warmup=1)
-    return {"compile_s": compile_s, "times": times, "rss_mib": common.peak_rss_mib(), "backend": jax.default_backend()}
+    flops = batch_flops(unet, text, fs, params, fs_vars, cond, latent, args.steps)
+    out = {"compile_s": compile_s, "times": times, "rss_mib": common.peak_rss_mib(), "backend": jax.default_backend()}
+    peak = common.matmul_peak_gflops() if args.device == "cpu" else 0.0
+    return {**out, "flops": flops, "matmul_peak_gflops": peak}
+
+
+def batch_flops(unet, text, fs, params: dict, fs_vars: dict, cond, latent: int, steps: int) -> float:
+    """FLOPs of one guided batch, from XLA's cost analysis of its parts (a scan's body is counted once, so the
+    parts are counted apart): `steps` UNet calls at batch 2B, the text encoder on 2B prompts (as diffusers runs it;
+    ours encodes B + 1), and the decoder at batch B. The same FLOPs are credited to both frameworks."""
+    import jax
+    import jax.numpy as jnp
+
+    from latentdiff import first_stage
+
+    b = cond.shape[0]
+    tokens = jnp.concatenate([cond, jnp.zeros_like(cond)])
+    context = jax.eval_shape(lambda: text.apply({"params": params["cond"]}, tokens))
+    x = jnp.zeros((2 * b, latent, latent, 4), jnp.float32)
+    t = jnp.zeros((2 * b,), jnp.int32)
+    ctx = jnp.zeros(context.shape, context.dtype)
+
+    def flops_of(fn, *fn_args) -> float:  # lowered, not compiled: a paper-scale GPU compile would take minutes
+        return common.xla_flops(jax.jit(fn).lower(*fn_args))
+
+    unet_call = flops_of(lambda p, x, t, c: unet.apply({"params": p}, x, t, c, None, False), params["unet"], x, t, ctx)
+    encode = flops_of(lambda p, tok: text.apply({"params": p}, tok), params["cond"], tokens)
+    decode = flops_of(lambda v, z: first_stage.decode(fs, v, z), fs_vars, x[:b])
+    return steps * unet_call + encode + decode
 
 
 def diffusers_loop(args: argparse.Namespace) -> dict:
@@ -195,6 +224,8 @@ COLUMNS = [
     ("n", "runs"),
     ("compile_s", "compile / 1st call s"),
     ("rss_mib", "peak RSS MiB"),
+    ("gflops", "GFLOP/s"),
+    ("peak_frac", "of peak"),
     ("speedup", "ours faster ×"),
     ("load", "load avg"),
 ]
@@ -219,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
             results[fw].append(res)
             print(f"[{fw}] " + (res.get("error") or f"median {statistics.median(res['times']):.3f} s / batch"))
             print(f"[{fw}] raw {json.dumps(res)}", flush=True)
+    ours_ok = [r for r in results.get("ours", []) if "times" in r]
+    flops = ours_ok[0].get("flops", 0.0) if ours_ok else 0.0
+    peak = statistics.median(r.get("matmul_peak_gflops", 0.0) for r in ours_ok) if ours_ok else 0.0
     rows = []
     for fw in frameworks:
         ok = [r for r in results[fw] if "times" in r]
@@ -236,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
                 "n": len(times),
                 "compile_s": statistics.median(r["compile_s"] for r in ok),
                 "rss_mib": max(r["rss_mib"] for r in ok),
+                "gflops": flops / med / 1e9 if flops else None,
+                "peak_frac": flops / med / 1e9 / peak if flops and peak else None,
                 "load": "/".join(f"{r['load_before']:.1f}" for r in ok),
             }
         )
@@ -246,6 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     text = common.table(rows, COLUMNS)
     body = f"{text}\n\nDDIM {args.steps} steps, guidance {args.guidance}, batch {args.batch}"
     body += f" (UNet batch {2 * args.batch})."
+    if flops:
+        body += (
+            f" GFLOP/s = {flops / 1e9:.1f} GFLOP per batch (XLA cost analysis of {args.steps} UNet calls at batch"
+            f" {2 * args.batch}, the text encoder on {2 * args.batch} prompts and the decoder; credited to both) /"
+            " median time per batch"
+        )
+        body += f"; peak = jnp.dot 2048² f32 in our worker, {peak:.0f} GFLOP/s." if peak else "."
     compile_rows = []
     if args.compile_steps:
         for steps in [int(s) for s in args.compile_steps.split(",")]:
