@@ -2,6 +2,7 @@
 
     bash bench/experiments/onednn_conv/build.sh
     python bench/experiments/onednn_conv/ab.py --size tiny --stage ae_rec,ae_gan --runs 7 --rounds 2
+    python bench/experiments/onednn_conv/ab.py --speed      # single convolutions: fwd and fwd+bwd, xla vs onednn
 
 First checks oneDNN against lax.conv_general_dilated (forward, input and kernel gradients; stride 1 and 2, asymmetric
 padding) and stops if they differ. Then, per stage, runs bench/train_step.py's `ours` worker --rounds times with and
@@ -50,6 +51,8 @@ def check() -> None:
     import numpy as np
     import onednn_conv
 
+    import latentdiff  # noqa: F401  (its CPU flags, as in the train step)
+
     rng = np.random.default_rng(0)
     for x_shape, w_shape, strides, padding in CHECK_CASES:
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
@@ -70,7 +73,57 @@ def check() -> None:
             raise SystemExit("oneDNN convolution differs from lax.conv_general_dilated")
 
 
+SPEED_SHAPES = (  # B, H, W, C, K of 3x3 stride-1 convolutions in the autoencoder and the small UNet
+    (16, 64, 64, 32, 32),
+    (16, 32, 32, 64, 64),
+    (4, 128, 128, 64, 64),
+    (4, 64, 64, 128, 128),
+    (8, 16, 16, 192, 192),
+    (8, 8, 8, 384, 384),
+    (16, 64, 64, 32, 3),
+)
+
+
+def speed(runs: int) -> str:
+    """Per-convolution forward and forward+backward (dx and dw) times, lax vs oneDNN, as a markdown table."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import onednn_conv
+
+    import latentdiff  # noqa: F401  (before JAX starts: its CPU flags, Eigen convolutions, as in the train step)
+
+    pad = ((1, 1), (1, 1))
+    impls = {
+        "xla": functools.partial(
+            jax.lax.conv_general_dilated, window_strides=(1, 1), padding=pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        "onednn": functools.partial(onednn_conv.conv, strides=(1, 1), padding=pad),
+    }
+    rng = np.random.default_rng(0)
+    rows = []
+    for b, h, w, c, k in SPEED_SHAPES:
+        x = jnp.asarray(rng.standard_normal((b, h, w, c)), jnp.float32)
+        kernel = jnp.asarray(rng.standard_normal((3, 3, c, k)), jnp.float32)
+        row = {"shape": f"{b}×{h}×{w}×{c}→{k}"}
+        for name, impl in impls.items():
+            forward = jax.jit(impl)
+            both = jax.jit(jax.grad(lambda x, kernel, impl=impl: jnp.sum(impl(x, kernel) ** 2), argnums=(0, 1)))
+            row[name + "_f"] = 1e3 * statistics.median(
+                common.time_runs(lambda f=forward, a=(x, kernel): f(*a).block_until_ready(), runs, warmup=2)
+            )
+            row[name + "_fb"] = 1e3 * statistics.median(
+                common.time_runs(lambda f=both, a=(x, kernel): jax.block_until_ready(f(*a)), runs, warmup=2)
+            )
+        row["gain"] = row["xla_fb"] / row["onednn_fb"]
+        rows.append(row)
+    columns = [("shape", "conv 3x3 B×H×W×C→K")]
+    columns += [(f"{n}_{p}", f"{n} {label} ms") for n in impls for p, label in (("f", "fwd"), ("fb", "fwd+bwd"))]
+    return common.table(rows, [*columns, ("gain", "fwd+bwd xla / onednn")])
+
+
 def main(argv: list[str]) -> None:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when libgomp loads (with the oneDNN library)
     if "--worker" in argv:  # a bench/train_step.py worker, with oneDNN installed when asked
         if os.environ.get("ONEDNN_CONV") == "1":
             import onednn_conv
@@ -82,6 +135,9 @@ def main(argv: list[str]) -> None:
         return
     if argv[:1] == ["--check"]:
         check()
+        return
+    if argv[:1] == ["--speed"]:
+        print(speed(runs=9))
         return
     args = parse_args(argv)
     header = common.run_header([os.path.abspath(__file__), *argv], "cpu")
