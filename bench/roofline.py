@@ -114,12 +114,25 @@ def size_of(header: str) -> str:
     return match.group(1) if match else "?"
 
 
+def load_results(path: str, script: str) -> dict:
+    """A --json file of bench/{script}; exits with a one-line error when it is missing or not one."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise SystemExit(
+            f"roofline: cannot read {path!r} ({err}); pass a file written by bench/{script} --json"
+        ) from None
+    if not isinstance(data, dict) or "rows" not in data or "header" not in data:
+        raise SystemExit(f"roofline: {path!r} is not a bench/{script} --json file (no 'rows' / 'header')")
+    return data
+
+
 def train_rows(paths: list[str], best: float) -> list[dict]:
     """Feasibility rows of bench/train_step.py JSON files: one per (stage, peer framework)."""
     rows = []
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        data = load_results(path, "train_step.py")
         size = size_of(data["header"])
         by_stage: dict[str, dict[str, dict]] = {}
         for r in data["rows"]:
@@ -133,10 +146,10 @@ def train_rows(paths: list[str], best: float) -> list[dict]:
 
 
 def sample_rows(paths: list[str], best: float) -> list[dict]:
+    """Feasibility rows of bench/sample.py JSON files: one per peer framework."""
     rows = []
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        data = load_results(path, "sample.py")
         fws = {r["framework"]: r for r in data["rows"]}
         ours = fws.get("ours", {})
         for fw, r in fws.items():
