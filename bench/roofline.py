@@ -73,9 +73,7 @@ def xla_rates(runs: int) -> dict[str, float]:
         return flops / statistics.median(times) / 1e9
 
     rng = np.random.default_rng(0)
-    n = DOT_SIZE
-    a, b = (jnp.asarray(rng.standard_normal((n, n)), jnp.float32) for _ in range(2))
-    out = {f"dot {n}³": rate(jnp.dot, 2.0 * n**3, a, b)}
+    out = {f"dot {DOT_SIZE}³": common.matmul_peak_gflops(DOT_SIZE, runs)}
     for bsz, h, w, c, k in CONV_SHAPES:
         x = jnp.asarray(rng.standard_normal((bsz, h, w, c)), jnp.float32)
         kern = jnp.asarray(rng.standard_normal((3, 3, c, k)), jnp.float32)
@@ -151,10 +149,9 @@ def sample_rows(paths: list[str], best: float) -> list[dict]:
     for path in paths:
         data = load_results(path, "sample.py")
         fws = {r["framework"]: r for r in data["rows"]}
-        ours = fws.get("ours", {})
+        ours, size = fws.get("ours", {}), size_of(data["header"])
         for fw, r in fws.items():
             if fw != "ours" and r.get("gflops"):
-                size = size_of(data["header"])
                 rows.append(feasibility(f"sample {size} vs {fw}", "sample", r["gflops"], ours, best))
     return rows
 

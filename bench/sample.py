@@ -141,18 +141,18 @@ def batch_flops(unet, text, fs, params: dict, fs_vars: dict, cond, latent: int, 
     from latentdiff import first_stage
 
     b = cond.shape[0]
-    tokens = jnp.concatenate([cond, jnp.zeros_like(cond)])
+    tokens = jax.ShapeDtypeStruct((2 * b, *cond.shape[1:]), cond.dtype)
     context = jax.eval_shape(lambda: text.apply({"params": params["cond"]}, tokens))
-    x = jnp.zeros((2 * b, latent, latent, 4), jnp.float32)
-    t = jnp.zeros((2 * b,), jnp.int32)
-    ctx = jnp.zeros(context.shape, context.dtype)
+    latents = lambda n: jax.ShapeDtypeStruct((n, latent, latent, 4), jnp.float32)
+    t = jax.ShapeDtypeStruct((2 * b,), jnp.int32)
 
     def flops_of(fn, *fn_args) -> float:  # lowered, not compiled: a paper-scale GPU compile would take minutes
         return common.xla_flops(jax.jit(fn).lower(*fn_args))
 
-    unet_call = flops_of(lambda p, x, t, c: unet.apply({"params": p}, x, t, c, None, False), params["unet"], x, t, ctx)
+    unet_apply = lambda p, x, t, c: unet.apply({"params": p}, x, t, c, None, False)
+    unet_call = flops_of(unet_apply, params["unet"], latents(2 * b), t, context)
     encode = flops_of(lambda p, tok: text.apply({"params": p}, tok), params["cond"], tokens)
-    decode = flops_of(lambda v, z: first_stage.decode(fs, v, z), fs_vars, x[:b])
+    decode = flops_of(lambda v, z: first_stage.decode(fs, v, z), fs_vars, latents(b))
     return steps * unet_call + encode + decode
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Mapping
 
 OPT_IN = "LATENTDIFF_MALLOC_TUNING"
 # mallopt parameters (malloc.h)
@@ -31,20 +32,20 @@ def malloc_settings(cpu_count: int) -> dict[int, int]:
     return {M_ARENA_MAX: max(1, cpu_count), M_MMAP_MAX: 0, M_TRIM_THRESHOLD: KEEP_FREED}
 
 
-def should_tune(environ: dict[str, str]) -> bool:
+def should_tune(environ: Mapping[str, str]) -> bool:
     """Whether to apply `malloc_settings`: opted in, and the user set no glibc malloc settings of their own."""
     if environ.get(OPT_IN) != "1":
         return False
     return "MALLOC_ARENA_MAX" not in environ and "GLIBC_TUNABLES" not in environ
 
 
-def apply_malloc_settings(environ: dict[str, str] | None = None) -> bool:
+def apply_malloc_settings(environ: Mapping[str, str] | None = None) -> bool:
     """Applies `malloc_settings` when `should_tune` holds and libc is glibc. Returns whether they were applied.
 
     Must run before JAX starts its threads (threads keep the arena they first allocated from).
     """
     env = os.environ if environ is None else environ
-    if not sys.platform.startswith("linux") or not should_tune(dict(env)):
+    if not sys.platform.startswith("linux") or not should_tune(env):
         return False
     try:
         libc = ctypes.CDLL(None)

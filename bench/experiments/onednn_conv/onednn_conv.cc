@@ -1,4 +1,4 @@
-// Spike: oneDNN 3.x NHWC/HWIO float32 2D convolution (forward, backward-data, backward-weights) as XLA FFI handlers.
+// Experiment: oneDNN 3.x NHWC/HWIO float32 2D convolution (forward, backward-data, backward-weights) as XLA FFI handlers.
 #include <cstdint>
 #include <mutex>
 #include <sstream>
@@ -42,142 +42,114 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ff
 
 memory::desc Md(const memory::dims& d, tag t) { return memory::desc(d, dt::f32, t); }
 
+memory::desc Nhwc(const memory::dims& d) { return Md(d, tag::nhwc); }
+memory::desc Hwio(const Geometry& g) { return Md(g.wei, tag::hwio); }
+
 dnnl::convolution_forward::primitive_desc FwdPd(const Geometry& g) {
-  return dnnl::convolution_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, Md(g.src, tag::nhwc),
-      Md(g.wei, tag::any), Md(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r);
+  return dnnl::convolution_forward::primitive_desc(Engine(), dnnl::prop_kind::forward_training,
+                                                   dnnl::algorithm::convolution_direct, Nhwc(g.src),
+                                                   Md(g.wei, tag::any), Nhwc(g.dst), g.strides, g.pad_l, g.pad_r);
 }
 
-struct FwdEntry {
-  dnnl::convolution_forward::primitive_desc pd;
-  dnnl::convolution_forward prim;
-  dnnl::reorder wei_reorder;
-  bool needs_reorder;
-};
-struct BwdDataEntry {
-  dnnl::convolution_backward_data::primitive_desc pd;
-  dnnl::convolution_backward_data prim;
-  dnnl::reorder wei_reorder;
-  bool needs_reorder;
-};
-struct BwdWeiEntry {
-  dnnl::convolution_backward_weights::primitive_desc pd;
-  dnnl::convolution_backward_weights prim;
-  dnnl::reorder wei_reorder;
+// A primitive, the weights layout it chose (tag::any) and the reorder between that layout and the user's HWIO: from
+// HWIO for the forward and backward-data primitives (they read weights), to HWIO for backward-weights (it writes).
+template <class Primitive>
+struct Entry {
+  Primitive prim;
+  memory::desc weights;
+  dnnl::reorder reorder;
   bool needs_reorder;
 };
 
 std::mutex cache_mu;
-std::unordered_map<std::string, FwdEntry> fwd_cache;
-std::unordered_map<std::string, BwdDataEntry> bwd_data_cache;
-std::unordered_map<std::string, BwdWeiEntry> bwd_wei_cache;
 
-FwdEntry& GetFwd(const Geometry& g) {
+// The cached Entry for `key`, built by make_pd() on first use.
+template <class Primitive, class MakePd>
+Entry<Primitive>& Cached(const std::string& key, const Geometry& g, bool writes_weights, MakePd make_pd) {
+  static std::unordered_map<std::string, Entry<Primitive>> cache;
   std::lock_guard<std::mutex> lock(cache_mu);
-  auto key = g.Key("f");
-  auto it = fwd_cache.find(key);
-  if (it != fwd_cache.end()) return it->second;
-  auto pd = FwdPd(g);
-  auto user = Md(g.wei, tag::hwio);
-  bool re = pd.weights_desc() != user;
-  dnnl::reorder r = re ? dnnl::reorder(memory(user, Engine()), memory(pd.weights_desc(), Engine())) : dnnl::reorder();
-  return fwd_cache.emplace(key, FwdEntry{pd, dnnl::convolution_forward(pd), r, re}).first->second;
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto pd = make_pd();
+  memory::desc weights = writes_weights ? pd.diff_weights_desc() : pd.weights_desc();
+  bool needs_reorder = weights != Hwio(g);
+  dnnl::reorder reorder;
+  if (needs_reorder) {
+    memory user(Hwio(g), Engine()), own(weights, Engine());
+    reorder = writes_weights ? dnnl::reorder(own, user) : dnnl::reorder(user, own);
+  }
+  return cache.emplace(key, Entry<Primitive>{Primitive(pd), weights, reorder, needs_reorder}).first->second;
 }
 
-BwdDataEntry& GetBwdData(const Geometry& g) {
-  std::lock_guard<std::mutex> lock(cache_mu);
-  auto key = g.Key("d");
-  auto it = bwd_data_cache.find(key);
-  if (it != bwd_data_cache.end()) return it->second;
-  auto hint = FwdPd(g);
-  auto pd = dnnl::convolution_backward_data::primitive_desc(
-      Engine(), dnnl::algorithm::convolution_direct, Md(g.src, tag::nhwc), Md(g.wei, tag::any), Md(g.dst, tag::nhwc),
-      g.strides, g.pad_l, g.pad_r, hint);
-  auto user = Md(g.wei, tag::hwio);
-  bool re = pd.weights_desc() != user;
-  dnnl::reorder r = re ? dnnl::reorder(memory(user, Engine()), memory(pd.weights_desc(), Engine())) : dnnl::reorder();
-  return bwd_data_cache.emplace(key, BwdDataEntry{pd, dnnl::convolution_backward_data(pd), r, re}).first->second;
+// The user's HWIO weights in the layout `entry` reads (reordered into a new buffer when they differ).
+template <class Primitive>
+memory WeightsFor(const Entry<Primitive>& entry, memory user, dnnl::stream& s) {
+  if (!entry.needs_reorder) return user;
+  memory own(entry.weights, Engine());
+  entry.reorder.execute(s, user, own);
+  return own;
 }
 
-BwdWeiEntry& GetBwdWei(const Geometry& g) {
-  std::lock_guard<std::mutex> lock(cache_mu);
-  auto key = g.Key("w");
-  auto it = bwd_wei_cache.find(key);
-  if (it != bwd_wei_cache.end()) return it->second;
-  auto hint = FwdPd(g);
-  auto pd = dnnl::convolution_backward_weights::primitive_desc(
-      Engine(), dnnl::algorithm::convolution_direct, Md(g.src, tag::nhwc), Md(g.wei, tag::any), Md(g.dst, tag::nhwc),
-      g.strides, g.pad_l, g.pad_r, hint);
-  auto user = Md(g.wei, tag::hwio);
-  bool re = pd.diff_weights_desc() != user;
-  dnnl::reorder r =
-      re ? dnnl::reorder(memory(pd.diff_weights_desc(), Engine()), memory(user, Engine())) : dnnl::reorder();
-  return bwd_wei_cache.emplace(key, BwdWeiEntry{pd, dnnl::convolution_backward_weights(pd), r, re}).first->second;
-}
-
-ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
-                       int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+template <class Body>
+ffi::Error Run(Body body) {
   try {
-    auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
-    auto& e = GetFwd(g);
-    dnnl::stream s(Engine());
-    memory src(Md(g.src, tag::nhwc), Engine(), x.typed_data());
-    memory dst(Md(g.dst, tag::nhwc), Engine(), y->typed_data());
-    memory user_w(Md(g.wei, tag::hwio), Engine(), w.typed_data());
-    memory wei = user_w;
-    if (e.needs_reorder) {
-      wei = memory(e.pd.weights_desc(), Engine());
-      e.wei_reorder.execute(s, user_w, wei);
-    }
-    e.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
-    s.wait();
+    body();
   } catch (const dnnl::error& err) {
     return ffi::Error(ffi::ErrorCode::kInternal, err.what());
   }
   return ffi::Error::Success();
+}
+
+// x [B,H,W,C], w [KH,KW,C,K] -> y [B,Ho,Wo,K]
+ffi::Error ConvFwdImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                       int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Run([&] {
+    auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+    auto& e = Cached<dnnl::convolution_forward>(g.Key("f"), g, false, [&] { return FwdPd(g); });
+    dnnl::stream s(Engine());
+    memory wei = WeightsFor(e, memory(Hwio(g), Engine(), w.typed_data()), s);
+    memory src(Nhwc(g.src), Engine(), x.typed_data()), dst(Nhwc(g.dst), Engine(), y->typed_data());
+    e.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    s.wait();
+  });
 }
 
 // dy [B,Ho,Wo,K], w [KH,KW,C,K] -> dx [B,H,W,C]
 ffi::Error ConvBwdDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  try {
+  return Run([&] {
     auto g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
-    auto& e = GetBwdData(g);
+    auto& e = Cached<dnnl::convolution_backward_data>(g.Key("d"), g, false, [&] {
+      return dnnl::convolution_backward_data::primitive_desc(Engine(), dnnl::algorithm::convolution_direct,
+                                                             Nhwc(g.src), Md(g.wei, tag::any), Nhwc(g.dst),
+                                                             g.strides, g.pad_l, g.pad_r, FwdPd(g));
+    });
     dnnl::stream s(Engine());
-    memory diff_src(Md(g.src, tag::nhwc), Engine(), dx->typed_data());
-    memory diff_dst(Md(g.dst, tag::nhwc), Engine(), dy.typed_data());
-    memory user_w(Md(g.wei, tag::hwio), Engine(), w.typed_data());
-    memory wei = user_w;
-    if (e.needs_reorder) {
-      wei = memory(e.pd.weights_desc(), Engine());
-      e.wei_reorder.execute(s, user_w, wei);
-    }
+    memory wei = WeightsFor(e, memory(Hwio(g), Engine(), w.typed_data()), s);
+    memory diff_src(Nhwc(g.src), Engine(), dx->typed_data()), diff_dst(Nhwc(g.dst), Engine(), dy.typed_data());
     e.prim.execute(s, {{DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_DST, diff_dst}});
     s.wait();
-  } catch (const dnnl::error& err) {
-    return ffi::Error(ffi::ErrorCode::kInternal, err.what());
-  }
-  return ffi::Error::Success();
+  });
 }
 
 // x [B,H,W,C], dy [B,Ho,Wo,K] -> dw [KH,KW,C,K]
 ffi::Error ConvBwdWeiImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
                           int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  try {
+  return Run([&] {
     auto g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
-    auto& e = GetBwdWei(g);
+    auto& e = Cached<dnnl::convolution_backward_weights>(g.Key("w"), g, true, [&] {
+      return dnnl::convolution_backward_weights::primitive_desc(Engine(), dnnl::algorithm::convolution_direct,
+                                                                Nhwc(g.src), Md(g.wei, tag::any), Nhwc(g.dst),
+                                                                g.strides, g.pad_l, g.pad_r, FwdPd(g));
+    });
     dnnl::stream s(Engine());
-    memory src(Md(g.src, tag::nhwc), Engine(), x.typed_data());
-    memory diff_dst(Md(g.dst, tag::nhwc), Engine(), dy.typed_data());
-    memory user_w(Md(g.wei, tag::hwio), Engine(), dw->typed_data());
-    memory wei = e.needs_reorder ? memory(e.pd.diff_weights_desc(), Engine()) : user_w;
+    memory user(Hwio(g), Engine(), dw->typed_data());
+    memory wei = e.needs_reorder ? memory(e.weights, Engine()) : user;
+    memory src(Nhwc(g.src), Engine(), x.typed_data()), diff_dst(Nhwc(g.dst), Engine(), dy.typed_data());
     e.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, wei}, {DNNL_ARG_DIFF_DST, diff_dst}});
-    if (e.needs_reorder) e.wei_reorder.execute(s, wei, user_w);
+    if (e.needs_reorder) e.reorder.execute(s, wei, user);
     s.wait();
-  } catch (const dnnl::error& err) {
-    return ffi::Error(ffi::ErrorCode::kInternal, err.what());
-  }
-  return ffi::Error::Success();
+  });
 }
 
 }  // namespace
