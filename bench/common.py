@@ -491,7 +491,13 @@ def op_profile(run_step: Callable[[], Any], hlo_text: str, steps: int, top: int 
                 if op:
                     per_op[str(op)] = per_op.get(str(op), 0.0) + event.duration_ns / 1e6 / steps
     hlo = _hlo_kinds(hlo_text)
-    kinds = {op: hlo.get(op, (_kind_from_name(op), "")) for op in per_op}
+    known = ("conv", "dot", "attention", "reduce", "copy/transpose", "elementwise")
+    # GPU custom calls (cuDNN convolutions, cuBLAS, cuDNN attention) may parse to an opcode that is not a kind:
+    # their thunk names say what they are.
+    kinds = {
+        op: hlo[op] if hlo.get(op, ("",))[0] in known else (_kind_from_name(op), hlo.get(op, ("", ""))[1])
+        for op in per_op
+    }
     per_kind: dict[str, float] = {}
     for op, ms in per_op.items():
         per_kind[kinds[op][0]] = per_kind.get(kinds[op][0], 0.0) + ms

@@ -22,6 +22,8 @@
 #                      # its section's limit)
 #   OUT=... GPU_SH_BUDGET=575 TRAIN_VARIANTS="--attention cudnn --profile 2;--attention cudnn --no-remat" bash bench/gpu.sh train_variants
 #                      # A/B of our step: no torch peer; each variant TRAIN_VARIANT_LIMIT (280) seconds
+#   OUT=... GPU_SH_BUDGET=300 TRAIN_VARIANT_LIMIT=295 TRAIN_VARIANTS="--frameworks ours,torch --no-remat --batch 96" bash bench/gpu.sh train_variants
+#                      # the best MFU measured so far (28.0% on an H100, 1.59x diffusers; session 9): ~230 s
 #   OUT=... SAMPLE_PAPER_LIMIT=300 SAMPLE_ARGS="--frameworks ours --runs 5" SAMPLE_TAG=_a bash bench/gpu.sh sample_paper
 #                      # extra sample.py arguments; SAMPLE_TAG names the JSON (sample_paper_a.json)
 #   GPU_SH_DRY=1 bash bench/gpu.sh                           # the same logic on the CPU with tiny sizes

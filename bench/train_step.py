@@ -151,6 +151,12 @@ def _jax_step_result(
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     flops = common.xla_flops(compiled) or float((lowered.cost_analysis() or {}).get("flops", 0.0))
+    memory = compiled.memory_analysis()  # device buffers XLA assigned: what a larger batch would need
+    memory_gib = (
+        {k: getattr(memory, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "alias", "temp")}
+        if memory is not None
+        else None
+    )
     holder = {"state": state, "i": 0}
 
     def one() -> None:
@@ -169,6 +175,7 @@ def _jax_step_result(
         "model_flops": model_flops or flops,
         "matmul_peak_gflops": peak,
         "rss_mib": common.peak_rss_mib(),
+        "memory_gib": memory_gib,
         "backend": jax.default_backend(),
     }
 
@@ -198,6 +205,8 @@ def ours_ldm(args: argparse.Namespace) -> dict:
 
     config = ldm_config(args)
     ae_cfg = common.stage1_for(config)
+    if args.device == "gpu":
+        ae_cfg.dtype = "bfloat16"  # the frozen encoder in bf16, as diffusers' vae.encode under bf16 autocast
     fs_vars = common.random_like(first_stage.abstract_variables(ae_cfg), seed=1)
     fs = first_stage.FirstStage(config=ae_cfg, module=build_autoencoder(ae_cfg), variables=fs_vars)
     null = np.zeros((config.text_encoder.max_length,), np.int32)
@@ -560,7 +569,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{stage} {fw}] " + (res.get("error") or f"median {statistics.median(res['times']):.4f} s"))
                 if res.get("profile"):
                     print(f"[{stage} {fw}] where the time goes:\n" + common.op_profile_text(res["profile"]))
-                print(f"[{stage} {fw}] raw {json.dumps(res)}", flush=True)
+                brief = {k: v for k, v in res.items() if k != "profile"}  # the per-op table goes to --json only
+                print(f"[{stage} {fw}] raw {json.dumps(brief)}", flush=True)
         raw[stage] = results
         ours_ok = [r for r in results.get("ours", []) if "times" in r]
         flops = ours_ok[0]["model_flops"] if ours_ok else 0.0
