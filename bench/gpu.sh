@@ -12,6 +12,7 @@
 #     sample_paper  DDIM 50 steps with guidance, batch 16, paper UNet + KL-f8 decoder: ours bf16 vs diffusers fp16
 #                   (~105 s on an H100: our worker 62 s with its compile, diffusers' 42 s)
 #     train_variants  (only when named) our paper-scale step alone, once per TRAIN_VARIANTS entry (see below)
+#     train_best    (only when named) the best-MFU configuration, both frameworks, optimised HLO saved (see below)
 #     parity        tiny bf16 UNet: cuDNN vs XLA attention, outputs and parameter gradients (vs a float32 reference)
 #     train_tiny    the tiny stage-2 step on the GPU, both frameworks
 #   OUT=... bash bench/gpu.sh parity train_paper             # only some sections
@@ -22,8 +23,9 @@
 #                      # its section's limit)
 #   OUT=... GPU_SH_BUDGET=575 TRAIN_VARIANTS="--attention cudnn --profile 2;--attention cudnn --no-remat" bash bench/gpu.sh train_variants
 #                      # A/B of our step: no torch peer; each variant TRAIN_VARIANT_LIMIT (280) seconds
-#   OUT=... GPU_SH_BUDGET=300 TRAIN_VARIANT_LIMIT=295 TRAIN_VARIANTS="--frameworks ours,torch --no-remat --batch 96" bash bench/gpu.sh train_variants
-#                      # the best MFU measured so far (28.0% on an H100, 1.59x diffusers; session 9): ~230 s
+#   OUT=... GPU_SH_BUDGET=300 bash bench/gpu.sh train_best
+#                      # (only when named) the best MFU measured so far (28.0% on an H100, 1.59x diffusers; session
+#                      # 9): batch 96 (TRAIN_BEST_BATCH), no remat, both frameworks, our optimised HLO saved; ~230 s
 #   OUT=... SAMPLE_PAPER_LIMIT=300 SAMPLE_ARGS="--frameworks ours --runs 5" SAMPLE_TAG=_a bash bench/gpu.sh sample_paper
 #                      # extra sample.py arguments; SAMPLE_TAG names the JSON (sample_paper_a.json)
 #   GPU_SH_DRY=1 bash bench/gpu.sh                           # the same logic on the CPU with tiny sizes
@@ -185,6 +187,13 @@ PY
         --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_variant_$i.json"
     done
     ;;
+  train_best)
+    # The best-MFU configuration measured so far (session 9: batch 96, no remat, 28.0% on an H100), ours and
+    # diffusers, with our compiled step's optimised HLO saved for offline study of its fusions and layouts.
+    XLA_FLAGS=${XLA_FLAGS:-$GPU_XLA_FLAGS} run train_best ${TRAIN_BEST_LIMIT:-300} $PY bench/train_step.py "${DEV[@]}" --size $PAPER \
+      --stage ldm --runs $RUNS --model-gflops $PAPER_GFLOPS --model-gflops-batch 32 --no-remat --batch ${TRAIN_BEST_BATCH:-96} \
+      --hlo-out "$OUT/train_best.hlo.gz" --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_best.json"
+    ;;
   sample_paper)
     # shellcheck disable=SC2086  # SAMPLE_ARGS: extra bench/sample.py arguments (the last of a repeated option wins)
     XLA_FLAGS=${XLA_FLAGS:-$GPU_XLA_FLAGS} run sample_paper ${SAMPLE_PAPER_LIMIT:-240} $PY bench/sample.py "${DEV[@]}" --size $PAPER --batch 16 --steps $STEPS --runs 3 \
@@ -195,7 +204,7 @@ PY
       --results "$OUT/RESULTS_gpu.md" --json "$OUT/train_tiny.json"
     ;;
   *)
-    echo "unknown section $section (env fid train_paper sample_paper parity train_tiny)" | tee -a "$LOG"
+    echo "unknown section $section (env fid train_paper train_best train_variants sample_paper parity train_tiny)" | tee -a "$LOG"
     ;;
   esac
 done

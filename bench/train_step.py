@@ -20,6 +20,8 @@ Each framework runs in its own subprocess, one after the other, --rounds times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gzip
 import json
 import os
 import statistics
@@ -74,6 +76,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(kind totals and the top ops; also in --json)",
     )
     p.add_argument("--no-remat", action="store_true", help="ldm: turn the config's remat off (UNet and text encoder)")
+    p.add_argument(
+        "--optimizer-single-pass",
+        action="store_true",
+        help="ldm, ours: AdamW + EMA in one fused pass per leaf instead of three (latentdiff.train.optim; A/B)",
+    )
+    p.add_argument(
+        "--hlo-out",
+        default="",
+        help="ours: write the compiled step's optimised HLO text here, gzipped (to study fusions and layouts offline)",
+    )
     p.add_argument("--results", default=common.RESULTS, help="RESULTS.md to append to ('' = do not write)")
     p.add_argument("--json", default="", help="also write all worker results to this JSON file")
     p.add_argument(
@@ -142,7 +154,7 @@ def ae_config(args: argparse.Namespace):
 
 
 def _jax_step_result(
-    step, state, batch_args, runs: int, model_flops: float, device: str, profile_steps: int = 0
+    step, state, batch_args, runs: int, model_flops: float, device: str, profile_steps: int = 0, hlo_out: str = ""
 ) -> dict:
     import jax
 
@@ -150,6 +162,9 @@ def _jax_step_result(
     lowered = step.lower(state, *batch_args(0))
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    if hlo_out:
+        with gzip.open(hlo_out, "wt") as f:
+            f.write(compiled.as_text())
     flops = common.xla_flops(compiled) or float((lowered.cost_analysis() or {}).get("flops", 0.0))
     memory = compiled.memory_analysis()  # device buffers XLA assigned: what a larger batch would need
     memory_gib = (
@@ -210,7 +225,13 @@ def ours_ldm(args: argparse.Namespace) -> dict:
     fs_vars = common.random_like(first_stage.abstract_variables(ae_cfg), seed=1)
     fs = first_stage.FirstStage(config=ae_cfg, module=build_autoencoder(ae_cfg), variables=fs_vars)
     null = np.zeros((config.text_encoder.max_length,), np.int32)
-    make_task = lambda c: LDMTask(c, fs, null, 0.18215)
+
+    def make_task(c):
+        task = LDMTask(c, fs, null, 0.18215)
+        if args.optimizer_single_pass:
+            task.tx = dataclasses.replace(task.tx, single_pass=True)
+        return task
+
     task = make_task(config)
     abstract = jax.eval_shape(task.init_state, jax.random.key(0))
     params = jax.device_put(common.random_like(abstract.params, seed=0))
@@ -234,7 +255,9 @@ def ours_ldm(args: argparse.Namespace) -> dict:
     make_step = lambda c: jax.jit(make_task(c).train_step, donate_argnums=0)
     known = args.model_gflops * 1e9 * b / (args.model_gflops_batch or b)  # scaled to this step's batch
     model_flops = known or _model_flops(make_step, config, abstract, batch_args)
-    out = _jax_step_result(make_step(config), state, batch_args, args.runs, model_flops, args.device, args.profile)
+    out = _jax_step_result(
+        make_step(config), state, batch_args, args.runs, model_flops, args.device, args.profile, args.hlo_out
+    )
     out["params_m"] = common.count_params(abstract.params) / 1e6
     out["batch"] = b
     return out
@@ -260,7 +283,7 @@ def ours_ae(args: argparse.Namespace, gan: bool) -> dict:
     fn = task.train_step_gan if gan else task.train_step_rec
     batch_args = lambda i: (batch, jax.random.key(i), lpips)
     step = jax.jit(fn, donate_argnums=0)
-    out = _jax_step_result(step, state, batch_args, args.runs, 0.0, args.device, args.profile)
+    out = _jax_step_result(step, state, batch_args, args.runs, 0.0, args.device, args.profile, args.hlo_out)
     out["params_m"] = common.count_params(abstract.gen_params) / 1e6
     out["batch"] = b
     return out
@@ -496,7 +519,9 @@ def worker_args(args: argparse.Namespace, stage: str, fw: str) -> list[str]:
     out += ["--threads", str(args.threads), "--device", args.device, "--batch", str(args.batch)]
     out += ["--model-gflops", str(args.model_gflops), "--model-gflops-batch", str(args.model_gflops_batch)]
     out += ["--profile", str(args.profile)]
+    out += ["--hlo-out", args.hlo_out] if args.hlo_out and fw == "ours" else []
     out += ["--no-remat"] if args.no_remat else []
+    out += ["--optimizer-single-pass"] if args.optimizer_single_pass else []
     return out + (["--attention", args.attention] if args.attention else [])
 
 

@@ -40,6 +40,7 @@ class AdamW:
     eps: float
     weight_decay: float
     grad_clip: float
+    single_pass: bool  # one fused pass per leaf, no barriers (bench A/B on GPUs); False: the three passes below
 
     def init(self, params: Any) -> AdamState:
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
@@ -81,7 +82,7 @@ class AdamW:
         # writing only its own buffer, so none needs the old value of a buffer another pass overwrites in place (no
         # defensive copies of the donated state). The barriers stop XLA from re-deriving a pass's inputs inside the
         # next one, which brings those copies back.
-        barrier = jax.lax.optimization_barrier
+        barrier = (lambda tree: tree) if self.single_pass else jax.lax.optimization_barrier
         p_leaves = leaves_of(params)
         moment_leaves = list(map(moments, leaves_of(grads), leaves_of(state.mu), leaves_of(state.nu)))
         mu, nu = barrier(tuple(zip(*moment_leaves))) if p_leaves else ((), ())
@@ -120,4 +121,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_train_steps: int) -> Ad
         eps=float(optim.eps),
         weight_decay=float(optim.weight_decay) if optim.name == "adamw" else 0.0,
         grad_clip=float(optim.grad_clip),
+        # Three passes per leaf: fastest on XLA:CPU (session 6). One pass is the candidate for GPUs, where the
+        # barriers may pin the moments to the convolutions' kernel layout (bench/train_step.py --optimizer-single-pass).
+        single_pass=False,
     )

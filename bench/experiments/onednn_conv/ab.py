@@ -3,6 +3,8 @@
     bash bench/experiments/onednn_conv/build.sh
     python bench/experiments/onednn_conv/ab.py --size tiny --stage ae_rec,ae_gan --runs 7 --rounds 2
     python bench/experiments/onednn_conv/ab.py --speed      # single convolutions: fwd and fwd+bwd, xla vs onednn
+    python bench/experiments/onednn_conv/ab.py --size small --stage sample --runs 5 --rounds 2
+                                                            # sampling (bench/sample.py's worker: DDIM 50, batch 8)
 
 First checks oneDNN against lax.conv_general_dilated (forward, input and kernel gradients; stride 1 and 2, asymmetric
 padding) and stops if they differ. Then, per stage, runs bench/train_step.py's `ours` worker --rounds times with and
@@ -36,7 +38,7 @@ CHECK_CASES = (  # x shape, kernel shape, strides, padding
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", help="tiny | small")
-    p.add_argument("--stage", default="ae_rec", help="comma list of ldm, ae_rec, ae_gan")
+    p.add_argument("--stage", default="ae_rec", help="comma list of ldm, ae_rec, ae_gan, sample")
     p.add_argument("--runs", type=int, default=7, help="timed steps per worker")
     p.add_argument("--rounds", type=int, default=2, help="workers per variant, alternating")
     p.add_argument("--threads", type=int, default=2, help="OpenMP threads for oneDNN")
@@ -124,14 +126,16 @@ def speed(runs: int) -> str:
 
 def main(argv: list[str]) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when libgomp loads (with the oneDNN library)
-    if "--worker" in argv:  # a bench/train_step.py worker, with oneDNN installed when asked
+    if "--worker" in argv:  # a bench/train_step.py or bench/sample.py worker, with oneDNN installed when asked
         if os.environ.get("ONEDNN_CONV") == "1":
             import onednn_conv
 
             onednn_conv.install()
         import train_step
 
-        train_step.main(argv)
+        import sample
+
+        (sample if "--steps" in argv else train_step).main(argv)
         return
     if argv[:1] == ["--check"]:
         check()
@@ -150,8 +154,12 @@ def main(argv: list[str]) -> None:
         loads: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for _ in range(args.rounds):
             for variant, extra in VARIANTS.items():
-                worker = ["--size", args.size, "--stage", stage, "--framework", "ours", "--runs", str(args.runs)]
-                worker += ["--threads", str(args.threads), "--device", "cpu", "--batch", "0"]
+                worker = ["--size", args.size, "--framework", "ours", "--runs", str(args.runs), "--device", "cpu"]
+                worker += ["--threads", str(args.threads)]
+                if stage == "sample":  # bench/sample.py's defaults: DDIM 50 steps, guidance 3, batch 8
+                    worker += ["--steps", "50", "--batch", "8", "--guidance", "3.0"]
+                else:
+                    worker += ["--stage", stage, "--batch", "0"]
                 res = common.run_worker(__file__, worker, {**env, **extra})
                 if "error" in res:
                     raise SystemExit(f"[{stage} {variant}] {res['error']}")
