@@ -401,9 +401,43 @@ def run_header(argv: Sequence[str], device: str) -> str:
 # Where a compiled step spends its time: XLA ops from a jax.profiler trace, summed by HLO instruction.
 
 
-def _hlo_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """Optimised HLO text -> {instruction name: (kind, result shape)}; kind is conv | dot | reduce | attention |
-    copy/transpose | elementwise | the opcode, a fusion taking the kind of the heaviest op it calls."""
+def _scope(op_name: str) -> str:
+    """Where in the program an HLO instruction comes from, coarsely, from its JAX op_name metadata:
+    'fwd UNet norm', 'bwd TextEncoder ff', 'fwd AutoencoderKL conv', 'outside the models' (loss, optimizer, EMA, RNG),
+    'state I/O' (parameter copies)."""
+    import re
+
+    if not op_name:
+        return "?"
+    if op_name.startswith("state."):
+        return "state I/O"
+    path = [p for p in op_name.split("/") if not p.startswith(("jit(", "vmap(", "while", "body", "closed_call"))]
+    m = re.fullmatch(r"(transpose\()?jvp\((\w+)\)\)?", path[0]) if path else None
+    if m:
+        direction, model = ("bwd" if m.group(1) else "fwd"), m.group(2)
+    elif path and path[0][:1].isupper():  # a module applied outside autodiff (the frozen encoder)
+        direction, model = "fwd", path[0].split(".")[0]
+    else:
+        return "outside the models"
+    layers = [re.sub(r"_\d+$", "", c) for c in path[1:-1]]  # module path, block indices dropped; the last is the op
+    for pattern, label in (
+        (r"attn1", "self-attn"),
+        (r"attn2", "cross-attn"),
+        (r"attn|to_[qkvo]\w*", "attn"),
+        (r"ff|geglu|mlp|fc\d", "ff"),
+        (r"\w*emb\w*", "embedding"),
+        (r"norm\w*|ln\w*", "norm"),  # GroupNorm / LayerNorm (+ SiLU)
+        (r"conv\w*|skip\w*|nin_shortcut|op|downsample|upsample", "conv"),
+    ):
+        if any(re.fullmatch(pattern, c) for c in layers):
+            return f"{direction} {model} {label}"
+    return f"{direction} {model} other"
+
+
+def _hlo_kinds(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+    """Optimised HLO text -> {instruction name: (kind, result shape, scope)}; kind is conv | dot | reduce | attention
+    | copy/transpose | elementwise | the opcode, a fusion taking the kind of the heaviest op it calls; scope: _scope of
+    the instruction's op_name metadata."""
     import re
 
     inst = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^()]*\)|\S+(?:\s*\{[^}]*\})?)\s+([\w\-]+)\(")
@@ -425,7 +459,13 @@ def _hlo_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
             target = re.search(r'custom_call_target="([^"]+)"', line)
             opcode = "custom-call:" + (target.group(1) if target else "?")
         called = re.search(r"calls=%?([\w.\-]+)", line)
-        rows[name] = (opcode, shape.split("{")[0], called.group(1) if called else "")
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        rows[name] = (
+            opcode,
+            shape.split("{")[0],
+            called.group(1) if called else "",
+            op_name.group(1) if op_name else "",
+        )
 
     def kind(opcode: str, ops: set[str]) -> str:
         if "convolution" in ops or opcode == "convolution" or "$conv" in opcode:
@@ -442,7 +482,7 @@ def _hlo_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
             return "elementwise"
         return opcode
 
-    return {n: (kind(op, comp_ops.get(c, set())), shape) for n, (op, shape, c) in rows.items()}
+    return {n: (kind(op, comp_ops.get(c, set())), shape, _scope(on)) for n, (op, shape, c, on) in rows.items()}
 
 
 def _kind_from_name(op: str) -> str:
@@ -495,18 +535,21 @@ def op_profile(run_step: Callable[[], Any], hlo_text: str, steps: int, top: int 
     # GPU custom calls (cuDNN convolutions, cuBLAS, cuDNN attention) may parse to an opcode that is not a kind:
     # their thunk names say what they are.
     kinds = {
-        op: hlo[op] if hlo.get(op, ("",))[0] in known else (_kind_from_name(op), hlo.get(op, ("", ""))[1])
+        op: hlo[op] if hlo.get(op, ("",))[0] in known else (_kind_from_name(op), *hlo.get(op, ("", "", "?"))[1:])
         for op in per_op
     }
     per_kind: dict[str, float] = {}
+    per_scope: dict[str, float] = {}
     for op, ms in per_op.items():
         per_kind[kinds[op][0]] = per_kind.get(kinds[op][0], 0.0) + ms
+        per_scope[kinds[op][2]] = per_scope.get(kinds[op][2], 0.0) + ms
     ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
     return {
         "all_ops": {op: [*kinds[op], ms] for op, ms in ranked},
         "wall_ms_per_step": wall * 1e3 / steps,
         "op_ms_per_step": sum(per_op.values()) or 1.0,
         "per_kind_ms": dict(sorted(per_kind.items(), key=lambda kv: -kv[1])),
+        "per_scope_ms": dict(sorted(per_scope.items(), key=lambda kv: -kv[1])),
         "top_ops": [{"op": op, "kind": kinds[op][0], "shape": kinds[op][1], "ms": ms} for op, ms in ranked[:top]],
     }
 
@@ -518,6 +561,8 @@ def op_profile_text(profile: dict) -> str:
         f"step wall {profile['wall_ms_per_step']:.1f} ms; XLA op time {total:.1f} ms per step (summed over "
         "threads/streams)",
         "by kind: " + ", ".join(f"{k} {ms:.1f} ms ({ms / total:.0%})" for k, ms in profile["per_kind_ms"].items()),
+        "by scope: "
+        + ", ".join(f"{k} {ms:.1f} ms ({ms / total:.0%})" for k, ms in list(profile["per_scope_ms"].items())[:14]),
     ]
     for row in profile["top_ops"]:
         lines.append(f"  {row['ms']:8.2f} ms  {row['kind']:<14} {row['op']:<40} {row['shape']}")
