@@ -42,12 +42,22 @@ def encode(fs: FirstStage, variables: dict, images: jax.Array, rng: jax.Array | 
     if fs.config.kind == "kl":
         posterior = fs.module.apply(variables, images, False, method=type(fs.module).encode)
         return posterior.sample(rng) if sample else posterior.mode()
-    return fs.module.apply(variables, images, False, method=type(fs.module).encode)
+    return fs.module.apply(variables, images, False, method=type(fs.module).encode).astype(jnp.float32)
 
 
 def decode(fs: FirstStage, variables: dict, latents: jax.Array) -> jax.Array:
     """Unscaled latents [B,h,w,C] -> images [B,H,W,3] clipped to [-1, 1]."""
     return jnp.clip(fs.module.apply(variables, latents, False, method=type(fs.module).decode), -1.0, 1.0)
+
+
+def with_compute_dtype(fs: FirstStage, dtype: str) -> FirstStage:
+    """The same frozen model computing in `dtype` ('float32' | 'bfloat16'; '' keeps the model's own). Variables are
+    shared, not cast: flax casts them per call. Stage 2 uses it to encode in bf16 on accelerators."""
+    if not dtype or dtype == fs.config.dtype:
+        return fs
+    config = fs.config.copy_and_resolve_references()
+    config.dtype = dtype
+    return FirstStage(config=config, module=build_autoencoder(config), variables=fs.variables)
 
 
 def abstract_variables(config: ml_collections.ConfigDict) -> dict:

@@ -38,6 +38,7 @@ def workdirs(tmp_path_factory):
     ldm = load_config(os.path.join(ROOT, "configs/ldm_txt2img_kl8.py:tiny"))
     shrink_data(ldm, root / "tfds", **DATA)
     ldm.first_stage.workdir = str(root / "ae")
+    ldm.first_stage.dtype = "bfloat16"  # the frozen encoder in bf16 (as on accelerators); the model stays float32
     ldm.unet.model_channels = 32
     ldm.unet.channel_mult = (1,)
     ldm.unet.attention_resolutions = (1,)
@@ -74,6 +75,8 @@ def test_stage2_outputs_and_pipeline(workdirs):
     assert {"config.json", "tokenizer", "first_stage", "checkpoints", "images"} <= set(os.listdir(ldm))
     rows = [json.loads(line) for line in open(ldm / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [2, 4]
+    assert json.load(open(ldm / "config.json"))["first_stage"]["dtype"] == "bfloat16"
+    assert json.load(open(ldm / "first_stage" / "autoencoder.json"))["dtype"] == "float32"  # the export as trained
     assert all(k in rows[-1] for k in ("loss", "loss_t0000", "loss_t0750", "grad_norm", "ema_decay", "lr"))
     pipe = Pipeline.from_workdir(str(ldm))
     assert pipe.step == 4 and pipe.scale_factor > 0
@@ -137,6 +140,9 @@ def test_train_cli_config_errors_are_one_line(tmp_path):
     assert wrong_type.returncode != 0 and "batch_size" in wrong_type.stderr and "Traceback" not in wrong_type.stderr
     missing = run_cli(*base)  # first_stage.workdir is required
     assert missing.returncode == 2 and "first_stage.workdir" in missing.stderr and "Traceback" not in missing.stderr
+    bad_dtype = run_cli(*base, "--config.first_stage.workdir=x", "--config.first_stage.dtype=float16")
+    assert bad_dtype.returncode != 0 and "first_stage.dtype must be" in bad_dtype.stderr
+    assert "Traceback" not in bad_dtype.stderr
     variant = run_cli("train.py", "--config", "configs/ldm_txt2img_kl8.py:huge", "--workdir", str(tmp_path / "w"))
     assert variant.returncode != 0 and "unknown variant" in variant.stderr
 

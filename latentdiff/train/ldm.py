@@ -57,9 +57,20 @@ def latents_dir(config: ml_collections.ConfigDict) -> str:
     return config.first_stage.latents if "latents" in config.first_stage else ""
 
 
+def first_stage_dtype(config: ml_collections.ConfigDict) -> str:
+    """config.first_stage.dtype: the frozen encoder's compute dtype ('' = the stage-1 model's own); '' for configs
+    saved before the field existed."""
+    return config.first_stage.dtype if "dtype" in config.first_stage else ""
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Config-time checks that would otherwise fail deep inside a trace."""
     validate_context(config.unet, config.text_encoder)
+    if first_stage_dtype(config) not in ("", "float32", "bfloat16"):
+        raise ValueError(
+            f"first_stage.dtype must be '', 'float32' or 'bfloat16', got {first_stage_dtype(config)!r} "
+            "('' keeps the stage-1 model's own dtype)"
+        )
     if config.text_encoder.kind not in ("bert", "class", "none"):
         raise ValueError(f"text_encoder.kind must be 'bert', 'class' or 'none', got {config.text_encoder.kind!r}")
     if config.text_encoder.kind == "bert" and config.tokenizer.max_length != config.text_encoder.max_length:
@@ -355,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
     )
     check_config(config)
     mesh = parallel.make_mesh(dict(config.mesh))
-    fs = prepare_first_stage(config, workdir)
+    fs = first_stage.with_compute_dtype(prepare_first_stage(config, workdir), first_stage_dtype(config))
     latents = latents_dir(config)
     meta = latent_data.read_meta(latents) if latents else None
     if meta is not None:
