@@ -220,10 +220,10 @@ def ours_ldm(args: argparse.Namespace) -> dict:
 
     config = ldm_config(args)
     ae_cfg = common.stage1_for(config)
-    if args.device == "gpu":
-        ae_cfg.dtype = "bfloat16"  # the frozen encoder in bf16, as diffusers' vae.encode under bf16 autocast
     fs_vars = common.random_like(first_stage.abstract_variables(ae_cfg), seed=1)
     fs = first_stage.FirstStage(config=ae_cfg, module=build_autoencoder(ae_cfg), variables=fs_vars)
+    # GPU: the frozen encoder in bf16 (config.first_stage.dtype), as diffusers' vae.encode under bf16 autocast
+    fs = first_stage.with_compute_dtype(fs, "bfloat16" if args.device == "gpu" else "")
     null = np.zeros((config.text_encoder.max_length,), np.int32)
 
     def make_task(c):
