@@ -68,7 +68,7 @@ def stage2_config(
     config.data = default_data_config()
     config.data.resolution = int(resolution)
     config.first_stage = ml_collections.ConfigDict(
-        dict(workdir="", latents="", scale_factor=float(scale_factor), sample_posterior=True)
+        dict(workdir="", latents="", scale_factor=float(scale_factor), sample_posterior=True, dtype="")
     )
     config.conditioning = ml_collections.ConfigDict(dict(concat="none"))  # converted models: text-to-image
     config.unet = ml_collections.ConfigDict(dict(unet))
