@@ -545,6 +545,7 @@ def op_profile(run_step: Callable[[], Any], hlo_text: str, steps: int, top: int 
         per_scope[kinds[op][2]] = per_scope.get(kinds[op][2], 0.0) + ms
     ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
     return {
+        "device": "gpu" if planes and planes[0].name.startswith("/device:GPU") else "cpu",
         "all_ops": {op: [*kinds[op], ms] for op, ms in ranked},
         "wall_ms_per_step": wall * 1e3 / steps,
         "op_ms_per_step": sum(per_op.values()) or 1.0,
@@ -564,6 +565,11 @@ def op_profile_text(profile: dict) -> str:
         "by scope: "
         + ", ".join(f"{k} {ms:.1f} ms ({ms / total:.0%})" for k, ms in list(profile["per_scope_ms"].items())[:14]),
     ]
+    if profile.get("device") == "cpu":
+        lines.append(
+            "(CPU: the trace misses the work XLA hands to Eigen's thread pool, convolutions above all — traced op "
+            "time stays well below wall time × threads — so convolutions are undercounted here)"
+        )
     for row in profile["top_ops"]:
         lines.append(f"  {row['ms']:8.2f} ms  {row['kind']:<14} {row['op']:<40} {row['shape']}")
     return "\n".join(lines)
