@@ -532,12 +532,14 @@ def op_profile(run_step: Callable[[], Any], hlo_text: str, steps: int, top: int 
                     per_op[str(op)] = per_op.get(str(op), 0.0) + event.duration_ns / 1e6 / steps
     hlo = _hlo_kinds(hlo_text)
     known = ("conv", "dot", "attention", "reduce", "copy/transpose", "elementwise")
-    # GPU custom calls (cuDNN convolutions, cuBLAS, cuDNN attention) may parse to an opcode that is not a kind:
-    # their thunk names say what they are.
-    kinds = {
-        op: hlo[op] if hlo.get(op, ("",))[0] in known else (_kind_from_name(op), *hlo.get(op, ("", "", "?"))[1:])
-        for op in per_op
-    }
+
+    def kind_shape_scope(op: str) -> tuple[str, str, str]:
+        # GPU custom calls (cuDNN convolutions, cuBLAS, cuDNN attention) may parse to an opcode that is not a kind,
+        # and thunks can be missing from the HLO text: their names say what they are.
+        kind, shape, scope = hlo.get(op, ("", "", "?"))
+        return (kind if kind in known else _kind_from_name(op), shape, scope)
+
+    kinds = {op: kind_shape_scope(op) for op in per_op}
     per_kind: dict[str, float] = {}
     per_scope: dict[str, float] = {}
     for op, ms in per_op.items():

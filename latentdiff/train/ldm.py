@@ -66,9 +66,10 @@ def first_stage_dtype(config: ml_collections.ConfigDict) -> str:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Config-time checks that would otherwise fail deep inside a trace."""
     validate_context(config.unet, config.text_encoder)
-    if first_stage_dtype(config) not in ("", "float32", "bfloat16"):
+    fs_dtype = first_stage_dtype(config)
+    if fs_dtype not in ("", "float32", "bfloat16"):
         raise ValueError(
-            f"first_stage.dtype must be '', 'float32' or 'bfloat16', got {first_stage_dtype(config)!r} "
+            f"first_stage.dtype must be '', 'float32' or 'bfloat16', got {fs_dtype!r} "
             "('' keeps the stage-1 model's own dtype)"
         )
     if config.text_encoder.kind not in ("bert", "class", "none"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
 import statistics
 import subprocess
@@ -131,11 +132,8 @@ def main(argv: list[str]) -> None:
             import onednn_conv
 
             onednn_conv.install()
-        import train_step
-
-        import sample
-
-        (sample if "--steps" in argv else train_step).main(argv)
+        # sample.py's worker (the only one taking --steps) or train_step.py's
+        importlib.import_module("sample" if "--steps" in argv else "train_step").main(argv)
         return
     if argv[:1] == ["--check"]:
         check()
