@@ -256,13 +256,20 @@ def parse_convolutions(hlo: str) -> list[dict]:
         name = re.search(r'op_name="([^"]*)"', line)
         op_name = name.group(1) if name else ""
         groups = re.search(r"feature_group_count=(\d+)", line)
-        # XLA writes every gradient convolution with the canonical b01f_01io labels on transposed operands: the
-        # weight gradient is the one whose "window" spans the feature map (B as its input features).
-        kind = "dW" if max(size) > 7 else ("dX" if "transpose(" in op_name else "fwd")
+        # XLA writes every gradient convolution with the canonical b01f_01io labels on transposed operands. The
+        # weight gradient's "window" spans the feature map (B as its input features) and its output is the kernel, so
+        # its window is larger than its output; XLA creates it in a rewrite and drops its op_name. The input
+        # gradient keeps the op_name of the transposed (backward) program.
+        out_shape = tuple(int(s) for s in out.split(","))
+        out_spatial = [out_shape[i] for i, c in enumerate(out_l) if c in "01"]
+        if np.prod(size) > np.prod(out_spatial):
+            kind = "dW"
+        else:
+            kind = "dX" if "transpose(" in op_name else "fwd"
         convs.append(
             dict(
                 dtype=dtype,
-                out=tuple(int(s) for s in out.split(",")),
+                out=out_shape,
                 lhs=shapes[lhs_name],
                 rhs=shapes[rhs_name],
                 size=size,
