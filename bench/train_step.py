@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--hlo-out",
         default="",
-        help="ours: write the compiled step's optimised HLO text here, gzipped (to study fusions and layouts offline)",
+        help="ours: write the compiled step's optimised HLO text here, gzipped (to study fusions and layouts offline; "
+        "with several stages the last one's)",
     )
     p.add_argument("--results", default=common.RESULTS, help="RESULTS.md to append to ('' = do not write)")
     p.add_argument("--json", default="", help="also write all worker results to this JSON file")
@@ -519,7 +520,8 @@ def worker_args(args: argparse.Namespace, stage: str, fw: str) -> list[str]:
     out += ["--threads", str(args.threads), "--device", args.device, "--batch", str(args.batch)]
     out += ["--model-gflops", str(args.model_gflops), "--model-gflops-batch", str(args.model_gflops_batch)]
     out += ["--profile", str(args.profile)]
-    out += ["--hlo-out", args.hlo_out] if args.hlo_out and fw == "ours" else []
+    # The worker runs in the repository: a relative path is the caller's.
+    out += ["--hlo-out", os.path.abspath(args.hlo_out)] if args.hlo_out and fw == "ours" else []
     out += ["--no-remat"] if args.no_remat else []
     out += ["--optimizer-single-pass"] if args.optimizer_single_pass else []
     return out + (["--attention", args.attention] if args.attention else [])

@@ -44,7 +44,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             workdir=config_dict.placeholder(str),
             scale_factor=1.0 if paper else 0.0,
             sample_posterior=False,
-            dtype="",  # the frozen encoder's compute dtype: '' = as trained; "bfloat16" on GPU/TPU
+            dtype="",  # frozen model's dtype in the train step + preview grids: '' = as trained; "bfloat16" on GPU/TPU
             latents="",  # a directory written by `python -m latentdiff.encode` ('' = encode images on the fly)
         )
     )

@@ -64,7 +64,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             workdir=config_dict.placeholder(str),  # a trained stage-1 workdir (required on the first run)
             scale_factor=0.18215 if paper else 0.0,  # 0: 1/std of the first batch's latents, stored in the checkpoint
             sample_posterior=True,
-            dtype="",  # the frozen encoder's compute dtype: '' = as trained; "bfloat16" on GPU/TPU
+            dtype="",  # frozen model's dtype in the train step + preview grids: '' = as trained; "bfloat16" on GPU/TPU
             latents="",  # a directory written by `python -m latentdiff.encode` ('' = encode images on the fly)
         )
     )

@@ -37,6 +37,20 @@ def test_shipped_demo_model_follows_caption_colour_position_and_size():
     assert report["command"] == "make demo-train" and report["overrides"] == []
 
 
+def test_configs_saved_before_first_stage_dtype_read_as_trained():
+    """demo/config.json predates config.first_stage.dtype: it passes check_config and reads '' (the stage-1 model's
+    own dtype), as every config file sets it; a set value is read as set."""
+    from latentdiff.config_utils import load_workdir_config
+    from latentdiff.train.ldm import check_config, first_stage_dtype
+
+    assert "dtype" not in json.load(open(os.path.join(SHIPPED, "config.json")))["first_stage"]
+    config = load_workdir_config(SHIPPED)
+    check_config(config)
+    assert first_stage_dtype(config) == ""
+    config.first_stage.dtype = "bfloat16"
+    assert first_stage_dtype(config) == "bfloat16"
+
+
 def demo_guidance() -> float:
     from latentdiff.config_utils import load_config
 

@@ -63,16 +63,17 @@ WINOGRAD = {
     ),
 }
 
-# (B, H, W, Cin, Cout): the small autoencoder's levels (bench/common.ae_config), its 64->3 output conv, UNet levels.
+# (B, H, W, Cin, Cout): the small autoencoder's levels (bench/common.ae_config) and its 64->3 output conv, then the
+# small UNet's levels (16x16x4 latents, channels 96·(1,2,4), batch 8; bench/common.ldm_config).
 SHAPES = [
     (4, 128, 128, 64, 64),
     (4, 64, 64, 128, 128),
     (4, 32, 32, 256, 256),
     (4, 16, 16, 256, 256),
     (4, 128, 128, 64, 3),
-    (8, 32, 32, 96, 96),
-    (8, 16, 16, 192, 192),
-    (8, 8, 8, 384, 384),
+    (8, 16, 16, 96, 96),
+    (8, 8, 8, 192, 192),
+    (8, 4, 4, 384, 384),
 ]
 
 
@@ -163,9 +164,9 @@ def relative_error(a: jax.Array, ref: jax.Array) -> float:
     return float(jnp.max(jnp.abs(a - ref)) / jnp.max(jnp.abs(ref)))
 
 
-def conv_gflop(shape: tuple[int, ...]) -> float:
-    b, h, w, ci, co = shape
-    return 2.0 * 9 * b * h * w * ci * co / 1e9
+def xla_gflop(fn: Callable, *args: jax.Array) -> float:
+    """GFLOP of fn(*args) by XLA's cost analysis (a padded 3×3 convolution counts only the taps inside the image)."""
+    return common.xla_flops(jax.jit(fn).lower(*args)) / 1e9
 
 
 def random_operands(shape: tuple[int, ...], seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -179,7 +180,8 @@ def random_operands(shape: tuple[int, ...], seed: int) -> tuple[jax.Array, jax.A
 
 
 def winograd_rows(runs: int) -> list[dict]:
-    """Per shape: forward and forward+both-gradients times of lax and each Winograd form, and their errors."""
+    """Per shape: forward, and forward + both gradients (value_and_grad of <conv(x, w), g>, with g an argument so
+    nothing folds into constants), of lax and each Winograd form, and their errors."""
     rows = []
     for k, shape in enumerate(SHAPES):
         x, w, g = random_operands(shape, k)
@@ -188,14 +190,14 @@ def winograd_rows(runs: int) -> list[dict]:
         forms = {"lax": lax_conv, **{n: (lambda x, w, n=n: winograd_conv(x, w, n)) for n in WINOGRAD}}
         for name, conv in forms.items():
             fwd = jax.jit(conv)
-            grads = jax.jit(jax.grad(lambda x, w, conv=conv, g=g: jnp.sum(conv(x, w) * g), argnums=(0, 1)))
+            train = jax.jit(jax.value_and_grad(lambda x, w, g, conv=conv: jnp.sum(conv(x, w) * g), argnums=(0, 1)))
             if name != "lax":
                 row[f"err {name}"] = relative_error(fwd(x, w), ref)
                 if row[f"err {name}"] > 1e-3:
                     raise AssertionError(f"{name} at {shape}: relative error {row[f'err {name}']:.2e}")
             row[f"fwd {name}"] = median_ms(fwd, x, w, runs=runs)
-            row[f"grad {name}"] = median_ms(grads, x, w, runs=runs)
-        row["lax fwd GF/s"] = conv_gflop(shape) / row["fwd lax"] * 1e3
+            row[f"grad {name}"] = median_ms(train, x, w, g, runs=runs)
+        row["lax fwd GF/s"] = xla_gflop(lax_conv, x, w) / row["fwd lax"] * 1e3
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -213,10 +215,10 @@ def weight_grad_rows(runs: int) -> list[dict]:
             if relative_error(jf(x, g), ref) > 1e-4:
                 raise AssertionError(f"weight gradient {name} at {shape} differs from XLA's")
             row[f"dW {name}"] = median_ms(jf, x, g, runs=runs)
-        row["dW xla GF/s"] = conv_gflop(shape) / row["dW xla"] * 1e3
-        dx = jax.jit(jax.grad(lambda x, w, g=g: jnp.sum(lax_conv(x, w) * g)))
-        row["dX xla"] = median_ms(dx, x, w, runs=runs)
-        row["dX xla GF/s"] = conv_gflop(shape) / row["dX xla"] * 1e3
+        row["dW xla GF/s"] = xla_gflop(weight_grad_lax, x, g) / row["dW xla"] * 1e3
+        input_grad = lambda x, w, g: jax.grad(lambda x: jnp.sum(lax_conv(x, w) * g))(x)
+        row["dX xla"] = median_ms(jax.jit(input_grad), x, w, g, runs=runs)
+        row["dX xla GF/s"] = xla_gflop(input_grad, x, w, g) / row["dX xla"] * 1e3
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -229,6 +231,8 @@ _CONV = re.compile(
     r"= (f32|bf16|f16)\[([\d,]*)\]\S* convolution\(%([\w.\-]+), %([\w.\-]+)\), window=\{([^}]*)\}, "
     r"dim_labels=(\w+)_(\w+)->(\w+)"
 )
+_CALLER = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*\bcalls=%([\w.\-]+)", re.M)
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 _LABELS = {"lhs": dict(b="N", f="C"), "rhs": dict(o="O", i="I"), "out": dict(b="N", f="C")}
 
 
@@ -246,8 +250,13 @@ def _window(text: str, key: str, default: str) -> list[str]:
 def parse_convolutions(hlo: str) -> list[dict]:
     """The convolutions of an optimised HLO module: operand / output shapes, window, dim labels, kind, op name."""
     shapes = {m.group(1): tuple(int(s) for s in m.group(2).split(",") if s) for m in _DEF.finditer(hlo)}
+    callers = {m.group(2): m.group(1) for m in _CALLER.finditer(hlo)}  # computation -> the instruction that calls it
     convs = []
+    computation = ""
     for line in hlo.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
         m = _CONV.search(line)
         if not m:
             continue
@@ -256,16 +265,22 @@ def parse_convolutions(hlo: str) -> list[dict]:
         name = re.search(r'op_name="([^"]*)"', line)
         op_name = name.group(1) if name else ""
         groups = re.search(r"feature_group_count=(\d+)", line)
+        if any(
+            labels.replace("0", "").replace("1", "") == labels or labels.index("0") > labels.index("1")
+            for labels in (lhs_l, rhs_l, out_l)
+        ):
+            raise SystemExit(
+                f"conv_forms: spatial dim labels other than 0 then 1 are not handled: {line.strip()[:160]}"
+            )
         # XLA writes every gradient convolution with the canonical b01f_01io labels on transposed operands. The
-        # weight gradient's "window" spans the feature map (B as its input features) and its output is the kernel, so
-        # its window is larger than its output; XLA creates it in a rewrite and drops its op_name. The input
-        # gradient keeps the op_name of the transposed (backward) program.
+        # weight gradient is created in a rewrite that drops its op_name; its "window" spans the feature map (the
+        # batch as its input features) and its output is the kernel, so its window is larger than its output. The
+        # input gradient keeps the op_name of the transposed (backward) program.
         out_shape = tuple(int(s) for s in out.split(","))
         out_spatial = [out_shape[i] for i, c in enumerate(out_l) if c in "01"]
-        if np.prod(size) > np.prod(out_spatial):
-            kind = "dW"
-        else:
-            kind = "dX" if "transpose(" in op_name else "fwd"
+        kind = "dW" if not op_name else ("dX" if "transpose(" in op_name else "fwd")
+        if (kind == "dW") != bool(np.prod(size) > np.prod(out_spatial)):
+            print(f"conv_forms: warning: {kind} by op_name but not by shape: {line.strip()[:160]}", file=sys.stderr)
         convs.append(
             dict(
                 dtype=dtype,
@@ -281,6 +296,7 @@ def parse_convolutions(hlo: str) -> list[dict]:
                 groups=int(groups.group(1)) if groups else 1,
                 kind=kind,
                 op_name=op_name,
+                caller=callers.get(computation, "entry"),
             )
         )
     return convs
@@ -302,14 +318,11 @@ def conv_fn(c: dict) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return conv
 
 
-def conv_flops(c: dict) -> float:
-    """2 · output elements · window · input features per group (zeros of lhs dilation included, as XLA counts)."""
-    in_features = c["lhs"][c["labels"][0].index("C")] // c["groups"]
-    return 2.0 * float(np.prod(c["out"])) * float(np.prod(c["size"])) * in_features
-
-
 def hlo_rows(path: str, runs: int) -> tuple[list[dict], dict]:
-    """Times each convolution of the dump alone; rows grouped by (kind, shapes, window), and the totals per kind."""
+    """Times each convolution of the dump alone (FLOPs by XLA's cost analysis of the rebuilt convolution); rows
+    grouped by (kind, operand and output shapes, stride, lhs dilation), and the totals per kind. Each HLO instruction
+    is timed once and as a plain XLA convolution: those not in the entry computation (inside a YNNPACK fusion, a
+    while body...) are counted in `notes` by what calls them."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         convs = parse_convolutions(f.read())
@@ -318,6 +331,7 @@ def hlo_rows(path: str, runs: int) -> tuple[list[dict], dict]:
     rng = np.random.default_rng(0)
     groups: dict[tuple, dict] = {}
     totals: dict[str, float] = {}
+    notes: dict[str, int] = {}
     for c in convs:
         dtype = jnp.dtype(c["dtype"].replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16"))
         a = jnp.asarray(rng.standard_normal(c["lhs"], np.float32), dtype)
@@ -326,20 +340,24 @@ def hlo_rows(path: str, runs: int) -> tuple[list[dict], dict]:
         if fn(a, b).shape != c["out"]:
             raise AssertionError(f"rebuilt convolution has shape {fn(a, b).shape}, HLO says {c['out']}: {c}")
         ms = median_ms(fn, a, b, runs=runs)
+        place = re.sub(r"\.\d+$", "", c["caller"])  # 'entry', or what calls it: 'ynn_fusion', a while loop...
+        if place != "entry":
+            notes[place] = notes.get(place, 0) + 1
         key = (c["kind"], c["lhs"], c["rhs"], c["out"], tuple(c["stride"]), tuple(c["lhs_dilation"]))
         row = groups.setdefault(key, dict(kind=c["kind"], lhs=str(c["lhs"]), rhs=str(c["rhs"]), out=str(c["out"]), n=0))
         row["n"] += 1
         row["ms"] = row.get("ms", 0.0) + ms
-        row["gflop"] = row.get("gflop", 0.0) + conv_flops(c) / 1e9
+        row["gflop"] = row.get("gflop", 0.0) + xla_gflop(conv_fn(c), a, b)
         totals[c["kind"]] = totals.get(c["kind"], 0.0) + ms
     rows = sorted(groups.values(), key=lambda r: -r["ms"])
     for r in rows:
         r["GF/s"] = r["gflop"] / r["ms"] * 1e3
-    return rows, {"count": len(convs), **totals, "all": sum(totals.values())}
+    return rows, {"count": len(convs), **totals, "all": sum(totals.values()), "notes": notes}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    header = common.run_header(sys.argv, "cpu")  # before the timing: its load average is the machine's, not ours
     if args.mode == "winograd":
         rows = winograd_rows(args.runs)
         columns = [("shape", "B×H×W×Ci×Co")]
@@ -363,15 +381,21 @@ def main(argv: list[str] | None = None) -> None:
         rows, totals = hlo_rows(args.hlo_file, args.runs)
         columns = [("kind", "kind"), ("n", "count"), ("lhs", "lhs"), ("rhs", "rhs"), ("out", "out")]
         columns += [("ms", "ms (sum, alone)"), ("GF/s", "GFLOP/s")]
-        kinds = ", ".join(f"{k} {v:.0f} ms" for k, v in totals.items() if k not in ("count", "all"))
+        kinds = ", ".join(f"{k} {v:.0f} ms" for k, v in totals.items() if k in ("fwd", "dX", "dW"))
+        elsewhere = ", ".join(f"{n} in {place}" for place, n in totals["notes"].items())
         body = (
             common.table(rows[: args.top], columns)
             + f"\n\n{totals['count']} convolutions, {totals['all']:.0f} ms when each runs alone ({kinds}); "
             f"top {min(args.top, len(rows))} of {len(rows)} groups shown."
+            + (
+                f" Not in the entry computation (timed as plain convolutions all the same): {elsewhere}."
+                if elsewhere
+                else ""
+            )
         )
     print(body)
     if args.results:
-        common.append_section(SECTION, common.run_header(sys.argv, "cpu") + "\n\n" + body)
+        common.append_section(SECTION, header + "\n\n" + body, args.results)
 
 
 if __name__ == "__main__":

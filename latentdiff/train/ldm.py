@@ -58,8 +58,8 @@ def latents_dir(config: ml_collections.ConfigDict) -> str:
 
 
 def first_stage_dtype(config: ml_collections.ConfigDict) -> str:
-    """config.first_stage.dtype: the frozen encoder's compute dtype ('' = the stage-1 model's own); '' for configs
-    saved before the field existed."""
+    """config.first_stage.dtype: the frozen model's compute dtype in the train step and the preview grids ('' = as
+    trained); '' for configs saved before the field existed."""
     return config.first_stage.dtype if "dtype" in config.first_stage else ""
 
 
@@ -367,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
     )
     check_config(config)
     mesh = parallel.make_mesh(dict(config.mesh))
-    fs = first_stage.with_compute_dtype(prepare_first_stage(config, workdir), first_stage_dtype(config))
+    fs = prepare_first_stage(config, workdir)  # as trained: checks, the scale factor (sampling uses it as trained)
     latents = latents_dir(config)
     meta = latent_data.read_meta(latents) if latents else None
     if meta is not None:
@@ -411,7 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
             fs, next(iter(make_iter())), mesh, config.first_stage.sample_posterior, config.seed
         )
         log.info("latent scale factor from the first batch: %.5f", scale_factor)
-    task = LDMTask(config, fs, null_cond, scale_factor)
+    # first_stage.dtype: the frozen model's compute dtype in the train step's encoding and the preview grids.
+    task = LDMTask(config, first_stage.with_compute_dtype(fs, first_stage_dtype(config)), null_cond, scale_factor)
     fs_variables = jax.device_put(fs.variables, parallel.replicated(mesh))
     write_images = make_image_writer(config, task, tokenizer, fs_variables, mesh)
     loop_task = loop.Task(

@@ -81,7 +81,8 @@ class AdamW:
         # Three dependent passes per leaf (moments; params from the new moments; EMA from the new params), each
         # writing only its own buffer, so none needs the old value of a buffer another pass overwrites in place (no
         # defensive copies of the donated state). The barriers stop XLA from re-deriving a pass's inputs inside the
-        # next one, which brings those copies back.
+        # next one, which brings those copies back. single_pass drops the barriers and leaves XLA free to fuse the
+        # three into one pass per leaf (the GPU candidate; the same values, tests/test_optim.py).
         barrier = (lambda tree: tree) if self.single_pass else jax.lax.optimization_barrier
         p_leaves = leaves_of(params)
         moment_leaves = list(map(moments, leaves_of(grads), leaves_of(state.mu), leaves_of(state.nu)))
