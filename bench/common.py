@@ -239,6 +239,13 @@ def matmul_peak_gflops(n: int = 2048, runs: int = 7) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def conv3x3(x: Any, kernel: Any) -> Any:
+    """SAME 3x3 convolution, x [B, H, W, C], kernel [3, 3, C, K] -> [B, H, W, K] (lax, as flax's nn.Conv runs it)."""
+    import jax
+
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def count_params(tree: Any) -> int:
     import jax
 

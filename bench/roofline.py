@@ -52,13 +52,6 @@ def conv_flops(b: int, h: int, w: int, c: int, k: int) -> float:
     return 2.0 * b * h * w * c * k * 9
 
 
-def conv3x3(x, kernel):
-    """SAME 3x3 convolution, x [B, H, W, C], kernel [3, 3, C, K] -> [B, H, W, K]."""
-    import jax
-
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def xla_rates(runs: int) -> dict[str, float]:
     """GFLOP/s of jnp.dot n×n×n and of each CONV_SHAPES convolution through XLA (median of `runs`)."""
     import jax
@@ -77,7 +70,7 @@ def xla_rates(runs: int) -> dict[str, float]:
     for bsz, h, w, c, k in CONV_SHAPES:
         x = jnp.asarray(rng.standard_normal((bsz, h, w, c)), jnp.float32)
         kern = jnp.asarray(rng.standard_normal((3, 3, c, k)), jnp.float32)
-        out[f"conv3x3 {bsz}×{h}×{w}×{c}→{k}"] = rate(conv3x3, conv_flops(bsz, h, w, c, k), x, kern)
+        out[f"conv3x3 {bsz}×{h}×{w}×{c}→{k}"] = rate(common.conv3x3, conv_flops(bsz, h, w, c, k), x, kern)
     return out
 
 

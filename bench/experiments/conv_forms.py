@@ -90,18 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def lax_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    """3×3 stride-1 'same' convolution. [B,H,W,Ci] × [3,3,Ci,Co] -> [B,H,W,Co]."""
-    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def _combine(parts: list[jax.Array], coefficients: list[float]) -> jax.Array:
     """Σ c·part over the non-zero coefficients (the transforms are sparse small-integer matrices)."""
     terms = [p if c == 1 else -p if c == -1 else c * p for c, p in zip(coefficients, parts) if c != 0]
-    out = terms[0]
-    for t in terms[1:]:
-        out = out + t
-    return out
+    return sum(terms[1:], terms[0])
 
 
 def winograd_conv(x: jax.Array, w: jax.Array, name: str) -> jax.Array:
@@ -131,9 +123,9 @@ def winograd_conv(x: jax.Array, w: jax.Array, name: str) -> jax.Array:
 
 
 def weight_grad_lax(x: jax.Array, g: jax.Array) -> jax.Array:
-    """XLA's own weight gradient of lax_conv. [B,H,W,Ci], [B,H,W,Co] -> [3,3,Ci,Co]."""
+    """XLA's own weight gradient of common.conv3x3. [B,H,W,Ci], [B,H,W,Co] -> [3,3,Ci,Co]."""
     w0 = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), x.dtype)
-    return jax.grad(lambda w: jnp.sum(lax_conv(x, w) * g))(w0)
+    return jax.grad(lambda w: jnp.sum(common.conv3x3(x, w) * g))(w0)
 
 
 def weight_grad_taps(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -185,9 +177,9 @@ def winograd_rows(runs: int) -> list[dict]:
     rows = []
     for k, shape in enumerate(SHAPES):
         x, w, g = random_operands(shape, k)
-        ref = lax_conv(x, w)
+        ref = common.conv3x3(x, w)
         row = {"shape": "×".join(map(str, shape))}
-        forms = {"lax": lax_conv, **{n: (lambda x, w, n=n: winograd_conv(x, w, n)) for n in WINOGRAD}}
+        forms = {"lax": common.conv3x3, **{n: (lambda x, w, n=n: winograd_conv(x, w, n)) for n in WINOGRAD}}
         for name, conv in forms.items():
             fwd = jax.jit(conv)
             train = jax.jit(jax.value_and_grad(lambda x, w, g, conv=conv: jnp.sum(conv(x, w) * g), argnums=(0, 1)))
@@ -197,7 +189,7 @@ def winograd_rows(runs: int) -> list[dict]:
                     raise AssertionError(f"{name} at {shape}: relative error {row[f'err {name}']:.2e}")
             row[f"fwd {name}"] = median_ms(fwd, x, w, runs=runs)
             row[f"grad {name}"] = median_ms(train, x, w, g, runs=runs)
-        row["lax fwd GF/s"] = xla_gflop(lax_conv, x, w) / row["fwd lax"] * 1e3
+        row["lax fwd GF/s"] = xla_gflop(common.conv3x3, x, w) / row["fwd lax"] * 1e3
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -216,7 +208,7 @@ def weight_grad_rows(runs: int) -> list[dict]:
                 raise AssertionError(f"weight gradient {name} at {shape} differs from XLA's")
             row[f"dW {name}"] = median_ms(jf, x, g, runs=runs)
         row["dW xla GF/s"] = xla_gflop(weight_grad_lax, x, g) / row["dW xla"] * 1e3
-        input_grad = lambda x, w, g: jax.grad(lambda x: jnp.sum(lax_conv(x, w) * g))(x)
+        input_grad = lambda x, w, g: jax.grad(lambda x: jnp.sum(common.conv3x3(x, w) * g))(x)
         row["dX xla"] = median_ms(jax.jit(input_grad), x, w, g, runs=runs)
         row["dX xla GF/s"] = xla_gflop(input_grad, x, w, g) / row["dX xla"] * 1e3
         rows.append(row)
@@ -233,6 +225,7 @@ _CONV = re.compile(
 )
 _CALLER = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*\bcalls=%([\w.\-]+)", re.M)
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
+_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 _LABELS = {"lhs": dict(b="N", f="C"), "rhs": dict(o="O", i="I"), "out": dict(b="N", f="C")}
 
 
@@ -242,9 +235,14 @@ def _spec(labels: str, side: str) -> str:
     return "".join(table[c] for c in labels)
 
 
-def _window(text: str, key: str, default: str) -> list[str]:
-    fields = dict(kv.split("=") for kv in text.split())
-    return fields.get(key, default).split("x")
+def _window(text: str) -> dict[str, list[int]]:
+    """'size=3x3 stride=2x2 pad=1_1x0_1 lhs_dilate=2x2' -> per-dimension fields ('pad' as (low, high) pairs), with
+    HLO's defaults for the ones left out."""
+    fields = {"size": "1x1", "stride": "1x1", "pad": "0_0x0_0", "lhs_dilate": "1x1", "rhs_dilate": "1x1"}
+    fields |= dict(kv.split("=") for kv in text.split())
+    out = {k: [int(v) for v in fields[k].split("x")] for k in ("size", "stride", "lhs_dilate", "rhs_dilate")}
+    out["pad"] = [tuple(int(v) for v in p.split("_")) for p in fields["pad"].split("x")]
+    return out
 
 
 def parse_convolutions(hlo: str) -> list[dict]:
@@ -261,12 +259,12 @@ def parse_convolutions(hlo: str) -> list[dict]:
         if not m:
             continue
         dtype, out, lhs_name, rhs_name, window, lhs_l, rhs_l, out_l = m.groups()
-        size = [int(s) for s in _window(window, "size", "1x1")]
+        win = _window(window)
         name = re.search(r'op_name="([^"]*)"', line)
         op_name = name.group(1) if name else ""
         groups = re.search(r"feature_group_count=(\d+)", line)
         if any(
-            labels.replace("0", "").replace("1", "") == labels or labels.index("0") > labels.index("1")
+            "0" not in labels or "1" not in labels or labels.index("0") > labels.index("1")
             for labels in (lhs_l, rhs_l, out_l)
         ):
             raise SystemExit(
@@ -279,7 +277,7 @@ def parse_convolutions(hlo: str) -> list[dict]:
         out_shape = tuple(int(s) for s in out.split(","))
         out_spatial = [out_shape[i] for i, c in enumerate(out_l) if c in "01"]
         kind = "dW" if not op_name else ("dX" if "transpose(" in op_name else "fwd")
-        if (kind == "dW") != bool(np.prod(size) > np.prod(out_spatial)):
+        if (kind == "dW") != bool(np.prod(win["size"]) > np.prod(out_spatial)):
             print(f"conv_forms: warning: {kind} by op_name but not by shape: {line.strip()[:160]}", file=sys.stderr)
         convs.append(
             dict(
@@ -287,11 +285,11 @@ def parse_convolutions(hlo: str) -> list[dict]:
                 out=out_shape,
                 lhs=shapes[lhs_name],
                 rhs=shapes[rhs_name],
-                size=size,
-                stride=[int(s) for s in _window(window, "stride", "1x1")],
-                pad=[tuple(int(v) for v in p.split("_")) for p in _window(window, "pad", "0_0x0_0")],
-                lhs_dilation=[int(s) for s in _window(window, "lhs_dilate", "1x1")],
-                rhs_dilation=[int(s) for s in _window(window, "rhs_dilate", "1x1")],
+                size=win["size"],
+                stride=win["stride"],
+                pad=win["pad"],
+                lhs_dilation=win["lhs_dilate"],
+                rhs_dilation=win["rhs_dilate"],
                 labels=(_spec(lhs_l, "lhs"), _spec(rhs_l, "rhs"), _spec(out_l, "out")),
                 groups=int(groups.group(1)) if groups else 1,
                 kind=kind,
@@ -333,12 +331,13 @@ def hlo_rows(path: str, runs: int) -> tuple[list[dict], dict]:
     totals: dict[str, float] = {}
     notes: dict[str, int] = {}
     for c in convs:
-        dtype = jnp.dtype(c["dtype"].replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16"))
+        dtype = _DTYPES[c["dtype"]]
         a = jnp.asarray(rng.standard_normal(c["lhs"], np.float32), dtype)
         b = jnp.asarray(rng.standard_normal(c["rhs"], np.float32), dtype)
         fn = jax.jit(conv_fn(c))
-        if fn(a, b).shape != c["out"]:
-            raise AssertionError(f"rebuilt convolution has shape {fn(a, b).shape}, HLO says {c['out']}: {c}")
+        lowered = fn.lower(a, b)
+        if lowered.out_info.shape != c["out"]:
+            raise AssertionError(f"rebuilt convolution has shape {lowered.out_info.shape}, HLO says {c['out']}: {c}")
         ms = median_ms(fn, a, b, runs=runs)
         place = re.sub(r"\.\d+$", "", c["caller"])  # 'entry', or what calls it: 'ynn_fusion', a while loop...
         if place != "entry":
@@ -347,7 +346,7 @@ def hlo_rows(path: str, runs: int) -> tuple[list[dict], dict]:
         row = groups.setdefault(key, dict(kind=c["kind"], lhs=str(c["lhs"]), rhs=str(c["rhs"]), out=str(c["out"]), n=0))
         row["n"] += 1
         row["ms"] = row.get("ms", 0.0) + ms
-        row["gflop"] = row.get("gflop", 0.0) + xla_gflop(conv_fn(c), a, b)
+        row["gflop"] = row.get("gflop", 0.0) + common.xla_flops(lowered) / 1e9
         totals[c["kind"]] = totals.get(c["kind"], 0.0) + ms
     rows = sorted(groups.values(), key=lambda r: -r["ms"])
     for r in rows:
