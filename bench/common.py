@@ -564,16 +564,63 @@ def op_profile(run_step: Callable[[], Any], hlo_text: str, steps: int, top: int 
     }
 
 
+_TORCH_KINDS = (  # (kind, substrings of an aten op name), first match wins
+    ("conv", ("conv",)),
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
+    ("dot", ("addmm", "::mm", "bmm", "baddbmm", "matmul", "linear")),
+    ("norm", ("group_norm", "layer_norm", "batch_norm")),
+    ("optimizer", ("_foreach", "adam", "clip_grad", "_fused_")),
+    ("copy/transpose", ("copy_", "contiguous", "clone", "permute", "transpose", "cat", "to_copy")),
+)
+
+
+def _torch_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in _TORCH_KINDS if any(k in low for k in keys)), "elementwise/other")
+
+
+def torch_op_profile(run_step: Callable[[], Any], steps: int, top: int = 25) -> dict:
+    """Trace `steps` calls of run_step (blocking) with torch.profiler and sum each aten op's self CPU time (on the
+    CPU every op runs synchronously on the calling thread, so the sum is close to wall time). Same keys as
+    op_profile; per_scope_ms is empty (eager ops carry no module scope)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run_step()
+        wall = time.perf_counter() - t0
+    per_op = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    per_kind: dict[str, float] = {}
+    for op, ms in per_op.items():
+        per_kind[_torch_kind(op)] = per_kind.get(_torch_kind(op), 0.0) + ms
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    return {
+        "device": "torch-cpu",
+        "all_ops": {op: [_torch_kind(op), "", "", ms] for op, ms in ranked},
+        "wall_ms_per_step": wall * 1e3 / steps,
+        "op_ms_per_step": sum(per_op.values()) or 1.0,
+        "per_kind_ms": dict(sorted(per_kind.items(), key=lambda kv: -kv[1])),
+        "per_scope_ms": {},
+        "top_ops": [{"op": op, "kind": _torch_kind(op), "shape": "", "ms": ms} for op, ms in ranked[:top]],
+    }
+
+
 def op_profile_text(profile: dict) -> str:
     """A compact text table of op_profile's result."""
     total = profile["op_ms_per_step"]
+    traced = (
+        "aten op self CPU time" if profile.get("device") == "torch-cpu" else "XLA op time (summed over threads/streams)"
+    )
     lines = [
-        f"step wall {profile['wall_ms_per_step']:.1f} ms; XLA op time {total:.1f} ms per step (summed over "
-        "threads/streams)",
+        f"step wall {profile['wall_ms_per_step']:.1f} ms; {traced} {total:.1f} ms per step",
         "by kind: " + ", ".join(f"{k} {ms:.1f} ms ({ms / total:.0%})" for k, ms in profile["per_kind_ms"].items()),
-        "by scope: "
-        + ", ".join(f"{k} {ms:.1f} ms ({ms / total:.0%})" for k, ms in list(profile["per_scope_ms"].items())[:14]),
     ]
+    if profile["per_scope_ms"]:
+        lines.append(
+            "by scope: "
+            + ", ".join(f"{k} {ms:.1f} ms ({ms / total:.0%})" for k, ms in list(profile["per_scope_ms"].items())[:14])
+        )
     if profile.get("device") == "cpu":
         lines.append(
             "(CPU: the trace misses the work XLA hands to Eigen's thread pool, convolutions above all — traced op "

@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         type=int,
         default=0,
-        help="ours: after timing, trace this many steps with jax.profiler and print where the time goes, by XLA op "
-        "(kind totals and the top ops; also in --json)",
+        help="after timing, trace this many steps and print where the time goes: ours by XLA op (jax.profiler), "
+        "torch on the CPU by aten op (torch.profiler, self CPU time); kind totals and the top ops, also in --json",
     )
     p.add_argument("--no-remat", action="store_true", help="ldm: turn the config's remat off (UNet and text encoder)")
     p.add_argument(
@@ -307,7 +307,7 @@ def torch_patchgan(cfg, torch):
     return nn.Sequential(*layers)
 
 
-def _torch_timed(step, runs: int, device, compiled: bool) -> dict:
+def _torch_timed(step, runs: int, device, compiled: bool, profile_steps: int = 0) -> dict:
     t0 = time.perf_counter()
     step()
     common.torch_sync(device)
@@ -318,7 +318,8 @@ def _torch_timed(step, runs: int, device, compiled: bool) -> dict:
         common.torch_sync(device)
 
     times = common.time_runs(one, runs, warmup=2 if compiled else 1)
-    return {"compile_s": first, "times": times, "rss_mib": common.peak_rss_mib()}
+    profile = common.torch_op_profile(one, profile_steps) if profile_steps and device.type == "cpu" else None
+    return {"compile_s": first, "times": times, "rss_mib": common.peak_rss_mib(), "profile": profile}
 
 
 def torch_ldm(args: argparse.Namespace, compiled: bool) -> dict:
@@ -369,7 +370,7 @@ def torch_ldm(args: argparse.Namespace, compiled: bool) -> dict:
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in trainable], 1.0 - config.ema.decay)
 
-    out = _torch_timed(step, args.runs, device, compiled)
+    out = _torch_timed(step, args.runs, device, compiled, args.profile)
     out["params_m"] = common.torch_params([unet, text]) / 1e6
     return out
 
@@ -434,7 +435,7 @@ def torch_ae(args: argparse.Namespace, gan: bool, compiled: bool) -> dict:
             (loss_cfg.disc_factor * d_loss).backward()
             opt_d.step()
 
-    out = _torch_timed(step, args.runs, device, compiled)
+    out = _torch_timed(step, args.runs, device, compiled, args.profile)
     out["params_m"] = common.torch_params([ae]) / 1e6
     return out
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from latentdiff.nn.norms import GroupNorm
 from latentdiff.nn.quantizer import QuantizerOutput, VectorQuantizer
 
 Dtype = Any
@@ -46,8 +47,13 @@ def _conv(features: int, kernel: int, dtype: Dtype, name: str | None, stride: in
     )
 
 
-def _norm(dtype: Dtype, name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
+def _norm(dtype: Dtype, name: str, activation: str) -> GroupNorm:
+    """GroupNorm(32, eps 1e-6), then `activation` ('silu' = swish, fused): latentdiff.nn.norms, whose statistics and
+    closed-form backward XLA:CPU runs 1.2-4.5x faster than flax's GroupNorm + nn.swish at the 128-px levels (two
+    channels per group); same params ('scale', 'bias'), so checkpoints and converters are unchanged."""
+    return GroupNorm(
+        num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, activation=activation, name=name
+    )
 
 
 class ResnetBlock(nn.Module):
@@ -59,9 +65,9 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        h = nn.swish(_norm(self.dtype, "norm1")(x))
+        h = _norm(self.dtype, "norm1", "silu")(x)
         h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
-        h = nn.swish(_norm(self.dtype, "norm2")(h))
+        h = _norm(self.dtype, "norm2", "silu")(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -82,7 +88,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-        y = _norm(self.dtype, "norm")(x)
+        y = _norm(self.dtype, "norm", "none")(x)
         q, k, v = (dense(n)(y).reshape(b, h * w, c) for n in ("q", "k", "v"))
         logits = jnp.einsum("bqc,bkc->bqk", q.astype(jnp.float32), k.astype(jnp.float32)) * (c**-0.5)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -164,7 +170,7 @@ class Encoder(nn.Module):
         h = ResnetBlock(block_in, self.dropout, self.dtype, name="mid_block_1")(h, train)
         h = AttnBlock(self.dtype, name="mid_attn_1")(h)
         h = ResnetBlock(block_in, self.dropout, self.dtype, name="mid_block_2")(h, train)
-        h = nn.swish(_norm(self.dtype, "norm_out")(h))
+        h = _norm(self.dtype, "norm_out", "silu")(h)
         out_ch = 2 * self.z_channels if self.double_z else self.z_channels
         return _conv(out_ch, 3, self.dtype, "conv_out")(h)
 
@@ -198,7 +204,7 @@ class Decoder(nn.Module):
             if i != 0:
                 h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
                 curr_res *= 2
-        h = nn.swish(_norm(self.dtype, "norm_out")(h))
+        h = _norm(self.dtype, "norm_out", "silu")(h)
         return _conv(self.out_ch, 3, self.dtype, "conv_out")(h)
 
 

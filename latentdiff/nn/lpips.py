@@ -34,6 +34,18 @@ def conv_names() -> list[str]:
     return [f"conv{s + 1}_{i + 1}" for s, chans in enumerate(VGG16_STAGES) for i in range(len(chans))]
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2×2 max-pool, stride 2, odd edges dropped (torch MaxPool2d(2, 2)): [B, H, W, C] -> [B, H//2, W//2, C].
+
+    Written as a max over a [B, H/2, 2, W/2, 2, C] view rather than `nn.max_pool`: the reduce-window's gradient
+    (select-and-scatter) is slow on XLA:CPU, the view's is a mask. Ties split the gradient where select-and-scatter
+    gives it to one input; behind a ReLU the only ties in practice are zeros, whose ReLU gradient is 0 either way.
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 class VGG16Features(nn.Module):
     """VGG16 `features` up to relu5_3: [B, H, W, 3] -> 5 activations [B, H/2^k, W/2^k, C_k], k = 0..4."""
 
@@ -44,7 +56,7 @@ class VGG16Features(nn.Module):
         taps = []
         for s, chans in enumerate(VGG16_STAGES):
             if s > 0:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                x = max_pool_2x2(x)
             for i, c in enumerate(chans):
                 conv = nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"conv{s + 1}_{i + 1}")
                 x = nn.relu(conv(x))
