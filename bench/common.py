@@ -591,18 +591,19 @@ def torch_op_profile(run_step: Callable[[], Any], steps: int, top: int = 25) -> 
             run_step()
         wall = time.perf_counter() - t0
     per_op = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    kinds = {op: _torch_kind(op) for op in per_op}
     per_kind: dict[str, float] = {}
     for op, ms in per_op.items():
-        per_kind[_torch_kind(op)] = per_kind.get(_torch_kind(op), 0.0) + ms
+        per_kind[kinds[op]] = per_kind.get(kinds[op], 0.0) + ms
     ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
     return {
         "device": "torch-cpu",
-        "all_ops": {op: [_torch_kind(op), "", "", ms] for op, ms in ranked},
+        "all_ops": {op: [kinds[op], "", "", ms] for op, ms in ranked},
         "wall_ms_per_step": wall * 1e3 / steps,
         "op_ms_per_step": sum(per_op.values()) or 1.0,
         "per_kind_ms": dict(sorted(per_kind.items(), key=lambda kv: -kv[1])),
         "per_scope_ms": {},
-        "top_ops": [{"op": op, "kind": _torch_kind(op), "shape": "", "ms": ms} for op, ms in ranked[:top]],
+        "top_ops": [{"op": op, "kind": kinds[op], "shape": "", "ms": ms} for op, ms in ranked[:top]],
     }
 
 

@@ -307,7 +307,7 @@ def torch_patchgan(cfg, torch):
     return nn.Sequential(*layers)
 
 
-def _torch_timed(step, runs: int, device, compiled: bool, profile_steps: int = 0) -> dict:
+def _torch_timed(step, runs: int, device, compiled: bool, profile_steps: int) -> dict:
     t0 = time.perf_counter()
     step()
     common.torch_sync(device)
