@@ -1,7 +1,7 @@
 """Stage 1: KL-regularised autoencoder with downsampling factor 4 (LDM-KL-f4), and the demo's first stage.
 
     python train.py --config configs/autoencoder_kl_f4.py:demo --workdir workdirs/demo/autoencoder
-    python train.py --config configs/autoencoder_kl_f4.py:paper --workdir gs://BUCKET/ae_kl_f4 \
+    python train.py --config configs/autoencoder_kl_f4.py:paper --workdir /mnt/gcs/ae_kl_f4 \
         --config.data.name=coco_captions --config.loss.lpips_weights=weights/lpips_vgg16.safetensors
 
 Variants:

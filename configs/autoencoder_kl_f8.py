@@ -1,7 +1,7 @@
 """Stage 1: KL-regularised autoencoder (LDM-KL-f8) trained with L1 + LPIPS + PatchGAN.
 
     python train.py --config configs/autoencoder_kl_f8.py:tiny --workdir workdirs/ae_kl_tiny
-    python train.py --config configs/autoencoder_kl_f8.py:paper --workdir gs://BUCKET/ae_kl_f8 \
+    python train.py --config configs/autoencoder_kl_f8.py:paper --workdir /mnt/gcs/ae_kl_f8 \
         --config.data.name=coco_captions --config.loss.lpips_weights=weights/lpips_vgg16.safetensors
 
 Variants:

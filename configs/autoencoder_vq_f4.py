@@ -1,7 +1,7 @@
 """Stage 1: vector-quantised autoencoder (LDM-VQ-f4, the first stage of the class-conditional ImageNet LDM).
 
     python train.py --config configs/autoencoder_vq_f4.py:tiny --workdir workdirs/ae_vq_tiny
-    python train.py --config configs/autoencoder_vq_f4.py:paper --workdir gs://BUCKET/ae_vq_f4 \
+    python train.py --config configs/autoencoder_vq_f4.py:paper --workdir /mnt/gcs/ae_vq_f4 \
         --config.data.name=imagenet2012 --config.loss.lpips_weights=weights/lpips_vgg16.safetensors
 
 Variants:

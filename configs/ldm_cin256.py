@@ -2,8 +2,8 @@
 
     python train.py --config configs/ldm_cin256.py:tiny --workdir workdirs/cin_tiny \
         --config.first_stage.workdir=workdirs/ae_vq_tiny
-    python train.py --config configs/ldm_cin256.py:paper --workdir gs://BUCKET/ldm_cin256 \
-        --config.first_stage.workdir=gs://BUCKET/ae_vq_f4 --config.data.name=imagenet2012
+    python train.py --config configs/ldm_cin256.py:paper --workdir /mnt/gcs/ldm_cin256 \
+        --config.first_stage.workdir=/mnt/gcs/ae_vq_f4 --config.data.name=imagenet2012
 
 Variants:
   tiny   CPU-sized class-conditional UNet on the shapes dataset's 24 "colour shape" classes at 32 px, on the 8x8x3

@@ -2,8 +2,8 @@
 
     python train.py --config configs/ldm_inpaint.py:tiny --workdir workdirs/inpaint_tiny \
         --config.first_stage.workdir=workdirs/demo/autoencoder
-    python train.py --config configs/ldm_inpaint.py:paper --workdir gs://BUCKET/ldm_inpaint \
-        --config.first_stage.workdir=gs://BUCKET/ae_kl_f4
+    python train.py --config configs/ldm_inpaint.py:paper --workdir /mnt/gcs/ldm_inpaint \
+        --config.first_stage.workdir=/mnt/gcs/ae_kl_f4
 
 Training inputs are made in the step: a random mask per image (latentdiff.conditioning.random_masks: rectangles or
 thick strokes, 1 = fill), the masked image x ⊙ (1 − m) encoded by the frozen first stage (posterior mode, scaled like

@@ -3,8 +3,8 @@
     python train.py --config configs/ldm_sr4.py:tiny --workdir workdirs/sr4_tiny \
         --config.first_stage.workdir=workdirs/demo/autoencoder
     python bench/sr_psnr.py --workdir workdirs/sr4_tiny      (PSNR of the ×4 output vs bicubic, validation split)
-    python train.py --config configs/ldm_sr4.py:paper --workdir gs://BUCKET/ldm_sr4 \
-        --config.first_stage.workdir=gs://BUCKET/ae_vq_f4 --config.data.name=imagenet2012
+    python train.py --config configs/ldm_sr4.py:paper --workdir /mnt/gcs/ldm_sr4 \
+        --config.first_stage.workdir=/mnt/gcs/ae_vq_f4 --config.data.name=imagenet2012
 
 Training pairs are made in the step: the low-resolution input is the antialiased bicubic ↓4 of the batch image
 (latentdiff.conditioning.low_res_from_image) and enters the UNet as 3 extra input channels at the latent grid

@@ -4,8 +4,8 @@
         --config.first_stage.workdir=workdirs/ae_kl_tiny
     python train.py --config configs/ldm_txt2img_kl8.py:demo --workdir workdirs/demo/ldm \
         --config.first_stage.workdir=workdirs/demo/autoencoder
-    python train.py --config configs/ldm_txt2img_kl8.py:paper --workdir gs://BUCKET/ldm_txt2img \
-        --config.first_stage.workdir=gs://BUCKET/ae_kl_f8 --config.data.name=coco_captions
+    python train.py --config configs/ldm_txt2img_kl8.py:paper --workdir /mnt/gcs/ldm_txt2img \
+        --config.first_stage.workdir=/mnt/gcs/ae_kl_f8 --config.data.name=coco_captions
 
 Variants:
   tiny   CPU-sized UNet + text encoder on the shapes dataset at 64 px (8x8x4 latents of autoencoder_kl_f8:tiny).

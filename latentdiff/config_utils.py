@@ -102,8 +102,19 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     atomic_write_text(os.path.join(workdir, "config.json"), to_json(config))
 
 
+def require_local_path(path: str, what: str) -> None:
+    """ValueError for a URL (gs://, s3://...): workdirs are read and written through the local filesystem, where a
+    URL would silently become a local folder named 'gs:'. Mount the bucket instead (README, Cloud TPU pod section)."""
+    if "://" in path:
+        raise ValueError(
+            f"{what} {path!r} is a URL, but workdirs are read and written as local paths; mount the bucket on every "
+            "host (e.g. gcsfuse --implicit-dirs BUCKET /mnt/gcs) and pass the mounted path (/mnt/gcs/...)"
+        )
+
+
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a workdir was trained with."""
+    require_local_path(workdir, "workdir")
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{workdir!r} has no config.json; is it a latentdiff workdir (train.py --workdir)?")

@@ -164,6 +164,17 @@ def _path_name(key: Any) -> str:
     return str(key)
 
 
+def under_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """`fn` traced with `mesh` as the abstract-mesh context, so code inside it that must place work per device
+    itself (the Pallas attention kernel's shard_map) sees the mesh the program is compiled for."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding of scalars and anything every device holds whole."""
     return NamedSharding(mesh, P())
@@ -172,6 +183,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over ('data', 'fsdp')."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def sampling_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sampling's batch: the leading dimension split over the 'data' axis of a ('data',) mesh of every device
+    (`latentdiff.pipeline.Pipeline`; the pre-flight compiles the sampler with it)."""
+    return NamedSharding(mesh, P("data"))
 
 
 def global_batch_size_ok(global_batch_size: int, mesh: Mesh) -> None:

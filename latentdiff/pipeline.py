@@ -19,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from latentdiff import conditioning, config_utils, first_stage, parallel, sampling
 from latentdiff.diffusion.schedules import make_schedule
@@ -155,7 +153,7 @@ class Pipeline:
                 concat=self.concat,
                 return_latents=True,
             )
-            self._compiled[key] = jax.jit(generate)
+            self._compiled[key] = jax.jit(parallel.under_mesh(generate, self.mesh))
         return self._compiled[key]
 
     def autoencode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +276,7 @@ class Pipeline:
         elif tuple(x_T.shape) != (n, *self.latent_shape):
             raise ValueError(f"x_T must be [{n}, {', '.join(map(str, self.latent_shape))}], got {tuple(x_T.shape)}")
         generate = self._generate_fn(sampler, steps, start_step, blend)
-        sharded = NamedSharding(self.mesh, P("data"))
+        sharded = parallel.sampling_batch_sharding(self.mesh)
         out = []
         for start in range(0, n, batch):
             stop = min(start + batch, n)

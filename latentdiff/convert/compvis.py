@@ -282,7 +282,7 @@ def architecture(compvis: Mapping) -> dict:
             f"cond_stage_config {cond['target']!r}: BERTEmbedder, FrozenCLIPEmbedder or ClassEmbedder"
         )
     text.setdefault("num_classes", 0)
-    text.update(dtype="float32", remat=False)
+    text.update(dtype="float32", remat=False, attention_impl="xla")
 
     fs = p["first_stage_config"]
     fs_class = _class(fs["target"])

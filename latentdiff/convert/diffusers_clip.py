@@ -27,8 +27,7 @@ from flax import traverse_util
 from latentdiff.convert.common import INVERSES, ConversionError, Rule, apply_table, dense_kernel, identity, invert_table
 from latentdiff.convert.diffusers_unet import export_table, freeze_config
 from latentdiff.nn.clip_text import CLIPTextEncoder
-from latentdiff.nn.text_encoder import TEXT_FIELDS, build_text_encoder, init_tokens
-from latentdiff.nn.unet import check_fields
+from latentdiff.nn.text_encoder import build_text_encoder, init_tokens, text_encoder_fields
 
 HF_PREFIX = "text_model."
 COMPVIS_PREFIX = "cond_stage_model.transformer.text_model."
@@ -63,7 +62,7 @@ def _abstract_params(frozen: tuple) -> dict:
 
 def abstract_clip(cfg: Mapping) -> tuple[CLIPTextEncoder, dict]:
     """(CLIPTextEncoder, abstract params) via jax.eval_shape (cached per config); cfg.kind must be 'clip'."""
-    c = check_fields(cfg, TEXT_FIELDS, "text_encoder")
+    c = text_encoder_fields(cfg)
     if c["kind"] != "clip":
         raise ValueError(f"the CLIP converters need text_encoder.kind='clip', got {c['kind']!r}")
     return build_text_encoder(c), _abstract_params(freeze_config(c))
@@ -161,12 +160,13 @@ def clip_config(hf: Mapping) -> dict:
         num_classes=0,
         dtype="float32",
         remat=False,
+        attention_impl="xla",
     )
 
 
 def hf_clip_config(cfg: Mapping, *, bos_token_id: int, eos_token_id: int, pad_token_id: int) -> dict:
     """Our text_encoder config (kind 'clip') -> a transformers CLIPTextConfig dict (for text_encoder/config.json)."""
-    c = check_fields(cfg, TEXT_FIELDS, "text_encoder")
+    c = text_encoder_fields(cfg)
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",

@@ -26,8 +26,7 @@ from flax import traverse_util
 
 from latentdiff.convert.common import INVERSES, ConversionError, Rule, apply_table, dense_kernel, identity, invert_table
 from latentdiff.convert.diffusers_unet import export_table, freeze_config
-from latentdiff.nn.text_encoder import TEXT_FIELDS, TextEncoder, build_text_encoder, init_tokens
-from latentdiff.nn.unet import check_fields
+from latentdiff.nn.text_encoder import TextEncoder, build_text_encoder, init_tokens, text_encoder_fields
 
 LAYOUTS = ("diffusers", "compvis")
 
@@ -83,7 +82,7 @@ def _abstract_params(frozen: tuple) -> dict:
 
 def abstract_text_encoder(cfg: Mapping) -> tuple[TextEncoder, dict]:
     """(TextEncoder, abstract params) via jax.eval_shape (cached per config); cfg.kind must be 'bert'."""
-    c = check_fields(cfg, TEXT_FIELDS, "text_encoder")
+    c = text_encoder_fields(cfg)
     if c["kind"] != "bert":
         raise ValueError(f"the BERT converters need text_encoder.kind='bert', got {c['kind']!r}")
     return build_text_encoder(c), _abstract_params(freeze_config(c))

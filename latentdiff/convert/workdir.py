@@ -440,6 +440,7 @@ def bert_config_from_diffusers(d: Mapping) -> dict:
         num_classes=0,
         dtype="float32",
         remat=False,
+        attention_impl="xla",
     )
 
 

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latentdiff.nn.attention import CrossAttention, layer_norm
+from latentdiff.nn.attention import ATTENTION_IMPLS, CrossAttention, layer_norm
 from latentdiff.nn.clip_text import CLIPTextEncoder
 from latentdiff.nn.unet import DTYPES, check_fields
 
@@ -49,7 +49,18 @@ TEXT_FIELDS = (
     "num_classes",
     "dtype",
     "remat",
+    "attention_impl",
 )
+
+
+def text_encoder_fields(cfg: Mapping) -> dict:
+    """config.text_encoder as a plain dict with exactly TEXT_FIELDS (ValueError naming missing or unknown ones).
+
+    `attention_impl` came later: configs saved before it (and by older converters) get 'xla', what they ran with.
+    """
+    c = dict(cfg.items())
+    c.setdefault("attention_impl", "xla")
+    return check_fields(c, TEXT_FIELDS, "text_encoder")
 
 
 class TextBlock(nn.Module):
@@ -59,12 +70,14 @@ class TextBlock(nn.Module):
     head_dim: int
     mlp_ratio: int
     dtype: Dtype
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-        x = x + CrossAttention(self.num_heads, self.head_dim, self.dtype, "xla", name="attn")(layer_norm(x, "norm1"))
+        attn = CrossAttention(self.num_heads, self.head_dim, self.dtype, self.attention_impl, name="attn")
+        x = x + attn(layer_norm(x, "norm1"))
         h = nn.gelu(dense(c * self.mlp_ratio, "fc1")(layer_norm(x, "norm2")), approximate=False)
         return x + dense(c, "fc2")(h)
 
@@ -84,6 +97,7 @@ class TextEncoder(nn.Module):
     mlp_ratio: int
     dtype: Dtype
     remat: bool
+    attention_impl: str = "xla"  # latentdiff/nn/attention.py ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -98,10 +112,32 @@ class TextEncoder(nn.Module):
             + embed(self.max_length, "pos_emb")(jnp.arange(tokens.shape[1]))[None]
         )
         x = x.astype(self.dtype)
-        block_cls = RematTextBlock if self.remat else TextBlock
-        for i in range(self.depth):
-            x = block_cls(self.num_heads, self.head_dim, self.mlp_ratio, self.dtype, name=f"block_{i}")(x)
+        if self.is_initializing() or self.depth == 1:
+            block_cls = RematTextBlock if self.remat else TextBlock
+            for i in range(self.depth):
+                block = block_cls(
+                    self.num_heads, self.head_dim, self.mlp_ratio, self.dtype, self.attention_impl, name=f"block_{i}"
+                )
+                x = block(x)
+        else:
+            x = self._scan_blocks(x)
         return layer_norm(x.astype(jnp.float32), "final_norm")
+
+    def _scan_blocks(self, x: jax.Array) -> jax.Array:
+        """The `depth` identical blocks as one `lax.scan` over their stacked params (block_{i} stay separate in the
+        param tree, so checkpoints and converters see the same names). One block in the program instead of `depth`:
+        the paper's 32-layer encoder compiles that much faster (the TPU pre-flight, bench/RESULTS.md), with the
+        same maths; each step is rematerialised in the backward pass when `remat`."""
+        params = self.variables["params"]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[f"block_{i}"] for i in range(self.depth)])
+        block = TextBlock(self.num_heads, self.head_dim, self.mlp_ratio, self.dtype, self.attention_impl, parent=None)
+
+        def step(h: jax.Array, block_params: dict) -> tuple[jax.Array, None]:
+            return block.apply({"params": block_params}, h), None
+
+        if self.remat:
+            step = jax.checkpoint(step)
+        return jax.lax.scan(step, x, stacked)[0]
 
 
 class ClassEmbedder(nn.Module):
@@ -130,7 +166,14 @@ class NoCondition(nn.Module):
 def build_text_encoder(cfg: Mapping) -> TextEncoder | CLIPTextEncoder | ClassEmbedder | NoCondition:
     """TextEncoder (kind 'bert'), CLIPTextEncoder ('clip'), ClassEmbedder ('class') or NoCondition ('none') from
     exactly TEXT_FIELDS."""
-    c = check_fields(cfg, TEXT_FIELDS, "text_encoder")
+    c = text_encoder_fields(cfg)
+    if c["attention_impl"] not in ATTENTION_IMPLS:
+        raise ValueError(f"text_encoder.attention_impl must be one of {ATTENTION_IMPLS}, got {c['attention_impl']!r}")
+    if c["kind"] != "bert" and c["attention_impl"] != "xla":
+        raise ValueError(
+            f"text_encoder.attention_impl={c['attention_impl']!r} applies to kind 'bert' only; use 'xla' for "
+            f"kind {c['kind']!r}"
+        )
     if c["kind"] == "none":
         if int(c["width"]) != 0:
             raise ValueError("text_encoder.kind='none' needs text_encoder.width=0 (and unet.context_dim=0)")
@@ -154,7 +197,9 @@ def build_text_encoder(cfg: Mapping) -> TextEncoder | CLIPTextEncoder | ClassEmb
             f"text_encoder.kind='clip' needs num_heads * head_dim == width, got {c['num_heads']} * {c['head_dim']} "
             f"!= {c['width']}"
         )
+    extra = {} if c["kind"] == "clip" else {"attention_impl": str(c["attention_impl"])}
     return (CLIPTextEncoder if c["kind"] == "clip" else TextEncoder)(
+        **extra,
         vocab_size=int(c["vocab_size"]),
         max_length=int(c["max_length"]),
         width=int(c["width"]),

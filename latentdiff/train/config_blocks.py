@@ -134,6 +134,7 @@ def text_encoder_block(
             num_classes=num_classes,
             dtype=dtype,
             remat=remat,
+            attention_impl="xla",  # 'pallas_tpu' on TPU (README, Train on a Cloud TPU pod)
         )
     )
 

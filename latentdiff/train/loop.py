@@ -182,6 +182,37 @@ def throughput_scalars(
     return out
 
 
+def state_shardings(
+    config: ml_collections.ConfigDict, init_state: Callable[[jax.Array], Any], mesh: jax.sharding.Mesh, rng: Any
+) -> tuple[Any, Any]:
+    """(abstract state, its NamedShardings) as training lays the state out: `jax.eval_shape(init_state)` and the
+    config's sharding rules (explicit regexes, then FSDP over the 'fsdp' axis). rng may be abstract."""
+    abstract = jax.eval_shape(init_state, rng)
+    return abstract, parallel.infer_shardings(abstract, mesh, config.sharding.rules, config.sharding.fsdp_min_size)
+
+
+def jit_step(fn: Callable[[Any, dict, jax.Array, Any], tuple[Any, dict]], shardings: Any, mesh: Any) -> Any:
+    """The jitted train step exactly as training runs it: (state, batch, rng, constants) -> (state, metrics) with the
+    state sharded by `shardings` and donated, the batch split over the batch axes, rng and constants replicated.
+
+    The executable also returns the non-finite streak among its metrics: metrics are not donated, so the loop can
+    read them one step late without stalling the device. The pre-flight (latentdiff.tools.preflight) compiles this
+    same function for TPU topologies.
+    """
+    replicated = parallel.replicated(mesh)
+
+    def step_with_streak(state: Any, batch: dict, rng: jax.Array, constants: Any) -> tuple[Any, dict]:
+        new_state, metrics = fn(state, batch, rng, constants)
+        return new_state, {**metrics, _STREAK: new_state.nonfinite_streak}
+
+    return jax.jit(
+        parallel.under_mesh(step_with_streak, mesh),
+        in_shardings=(shardings, parallel.batch_sharding(mesh), replicated, replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -201,8 +232,7 @@ def run(
 
     base_rng = jax.random.key(config.seed)
     init_rng = jax.random.fold_in(base_rng, -1 & 0x7FFFFFFF)
-    abstract = jax.eval_shape(task.init_state, init_rng)
-    shardings = parallel.infer_shardings(abstract, mesh, config.sharding.rules, config.sharding.fsdp_min_size)
+    abstract, shardings = state_shardings(config, task.init_state, mesh, init_rng)
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         max_to_keep=config.keep_checkpoints,
@@ -219,34 +249,18 @@ def run(
     else:
         state = jax.jit(task.init_state, out_shardings=shardings)(init_rng)
 
-    batch_sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)
     compiled_steps: dict[Callable, Any] = {}
     flops_per_step = 0.0
     compile_seconds = 0.0
 
     def compiled_step(step: int, *args: Any) -> Any:
-        """The compiled executable of this step's function (compiled on first use; FLOPs logged from it).
-
-        The executable also returns the non-finite streak among its metrics: metrics are not donated, so the loop
-        can read them one step late without stalling the device.
-        """
+        """The compiled executable of this step's function (compiled on first use; FLOPs logged from it)."""
         nonlocal flops_per_step, compile_seconds
         fn = task.step_for(step)
         if fn not in compiled_steps:
             start = time.perf_counter()
-
-            def step_with_streak(state: Any, batch: dict, rng: jax.Array, constants: Any) -> tuple[Any, dict]:
-                new_state, metrics = fn(state, batch, rng, constants)
-                return new_state, {**metrics, _STREAK: new_state.nonfinite_streak}
-
-            jitted = jax.jit(
-                step_with_streak,
-                in_shardings=(shardings, batch_sharding, replicated, replicated),
-                out_shardings=(shardings, replicated),
-                donate_argnums=(0,),
-            )
-            compiled_steps[fn] = jitted.lower(*args).compile()
+            compiled_steps[fn] = jit_step(fn, shardings, mesh).lower(*args).compile()
             flops_per_step = compiled_flops(compiled_steps[fn])
             compile_seconds += time.perf_counter() - start
         return compiled_steps[fn]
