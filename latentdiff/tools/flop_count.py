@@ -3,7 +3,8 @@
 XLA's cost analysis counts a while loop's body once, whatever its trip count (a 250-step sampler scan, the
 grad-accumulation scan), so it cannot give the FLOPs of a whole call. This counter walks the jaxpr instead:
   dot_general            2 · |out| · (product of the contracted dimensions)
-  conv_general_dilated   2 · |out| · |kernel| / (output features)      (MACs per output element = kernel taps · C_in/g)
+  conv_general_dilated   2 · |out| · |kernel| / (output features)      (MACs per output element = kernel taps · C_in/g),
+                         / the lhs dilation (the zeros a strided convolution's input gradient inserts)
   scan                   its body × length;  cond: the largest branch;  while: the body once (unknown trip count)
   any other sub-jaxpr    (jit, remat, custom_jvp/vjp) counted once where it is called.
 Element-wise work (norms, softmax, activations) is left out, as in the usual MFU convention.
@@ -33,7 +34,9 @@ def _eqn_flops(eqn: Any) -> float:
     if name == "conv_general_dilated":
         rhs_shape = eqn.invars[1].aval.shape
         out_features = rhs_shape[eqn.params["dimension_numbers"].rhs_spec[0]]
-        return 2.0 * _size(eqn.outvars[0].aval.shape) * _size(rhs_shape) / out_features
+        # lhs dilation (the input gradient of a strided convolution) inserts zeros: only 1 / prod of the taps are real
+        dilated = _size(tuple(eqn.params["lhs_dilation"] or ()))
+        return 2.0 * _size(eqn.outvars[0].aval.shape) * _size(rhs_shape) / out_features / max(dilated, 1.0)
     return 0.0
 
 

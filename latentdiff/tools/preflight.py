@@ -18,10 +18,10 @@ Per chip it prints the state (parameters, EMA, optimizer, constants, batch: exac
 analysis (arguments, outputs, aliasing, temporaries), the peak against the chip's HBM (latentdiff/tools/tpu_chips.py)
 with the margin, the model FLOPs (matmuls + convolutions of the program without remat, loops multiplied out, counted
 from its jaxpr by latentdiff/tools/flop_count.py, / chips) and XLA's compiled FLOPs and bytes accessed (remat
-recompute included; XLA counts a loop body once, so both are scaled by the program's loop factor), and the roofline:
-time per call >= max(XLA FLOPs / peak bf16, bytes accessed / HBM bandwidth); MFU ceiling = model FLOPs / (that time
-x peak). Collectives over ICI/DCN are not in the bound. --find_max_batch bisects the largest global batch whose train
-program(s) fit.
+recompute included; XLA counts a loop body once, so both are scaled by the program's loop factor, assuming the
+bytes split between loop bodies and the rest as the FLOPs do), and the roofline: time per call >= max(the larger FLOP
+count / peak bf16, bytes accessed / HBM bandwidth); MFU ceiling = model FLOPs / (that time x peak). Collectives over
+ICI/DCN are not in the bound. --find_max_batch searches the largest global batch whose train program(s) fit.
 
 Exit status: 0 every program fits, 1 one does not, 2 bad input (one line). Topologies need libtpu
 (`pip install "jax[tpu]"`); 'cpu:N' plans on N fake CPU devices (no capacity unless --hbm_gib).
@@ -408,7 +408,9 @@ def roofline(report: ProgramReport, chip: Chip | None) -> dict[str, float]:
     """Lower bound of the program's time on one chip and the MFU it allows (empty without a chip)."""
     if chip is None:
         return {}
-    compute_s = report.flops * report.loop_factor / (chip.bf16_tflops * 1e12)
+    # The larger of the two FLOP counts: XLA's leaves out padded convolution taps and computations it merged; the
+    # jaxpr's leaves out remat recompute and element-wise work.
+    compute_s = max(report.flops * report.loop_factor, report.model_flops) / (chip.bf16_tflops * 1e12)
     memory_s = report.bytes_accessed * report.loop_factor / (chip.hbm_gbps * 1e9)
     bound_s = max(compute_s, memory_s, 1e-12)
     return {
