@@ -621,6 +621,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--hbm_gib must be a finite number >= 0 (0 = the chip's table), got {args.hbm_gib}")
     if args.max_batch_limit < 1:
         raise ValueError(f"--max_batch_limit must be >= 1, got {args.max_batch_limit}")
+    if args.json and os.path.isdir(args.json):
+        raise ValueError(f"--json {args.json!r} is a directory; give a file path such as {args.json}/preflight.json")
     if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
         raise ValueError(f"--json {args.json!r}: its directory does not exist or is not writable")
 
