@@ -80,7 +80,7 @@ def test_stage2_train_step_and_sampler_compile_for_tpu_with_pallas_attention():
     assert sample.loop_factor > train.loop_factor  # and three denoising steps in another
     from latentdiff.train import ldm  # the task training builds, for its init_state
 
-    fs = preflight_first_stage(micro_autoencoder())
+    fs = preflight.abstract_first_stage(micro_autoencoder())
     init_state = ldm.LDMTask(config, fs, jnp.zeros((config.text_encoder.max_length,), jnp.int32), 1.0).init_state
     assert_state_sharded_as_training(train, config, init_state, mesh, "unet")
     # the sampler: EMA params replicated, the noise batch split over all four chips
@@ -88,14 +88,6 @@ def test_stage2_train_step_and_sampler_compile_for_tpu_with_pallas_attention():
     assert x_t_sharding.shard_shape((4, 8, 8, 4))[0] == 1
     text = preflight.format_report(train, chip, len(devices))
     assert "FITS" in text and "roofline on TPU v5e" in text
-
-
-def preflight_first_stage(ae_config):
-    from latentdiff import first_stage
-    from latentdiff.nn.autoencoder import build_autoencoder
-
-    ae = ae_config.autoencoder
-    return first_stage.FirstStage(config=ae, module=build_autoencoder(ae), variables=first_stage.abstract_variables(ae))
 
 
 @pytest.mark.slow

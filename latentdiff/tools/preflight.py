@@ -232,6 +232,15 @@ def _train_program(name: str, config: Any, task: Any, step_fn: Callable, mesh: A
     return Program(name, rows, jitted, args, state, lambda: flop_count.model_flops(jitted, *args))
 
 
+def abstract_first_stage(first_stage_config: Any) -> Any:
+    """The frozen first stage of a stage-1 config, with abstract variables (nothing allocated)."""
+    from latentdiff import first_stage
+    from latentdiff.nn.autoencoder import build_autoencoder
+
+    ae = first_stage_config.autoencoder
+    return first_stage.FirstStage(config=ae, module=build_autoencoder(ae), variables=first_stage.abstract_variables(ae))
+
+
 def ldm_programs(
     config: Any,
     first_stage_config: Any,
@@ -247,14 +256,9 @@ def ldm_programs(
     import numpy as np
 
     from latentdiff import first_stage
-    from latentdiff.nn.autoencoder import build_autoencoder
     from latentdiff.train import ldm
 
-    ae_cfg = first_stage_config.autoencoder
-    fs = first_stage.FirstStage(
-        config=ae_cfg, module=build_autoencoder(ae_cfg), variables=first_stage.abstract_variables(ae_cfg)
-    )
-    fs = first_stage.with_compute_dtype(fs, ldm.first_stage_dtype(config))
+    fs = first_stage.with_compute_dtype(abstract_first_stage(first_stage_config), ldm.first_stage_dtype(config))
     config.batch_size = global_batch
     null_cond = np.zeros((), np.int32)
     if config.text_encoder.kind not in ("class", "none"):
