@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import latentdiff  # noqa: F401  (CPU XLA flags, opt-in malloc settings, before JAX starts)
 from latentdiff import errors, evaluation, metrics
+from latentdiff.output_paths import check_output_dir
 from latentdiff.sampling import SAMPLERS
 
 
@@ -46,6 +47,13 @@ def run(args: argparse.Namespace) -> dict:
 
     from latentdiff.pipeline import Pipeline
 
+    check_output_dir(args.out or os.path.join(args.workdir, "eval_alignment"), "--out")
+    evaluation.check_counts(
+        num=(args.num, 1), batch_size=(args.batch_size, 0), inception_batch_size=(args.inception_batch_size, 1)
+    )
+    evaluation.check_sampling_flags(
+        args.workdir, evaluation.SampleSettings(args.sampler, args.steps, args.guidance, args.eta, args.seed)
+    )
     params = None if args.inception_weights is None else evaluation.load_inception_weights(args.inception_weights)
     pipe = Pipeline.from_workdir(args.workdir)
     data_seed = pipe.config.data.shapes_seed if args.data_seed is None else args.data_seed

@@ -24,7 +24,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import latentdiff  # noqa: F401  (CPU XLA flags, opt-in malloc settings, before JAX starts)
-from latentdiff import evaluation, metrics
+from latentdiff import errors, evaluation, metrics
+from latentdiff.output_paths import check_output_file
 
 
 class CliExit(SystemExit):
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
+    evaluation.check_counts(batch_size=(args.batch_size, 1), num_reference=(args.num_reference, 0))
+    for flag in ("json", "save_stats"):
+        if getattr(args, flag):
+            check_output_file(getattr(args, flag), f"--{flag}")
     data_base = None
     if args.workdir is not None:
         from latentdiff.config_utils import load_workdir_config
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad inputs: one line, no traceback, exit status 2
+    except errors.user_error_types() as e:  # bad inputs: one line, no traceback, exit status 2
         raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 

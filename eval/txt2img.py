@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import latentdiff  # noqa: F401  (CPU XLA flags, opt-in malloc settings, before JAX starts)
 from latentdiff import errors, evaluation, metrics
+from latentdiff.output_paths import check_output_dir
 from latentdiff.sampling import SAMPLERS
 
 
@@ -49,8 +50,16 @@ def run(args: argparse.Namespace) -> dict:
     from latentdiff.pipeline import Pipeline
 
     evaluation.caption_reference(args.reference)  # fail fast, before loading the model
-    params = None if args.inception_weights is None else evaluation.load_inception_weights(args.inception_weights)
+    check_output_dir(args.out or os.path.join(args.workdir, "eval_txt2img"), "--out")
+    evaluation.check_counts(
+        num=(args.num, 2),
+        shard_size=(args.shard_size, 1),
+        batch_size=(args.batch_size, 0),
+        inception_batch_size=(args.inception_batch_size, 1),
+    )
     settings = evaluation.SampleSettings(args.sampler, args.steps, args.guidance, args.eta, args.seed)
+    evaluation.check_sampling_flags(args.workdir, settings)
+    params = None if args.inception_weights is None else evaluation.load_inception_weights(args.inception_weights)
     result = evaluation.run_txt2img(
         Pipeline.from_workdir(args.workdir),
         reference=args.reference,

@@ -20,11 +20,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from latentdiff.errors import UserError
+
 log = logging.getLogger("latentdiff")
 
 
-class CheckpointMismatchError(ValueError):
+COMMIT_MARKER = "commit_success.txt"
+
+
+class CheckpointMismatchError(UserError):
     """A checkpoint whose arrays do not fit the current config."""
+
+
+class CheckpointDamagedError(UserError):
+    """A checkpoint that cannot be read (truncated or missing files, damaged metadata or iterator state)."""
 
 
 class Checkpointer:
@@ -63,7 +72,9 @@ class Checkpointer:
         """Restores (state, this process's data_state) at `step` into the structure and shardings of `abstract_state`.
 
         The data state is None when the checkpoint holds none usable for this process (see `unpack_data_state`).
+        CheckpointMismatchError when its shapes do not fit the config; CheckpointDamagedError when it cannot be read.
         """
+        self._check_committed(step)
         self._check_shapes(step, abstract_state)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
@@ -71,21 +82,85 @@ class Checkpointer:
         )
         try:
             restored = self._manager.restore(step, args=args)
-        except (ValueError, KeyError) as e:
-            raise CheckpointMismatchError(
-                f"checkpoint {self.directory}/{step} does not match the current config ({_first_line(e)}); "
-                "use a fresh --workdir or the config it was trained with"
-            ) from e
-        return restored.state, unpack_data_state(dict(restored.data or {}), jax.process_index(), jax.process_count())
+            data = dict(restored.data or {})
+            data_state = unpack_data_state(data, jax.process_index(), jax.process_count())
+        except Exception as e:  # shapes matched above: any failure to read is damage
+            raise CheckpointDamagedError(f"{type(e).__name__}: {_first_line(e)}") from e
+        return restored.state, data_state
+
+    def restore_latest(self, abstract_state: Any, set_aside_damaged: bool) -> tuple[int, Any, dict | None] | None:
+        """(step, state, data_state) of the newest checkpoint that restores, or None when there is none.
+
+        A damaged checkpoint is skipped with a warning naming what was wrong, and (set_aside_damaged: the trainer's
+        process 0) renamed to `damaged-<step>` so that it is kept but never picked again; then the previous one is
+        tried. A checkpoint that does not fit the config stops (CheckpointMismatchError): falling back would hide it.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        problems = []
+        for step in steps:
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except CheckpointDamagedError as e:
+                problems.append(f"{step}: {e}")
+                aside = self.set_aside(step, "damaged") if set_aside_damaged else None
+                log.warning(
+                    "checkpoint %s/%d is damaged (%s)%s; falling back to the previous one",
+                    self.directory,
+                    step,
+                    e,
+                    f", moved to {aside}" if aside else "",
+                )
+        if problems:
+            raise CheckpointDamagedError(
+                f"no usable checkpoint in {self.directory} ({len(problems)} damaged; newest {problems[0]}); restore "
+                "the files from a copy, or start over in a new --workdir"
+            )
+        return None
+
+    def set_aside(self, step: int, reason: str) -> str:
+        """Renames checkpoint `step` to `<reason>-<step>` (nothing is deleted; a numbered name is never reused) and
+        returns the new path; later latest_step() / all_steps() no longer see it."""
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(self.directory, f"{reason}-{step}")
+        suffix = 1
+        while os.path.exists(target):
+            suffix += 1
+            target = os.path.join(self.directory, f"{reason}-{step}.{suffix}")
+        self._manager.wait_until_finished()
+        os.rename(source, target)
+        self._manager.reload()
+        return target
 
     def restore_subtree(self, step: int, abstract_subtree: dict) -> dict:
         """Restores only some top-level fields of the saved state as numpy (e.g. params and EMA for sampling, without
         the optimizer state); `abstract_subtree` is a dict of those fields' abstract values."""
+        self._check_committed(step)
         path = os.path.join(self.directory, str(step), "state")
         restore_args = jax.tree.map(lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype), abstract_subtree)
         args = ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args, partial_restore=True)
         with ocp.PyTreeCheckpointer() as checkpointer:
             return checkpointer.restore(path, args=args)
+
+    def restore_latest_subtree(self, abstract_subtree: dict) -> tuple[int | None, dict | None]:
+        """(step, subtree) of the newest checkpoint whose subtree reads (readers: a damaged newest checkpoint is
+        skipped with a warning, never moved, since a trainer may be running); (None, None) when there is none."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return step, self.restore_subtree(step, abstract_subtree)
+            except Exception as e:  # orbax raises many types for truncated / missing files
+                log.warning(
+                    "checkpoint %s/%d is damaged (%s: %s); using the previous one",
+                    self.directory,
+                    step,
+                    type(e).__name__,
+                    _first_line(e),
+                )
+        if steps:
+            raise CheckpointDamagedError(
+                f"no readable checkpoint in {self.directory} ({len(steps)} damaged); restore the files from a copy"
+            )
+        return None, None
 
     def read_numpy(self, step: int) -> dict:
         """The whole saved state at `step` as nested dicts/lists of numpy arrays, without a target: works on any
@@ -97,9 +172,26 @@ class Checkpointer:
         with ocp.PyTreeCheckpointer() as checkpointer:
             return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
+    def _check_committed(self, step: int) -> None:
+        """Orbax finishes every save by writing `commit_success.txt` into the step and each item; a checkpoint
+        without them was not completely saved or copied (CheckpointDamagedError)."""
+        step_dir = os.path.join(self.directory, str(step))
+        for where in (step_dir, os.path.join(step_dir, "state"), os.path.join(step_dir, "data")):
+            if not os.path.isfile(os.path.join(where, COMMIT_MARKER)):
+                raise CheckpointDamagedError(
+                    f"commit marker {os.path.relpath(os.path.join(where, COMMIT_MARKER), self.directory)} missing: "
+                    "the save or the copy of this checkpoint is incomplete"
+                )
+
     def _check_shapes(self, step: int, abstract_state: Any) -> None:
-        """Names the first parameters whose stored shape differs from the config's (clearer than orbax's message)."""
-        metadata = self._manager.item_metadata(step)["state"]
+        """Names the first parameters whose stored shape differs from the config's (clearer than orbax's message).
+        Unreadable metadata is CheckpointDamagedError."""
+        try:
+            metadata = self._manager.item_metadata(step)["state"]
+            if metadata is None:
+                raise FileNotFoundError("no state metadata")
+        except Exception as e:  # orbax raises many types for missing / damaged metadata
+            raise CheckpointDamagedError(f"metadata unreadable: {type(e).__name__}: {_first_line(e)}") from e
         stored = _flat_shapes(getattr(metadata, "tree", metadata))
         wanted = _flat_shapes(abstract_state)
         problems = [f"{k}: checkpoint {stored.get(k)} vs config {v}" for k, v in wanted.items() if stored.get(k) != v]

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from latentdiff import first_stage
+from latentdiff.errors import UserError
 
 CONCAT_KINDS = ("none", "inpaint", "sr")
 
@@ -33,7 +34,7 @@ STROKE_RADIUS = (0.04, 0.12)  # stroke half-width: uniform fraction of min(H, W)
 
 def check_kind(kind: str) -> str:
     if kind not in CONCAT_KINDS:
-        raise ValueError(f"conditioning.concat must be one of {CONCAT_KINDS}, got {kind!r}")
+        raise UserError(f"conditioning.concat must be one of {CONCAT_KINDS}, got {kind!r}")
     return kind
 
 
@@ -70,27 +71,27 @@ def make_concat(
     h, w = latent_hw
     if kind == "inpaint":
         if image is None or mask is None:
-            raise ValueError("concat 'inpaint' needs image [B,H,W,3] and mask [B,H,W,1]")
+            raise UserError("concat 'inpaint' needs image [B,H,W,3] and mask [B,H,W,1]")
         if mask.ndim != 4 or mask.shape[-1] != 1 or mask.shape[:3] != image.shape[:3]:
-            raise ValueError(f"inpaint mask must be [B,H,W,1] matching image {image.shape}, got {mask.shape}")
+            raise UserError(f"inpaint mask must be [B,H,W,1] matching image {image.shape}, got {mask.shape}")
         mask = mask.astype(jnp.float32)
         masked = image.astype(jnp.float32) * (1.0 - mask)
         z = first_stage.encode(fs, fs_variables, masked, None, False) * scale_factor
         if z.shape[1:3] != (h, w):
-            raise ValueError(f"the first stage maps {image.shape[1:3]} to {z.shape[1:3]}, not latent_hw {(h, w)}")
+            raise UserError(f"the first stage maps {image.shape[1:3]} to {z.shape[1:3]}, not latent_hw {(h, w)}")
         return jax.lax.stop_gradient(jnp.concatenate([z, area_downsample(mask, (h, w))], axis=-1))
     if kind == "sr":
         if low_res is None:
-            raise ValueError("concat 'sr' needs low_res [B,h_lr,w_lr,3]")
+            raise UserError("concat 'sr' needs low_res [B,h_lr,w_lr,3]")
         if low_res.ndim != 4 or low_res.shape[-1] != 3:
-            raise ValueError(f"low_res must be [B, h, w, 3], got {low_res.shape}")
+            raise UserError(f"low_res must be [B, h, w, 3], got {low_res.shape}")
         low_res = low_res.astype(jnp.float32)
         if low_res.shape[1:3] != (h, w):
             low_res = jax.image.resize(low_res, (low_res.shape[0], h, w, 3), "cubic")
         return jax.lax.stop_gradient(low_res)
     if kind == "none":
-        raise ValueError("conditioning.concat='none' has no concat input; do not call make_concat")
-    raise ValueError(f"conditioning.concat must be one of {CONCAT_KINDS}, got {kind!r}")
+        raise UserError("conditioning.concat='none' has no concat input; do not call make_concat")
+    raise UserError(f"conditioning.concat must be one of {CONCAT_KINDS}, got {kind!r}")
 
 
 def area_downsample(mask: jax.Array, hw: tuple[int, int]) -> jax.Array:
@@ -108,7 +109,7 @@ def low_res_from_image(image: jax.Array, factor: int) -> jax.Array:
     clipped to [-1, 1] (as a saved low-resolution image would be). H and W must be divisible by `factor`."""
     b, hh, ww, c = image.shape
     if factor < 1 or hh % factor or ww % factor:
-        raise ValueError(f"image size {hh}x{ww} must be divisible by the SR factor {factor} (>= 1)")
+        raise UserError(f"image size {hh}x{ww} must be divisible by the SR factor {factor} (>= 1)")
     out = jax.image.resize(image.astype(jnp.float32), (b, hh // factor, ww // factor, c), "cubic", antialias=True)
     return jnp.clip(out, -1.0, 1.0)
 

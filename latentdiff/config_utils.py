@@ -14,8 +14,10 @@ from typing import Any
 
 import ml_collections
 
+from latentdiff.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config that cannot run: names the field and the fix."""
 
 
@@ -106,10 +108,22 @@ def require_local_path(path: str, what: str) -> None:
     """ValueError for a URL (gs://, s3://...): workdirs are read and written through the local filesystem, where a
     URL would silently become a local folder named 'gs:'. Mount the bucket instead (README, Cloud TPU pod section)."""
     if "://" in path:
-        raise ValueError(
+        raise UserError(
             f"{what} {path!r} is a URL, but workdirs are read and written as local paths; mount the bucket on every "
             "host (e.g. gcsfuse --implicit-dirs BUCKET /mnt/gcs) and pass the mounted path (/mnt/gcs/...)"
         )
+
+
+def read_json_file(path: str, what: str) -> Any:
+    """The parsed JSON file at `path`; a file that is not valid JSON is a one-line ConfigError naming it."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{path} ({what}) is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; restore or fix the file"
+        ) from None
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -118,8 +132,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{workdir!r} has no config.json; is it a latentdiff workdir (train.py --workdir)?")
-    with open(path) as f:
-        return from_json(f.read())
+    return ml_collections.ConfigDict(_tuplify(read_json_file(path, "the workdir's config")))
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -26,6 +26,8 @@ import numpy as np
 
 import latentdiff  # noqa: F401  (CPU XLA flags)
 from latentdiff import errors
+from latentdiff.errors import UserError
+from latentdiff.output_paths import check_output_dir
 
 
 def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, seed: int) -> dict[str, Any]:
@@ -33,13 +35,12 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
     import jax
     import jax.numpy as jnp
 
-    from latentdiff import config_utils, first_stage, params_io
+    from latentdiff import config_utils
     from latentdiff.data.latents import ARRAYS, CAPTIONS, LABELS, META
     from latentdiff.data.pipeline import make_dataset
-    from latentdiff.train.autoencoder import export_first_stage
+    from latentdiff.train.autoencoder import read_first_stage
 
-    export_dir = export_first_stage(workdir)
-    fs = first_stage.load_export(export_dir)
+    fs, fs_step = read_first_stage(workdir)  # read-only: nothing is written into the stage-1 workdir
     config = config_utils.load_workdir_config(workdir)
     iterator = make_dataset(
         config.data,
@@ -54,7 +55,7 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
     total = iterator.num_batches * batch_size
     total = min(total, num) if num else total
     if total == 0:
-        raise ValueError(f"split {split!r} gave no full batch of {batch_size}; lower --batch_size")
+        raise UserError(f"split {split!r} gave no full batch of {batch_size}; lower --batch_size")
     kl = fs.config.kind == "kl"
     latent_shape = fs.latent_shape(config.data.resolution)
 
@@ -117,7 +118,7 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
     meta = {
         "format": "npy",
         "workdir": os.path.abspath(workdir),
-        "step": params_io.read_metadata(os.path.join(export_dir, "params.safetensors")).get("step"),
+        "step": str(fs_step),
         "split": split,
         "num": total,
         "kind": fs.config.kind,
@@ -143,6 +144,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
+        check_output_dir(args.out, "--out")
         meta = encode_split(args.workdir, args.out, args.split, args.num, args.batch_size, args.seed)
         print(f"encoded {meta['num']} images -> {args.out}  latent {meta['latent_shape']}")
         print(f"latent std {meta['latent_std']:.5f}  ->  scale factor 1/std = {meta['scale_factor']:.5f}")

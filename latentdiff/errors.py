@@ -1,34 +1,73 @@
-"""User-facing errors: entry points print these as one line (no traceback) and exit with status 2.
+"""User-facing errors: the one exception type for bad input, and how entry points report it.
 
-Set LATENTDIFF_DEBUG=1 to see the full traceback instead.
+Validation code raises `UserError` (or a subclass: ConfigError, DataError, ConversionError, ...) for anything the user
+can fix: a bad flag, a bad file, a config that cannot work. Entry points (`run_cli`) print those as one line and exit
+with status 2; the operating system's file errors (missing, unreadable, not a directory) are treated the same way.
+Anything else is a bug in latentdiff: its traceback is printed in full, followed by where to report it.
+
+Set LATENTDIFF_DEBUG=1 to see the full traceback of user errors too.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+BUG_REPORT_HINT = (
+    "this is a bug in latentdiff, not a problem with your input: please report it with the traceback above, "
+    "the command line and `pip freeze` (the project's issue tracker)"
+)
+
+
+class UserError(ValueError):
+    """Bad input or a bad config: the message names the problem and the fix. (A ValueError for older callers.)"""
+
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that describe bad input or a bad config, not a bug."""
-    return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, RuntimeError)
+    """Exception types that describe bad input, not a bug: UserError and the OS's file errors."""
+    return (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of the error's message (its type name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """XLA's allocation failures (a config too large for the device, not a bug)."""
+    return "RESOURCE_EXHAUSTED" in str(error)[:500]
 
 
 def exit_with(error: BaseException) -> NoReturn:
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, KeyError):
-        message = f"missing key {message}"
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(error)}", file=sys.stderr)
     sys.exit(2)
 
 
+def exit_with_bug(error: BaseException) -> NoReturn:
+    traceback.print_exception(error)
+    print(f"internal error ({type(error).__name__}): {BUG_REPORT_HINT}", file=sys.stderr)
+    sys.exit(3)
+
+
 def run_cli(main: Callable[[], Any]) -> Any:
-    """Runs `main`, turning user errors into a one-line message and exit status 2."""
+    """Runs `main`: user errors -> one line and exit 2; device out of memory -> one line with the fix, exit 2;
+    anything else -> its traceback, the bug-report hint and exit 3."""
     if os.environ.get("LATENTDIFF_DEBUG"):
         return main()
     try:
         return main()
     except user_error_types() as error:
         exit_with(error)
+    except Exception as error:
+        if is_out_of_memory(error):
+            print(
+                f"error: out of device memory ({one_line(error)[:200]}); lower the batch size or the resolution, or "
+                "check the plan first with `python -m latentdiff.tools.preflight`",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        exit_with_bug(error)

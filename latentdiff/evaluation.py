@@ -39,14 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from latentdiff import metrics
+from latentdiff import config_utils, metrics
+from latentdiff.errors import UserError
 
 TFDS_PREFIX = "tfds:"
 IS_SPLITS = 10  # torch-fidelity's isc_splits
 Stats = metrics.Stats
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Bad evaluation input: a one-line message naming the file / flag and the fix."""
 
 
@@ -73,6 +74,21 @@ def parse_dataset_spec(spec: str) -> DatasetRef | None:
     if not sep or not name or not split:
         raise EvalError(f"{spec}: expected tfds:NAME/SPLIT, e.g. tfds:coco_captions/validation or tfds:shapes/novel")
     return DatasetRef(name, split)
+
+
+def check_counts(**counts: tuple[int, int]) -> None:
+    """EvalError naming the first flag whose value is below its minimum: check_counts(num=(args.num, 2), ...)."""
+    for flag, (value, minimum) in counts.items():
+        if value < minimum:
+            raise EvalError(f"--{flag} must be >= {minimum}, got {value}")
+
+
+def check_sampling_flags(workdir: str, settings: SampleSettings) -> None:
+    """The sampler flags against the workdir's config (its number of training timesteps), before any model loads."""
+    from latentdiff.sampling import check_sampling_args
+
+    timesteps = config_utils.load_workdir_config(workdir).diffusion.timesteps
+    check_sampling_args(settings.sampler, settings.steps, timesteps, settings.guidance, settings.eta)
 
 
 def caption_reference(spec: str) -> DatasetRef:
@@ -412,8 +428,7 @@ def check_run_settings(out: str, settings: Mapping) -> None:
     """Writes out/settings.json, or checks that an earlier run in `out` used the same settings (else EvalError)."""
     path = os.path.join(out, "settings.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = config_utils.read_json_file(path, "an earlier run's settings")
         diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
         if diff:
             raise EvalError(
@@ -442,8 +457,7 @@ def load_captions_and_reference(
     stats_path = os.path.join(out, f"reference_stats_n{num}_{preprocess}.npz")
     captions = None
     if os.path.isfile(cap_path):
-        with open(cap_path) as f:
-            captions = json.load(f)["captions"]
+        captions = config_utils.read_json_file(cap_path, "cached captions")["captions"]
     need_stats = params is not None and not os.path.isfile(stats_path)
     if captions is None or need_stats:
         captions, pools = [], []

@@ -8,7 +8,9 @@ import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
+
+from latentdiff.errors import UserError
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -91,16 +93,78 @@ def _open(path: str, flag: str) -> Image.Image:
         img.load()
     except (OSError, Image.DecompressionBombError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{flag} {path!r} is not a readable image ({reason}); save it as PNG or JPEG") from None
+        raise UserError(f"{flag} {path!r} is not a readable image ({reason}); save it as PNG or JPEG") from None
     return img
 
 
+# ----- any PIL image -> 8-bit RGB, the one conversion every image reader uses -----
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+DIRECT_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "RGBX")
+
+
+def _integer_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit (or 32-bit holding 16-bit) greyscale -> uint8 by the 65535 -> 255 scale; other ranges are refused."""
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise UserError(f"{mode!r} pixels outside 0..65535 (min {values.min()}, max {values.max()})")
+    return np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
+
+
+def _float_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Float greyscale in [0, 1] (scaled by 255) or [0, 255]; anything else (HDR, NaN) is refused."""
+    if not np.isfinite(values).all():
+        raise UserError("float pixels with NaN or inf")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low >= 0 and high <= 1:
+        return np.round(values * 255.0).astype(np.uint8)
+    if low >= 0 and high <= 255:
+        return np.round(values).astype(np.uint8)
+    raise UserError(f"float pixels in [{low:g}, {high:g}], expected [0, 1] or [0, 255]")
+
+
+def to_rgb8(img: Image.Image) -> tuple[np.ndarray, list[str]]:
+    """Any PIL image -> (uint8 [H, W, 3], notes on what changed beyond a plain format change).
+
+    EXIF orientation is applied (note 'EXIF-rotated'); 16-bit greyscale is scaled 65535 -> 255 ('16-bit'); float
+    greyscale in [0, 1] or [0, 255] is scaled ('float'); transparency is composited onto white ('transparent'; fully
+    opaque alpha is just dropped); palette, 1-bit, greyscale and CMYK become RGB. Other modes (LAB, HSV, multi-band
+    floats) raise UserError: never a silent reinterpretation of the pixel values.
+    """
+    notes = []
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation not in (1, None):
+        img = ImageOps.exif_transpose(img)
+        notes.append("EXIF-rotated")
+    mode = img.mode
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        notes.append("16-bit")
+        grey = _integer_to_8bit(np.asarray(img), mode)
+        return np.repeat(grey[..., None], 3, axis=-1), notes
+    if mode == "F":
+        notes.append("float")
+        return np.repeat(_float_to_8bit(np.asarray(img, np.float64))[..., None], 3, axis=-1), notes
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        alpha = np.asarray(rgba)[..., 3]
+        if (alpha == 255).all():
+            return np.asarray(rgba.convert("RGB"), np.uint8), notes
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notes.append("transparent")
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), np.uint8), notes
+    if mode in DIRECT_MODES:
+        return np.asarray(img.convert("RGB"), np.uint8), notes
+    raise UserError(f"image mode {mode!r} is not supported; save the image as 8-bit RGB (PNG or JPEG)")
+
+
 def read_image(path: str, flag: str) -> np.ndarray:
-    """An image file -> uint8 [H, W, 3]. Greyscale and palette images become RGB; an alpha channel is dropped."""
+    """An image file -> uint8 [H, W, 3] (to_rgb8: EXIF orientation applied, transparency onto white, 16-bit and
+    float greyscale scaled)."""
     img = _open(path, flag)
-    if img.mode in ("I", "I;16", "I;16B", "F"):
-        raise ValueError(f"{flag} {path!r} has {img.mode!r} pixels (16-bit/float); save it as an 8-bit RGB PNG")
-    return np.asarray(img.convert("RGB"), np.uint8)
+    try:
+        return to_rgb8(img)[0]
+    except UserError as e:
+        raise UserError(f"{flag} {path!r}: {e}") from None
 
 
 def read_mask(path: str, flag: str) -> np.ndarray:
@@ -116,18 +180,18 @@ def read_mask(path: str, flag: str) -> np.ndarray:
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode not in ("L", "LA", "RGB", "RGBA"):
-        raise ValueError(f"{flag} {path!r} has mode {img.mode!r}; a mask must be 8-bit single-channel; {MASK_CONVERT}")
+        raise UserError(f"{flag} {path!r} has mode {img.mode!r}; a mask must be 8-bit single-channel; {MASK_CONVERT}")
     a = np.asarray(img, np.uint8)
     if a.ndim == 2:
         grey = a
     else:
         colour = a[..., :3] if img.mode in ("RGB", "RGBA") else a[..., :1]
         if img.mode in ("LA", "RGBA") and (a[..., -1] != 255).any():
-            raise ValueError(
+            raise UserError(
                 f"{flag} {path!r} has transparent pixels; a mask must be opaque ({MASK_HELP}); {MASK_CONVERT}"
             )
         if (colour != colour[..., :1]).any():
-            raise ValueError(
+            raise UserError(
                 f"{flag} {path!r} is a colour image; a mask must be single-channel ({MASK_HELP}); {MASK_CONVERT}"
             )
         grey = colour[..., 0]

@@ -34,6 +34,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from latentdiff import imaging
+from latentdiff.errors import UserError
 from latentdiff.nn.inception import INPUT_SIZE, InceptionV3
 
 PREPROCESS_MODES = ("paper", "pytorch_fid", "clean")
@@ -148,7 +150,7 @@ def preprocess_images(images: jax.Array, mode: str, size: int = INPUT_SIZE) -> j
         return 2.0 * resize_bilinear_torch(x / 255.0, (size, size)) - 1.0
     if mode == "clean":
         return (jnp.clip(resize_bicubic_pil(x, (size, size)), 0.0, 255.0) - 128.0) / 128.0
-    raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {PREPROCESS_MODES}")
+    raise UserError(f"unknown preprocess mode {mode!r}; expected one of {PREPROCESS_MODES}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ def preprocess_images(images: jax.Array, mode: str, size: int = INPUT_SIZE) -> j
 def _check_params(params: Mapping) -> int | None:
     """num_classes for params: 1008 if they carry the fc layer, else None."""
     if not isinstance(params, Mapping) or "Conv2d_1a_3x3" not in params:
-        raise ValueError(
+        raise UserError(
             "inception params must be the pytree from latentdiff.convert.inception_weights.load_inception_params"
         )
     return int(params["fc"]["kernel"].shape[1]) if "fc" in params else None
@@ -203,19 +205,19 @@ def inception_features(
     num_classes = _check_params(params)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images [N, H, W, 3]; got {images.dtype} {images.shape}")
+        raise UserError(f"expected uint8 images [N, H, W, 3]; got {images.dtype} {images.shape}")
     if preprocess not in PREPROCESS_MODES:
-        raise ValueError(f"unknown preprocess mode {preprocess!r}; expected one of {PREPROCESS_MODES}")
+        raise UserError(f"unknown preprocess mode {preprocess!r}; expected one of {PREPROCESS_MODES}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        raise UserError(f"batch_size must be >= 1; got {batch_size}")
     put = jnp.asarray
     if mesh is not None:
         if "data" not in mesh.axis_names:
-            raise ValueError(f"mesh needs a 'data' axis; got axes {mesh.axis_names}")
+            raise UserError(f"mesh needs a 'data' axis; got axes {mesh.axis_names}")
         if batch_size % mesh.shape["data"]:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the mesh 'data' size {mesh.shape['data']}")
+            raise UserError(f"batch_size {batch_size} is not divisible by the mesh 'data' size {mesh.shape['data']}")
         if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
-            raise ValueError("inception_features supports single-process meshes only")
+            raise UserError("inception_features supports single-process meshes only")
         data_sharding = NamedSharding(mesh, P("data"))
         params = jax.device_put(params, NamedSharding(mesh, P()))
         put = lambda a: jax.device_put(a, data_sharding)
@@ -257,7 +259,7 @@ def inception_features_of_groups(
     size); features are concatenated in list order."""
     outs = [inception_features(params, g, batch_size, preprocess, mesh=mesh, dtype=dtype) for g in groups if len(g)]
     if not outs:
-        raise ValueError("no images to compute features of")
+        raise UserError("no images to compute features of")
     pool = np.concatenate([o[0] for o in outs])
     logits = None if outs[0][1] is None else np.concatenate([o[1] for o in outs])
     return pool, logits
@@ -271,18 +273,18 @@ def stats(features: np.ndarray) -> Stats:
     """features [N, D] -> (mu [D], sigma [D, D]) in float64; sigma is the unbiased covariance (np.cov)."""
     features = np.asarray(features, np.float64)
     if features.ndim != 2:
-        raise ValueError(f"stats expects features [N, D]; got shape {features.shape}")
+        raise UserError(f"stats expects features [N, D]; got shape {features.shape}")
     if features.shape[0] < 2:
-        raise ValueError(f"FID statistics need at least 2 images; got {features.shape[0]}")
+        raise UserError(f"FID statistics need at least 2 images; got {features.shape[0]}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
 def _check_stats(s: Stats, name: str) -> Stats:
     mu, sigma = np.asarray(s[0], np.float64), np.asarray(s[1], np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{name}: expected mu [D] and sigma [D, D]; got {mu.shape} and {sigma.shape}")
+        raise UserError(f"{name}: expected mu [D] and sigma [D, D]; got {mu.shape} and {sigma.shape}")
     if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-        raise ValueError(f"{name}: mu / sigma contain NaN or inf")
+        raise UserError(f"{name}: mu / sigma contain NaN or inf")
     return mu, sigma
 
 
@@ -290,7 +292,7 @@ def _psd_sqrt(sigma: np.ndarray, name: str) -> np.ndarray:
     """Symmetric square root of a covariance (eigh; round-off negative eigenvalues clipped to 0)."""
     w, v = np.linalg.eigh((sigma + sigma.T) / 2)
     if w[0] < -1e-6 * max(1.0, w[-1]):
-        raise ValueError(f"{name} is not positive semi-definite (smallest eigenvalue {w[0]:.3g})")
+        raise UserError(f"{name} is not positive semi-definite (smallest eigenvalue {w[0]:.3g})")
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
@@ -323,7 +325,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     if not np.all(np.isfinite(w)):
         return math.nan
     if w[0] < -1e-6 * max(1.0, w[-1]):
-        raise ValueError(f"Σ1Σ2 has a negative eigenvalue {w[0]:.3g}: (Σ1Σ2)^½ would be complex; is it a covariance?")
+        raise UserError(f"Σ1Σ2 has a negative eigenvalue {w[0]:.3g}: (Σ1Σ2)^½ would be complex; is it a covariance?")
     return float(np.sqrt(np.clip(w, 0.0, None)).sum())
 
 
@@ -336,7 +338,7 @@ def frechet_distance(stats1: Stats, stats2: Stats, eps: float = 1e-6) -> float:
     mu1, s1 = _check_stats(stats1, "stats1")
     mu2, s2 = _check_stats(stats2, "stats2")
     if mu1.shape != mu2.shape:
-        raise ValueError(f"stats have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]}")
+        raise UserError(f"stats have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]}")
     diff = mu1 - mu2
     tr_covmean = trace_sqrt_product(s1, s2)
     if not math.isfinite(tr_covmean):
@@ -355,17 +357,17 @@ def frechet_distance_lowrank(features1: np.ndarray, stats2: Stats) -> float:
     """
     f = np.asarray(features1, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"features1 must be [N, D] with N >= 2; got shape {f.shape}")
+        raise UserError(f"features1 must be [N, D] with N >= 2; got shape {f.shape}")
     mu2, s2 = _check_stats(stats2, "stats2")
     if mu2.shape[0] != f.shape[1]:
-        raise ValueError(f"stats have different dimensions: {f.shape[1]} vs {mu2.shape[0]}")
+        raise UserError(f"stats have different dimensions: {f.shape[1]} vs {mu2.shape[0]}")
     n = f.shape[0]
     mu1 = f.mean(axis=0)
     x = f - mu1
     m = (x @ s2) @ x.T / (n - 1)
     w = np.linalg.eigvalsh((m + m.T) / 2)
     if w[0] < -1e-6 * max(1.0, w[-1]):
-        raise ValueError(f"X Σ2 Xᵀ has a negative eigenvalue {w[0]:.3g}: is stats2's sigma a covariance?")
+        raise UserError(f"X Σ2 Xᵀ has a negative eigenvalue {w[0]:.3g}: is stats2's sigma a covariance?")
     diff = mu1 - mu2
     tr1 = float(np.sum(x * x)) / (n - 1)
     return float(diff @ diff + tr1 + np.trace(s2) - 2.0 * np.sqrt(np.clip(w, 0.0, None)).sum())
@@ -383,7 +385,7 @@ def load_stats(path: str) -> Stats:
         raise FileNotFoundError(f"{path}: no such statistics file")
     with np.load(path, allow_pickle=False) as f:
         if "mu" not in f.files or "sigma" not in f.files:
-            raise ValueError(f"{path}: expected an .npz with keys 'mu' and 'sigma'; found {sorted(f.files)}")
+            raise UserError(f"{path}: expected an .npz with keys 'mu' and 'sigma'; found {sorted(f.files)}")
         return _check_stats((f["mu"], f["sigma"]), path)
 
 
@@ -397,10 +399,10 @@ def inception_score(logits: np.ndarray, splits: int = 10, shuffle_seed: int | No
     """
     logits = np.asarray(logits, np.float64)
     if logits.ndim != 2:
-        raise ValueError(f"inception_score expects logits [N, C]; got shape {logits.shape}")
+        raise UserError(f"inception_score expects logits [N, C]; got shape {logits.shape}")
     n = logits.shape[0]
     if splits < 1 or n < splits:
-        raise ValueError(f"inception_score needs at least `splits` ({splits}) images; got {n}")
+        raise UserError(f"inception_score needs at least `splits` ({splits}) images; got {n}")
     if shuffle_seed is not None:
         logits = logits[np.random.RandomState(shuffle_seed).permutation(n)]
     log_p = logits - logits.max(axis=1, keepdims=True)
@@ -418,7 +420,7 @@ def inception_score(logits: np.ndarray, splits: int = 10, shuffle_seed: int | No
 def psnr(a: jax.Array, b: jax.Array, data_range: float) -> jax.Array:
     """Per-image PSNR in dB: a, b [N, ...] -> [N] = 10·log10(data_range² / mean((a − b)²)) (inf when equal)."""
     if a.shape != b.shape:
-        raise ValueError(f"psnr needs equal shapes; got {a.shape} and {b.shape}")
+        raise UserError(f"psnr needs equal shapes; got {a.shape} and {b.shape}")
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     mse = jnp.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
     return 10.0 * jnp.log10(data_range**2 / mse)
@@ -439,8 +441,8 @@ def load_image_dir(path: str) -> tuple[list[np.ndarray], int]:
     for name in names:
         try:
             with Image.open(os.path.join(path, name)) as im:
-                arr = np.asarray(im.convert("RGB"), np.uint8)
-        except (OSError, ValueError):
+                arr = imaging.to_rgb8(im)[0]  # plain 8-bit RGB files: exactly PIL's convert('RGB'), as pytorch-fid
+        except (OSError, ValueError):  # unreadable, or a mode to_rgb8 refuses (UserError is a ValueError)
             skipped += 1
             continue
         by_size.setdefault(arr.shape, []).append(arr)
@@ -459,6 +461,6 @@ def read_npz(path: str) -> tuple[str, Any]:
         if "images" in files:
             images = f["images"]
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-                raise ValueError(f"{path}: 'images' must be uint8 [N, H, W, 3]; got {images.dtype} {images.shape}")
+                raise UserError(f"{path}: 'images' must be uint8 [N, H, W, 3]; got {images.dtype} {images.shape}")
             return "images", [images]
-    raise ValueError(f"{path}: expected an .npz with keys mu/sigma (statistics) or 'images'; found {sorted(files)}")
+    raise UserError(f"{path}: expected an .npz with keys mu/sigma (statistics) or 'images'; found {sorted(files)}")

@@ -21,12 +21,17 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from latentdiff.errors import UserError
+
 BATCH_AXES = ("data", "fsdp")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+def init_distributed(coordinator: str, num_processes: int, process_id: int, *, timeout_s: int) -> None:
     """Starts multi-host JAX (call before any other JAX call). A single-process run does nothing.
+
+    timeout_s (config.distributed.timeout_s): how long every process waits for all the others to join, here and at
+    `wait_for_all_processes` (loaded machines and large pods start processes minutes apart).
 
     Sources, first match wins:
       1. the arguments (--config.distributed.coordinator/num_processes/process_id), each falling back to the usual
@@ -46,11 +51,11 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
     if _distributed_initialized():
         return
     if num_processes == -1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(initialization_timeout=timeout_s)
         return
     if explicit:
         if not coordinator or num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(
+            raise UserError(
                 f"multi-process setup is incomplete (coordinator={coordinator!r}, num_processes={num_processes}, "
                 f"process_id={process_id}); set all three: --config.distributed.coordinator=HOST:PORT "
                 "--config.distributed.num_processes=N --config.distributed.process_id=I (or JAX_COORDINATOR_ADDRESS, "
@@ -58,10 +63,27 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
             )
         if num_processes > 1:
             jax.distributed.initialize(
-                coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+                coordinator_address=coordinator,
+                num_processes=num_processes,
+                process_id=process_id,
+                initialization_timeout=timeout_s,
             )
     elif on_tpu_pod or on_slurm:
-        jax.distributed.initialize()
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+
+
+def wait_for_all_processes(name: str, timeout_s: int) -> None:
+    """Blocks until every process reaches the barrier `name` (through the coordination service, not a device
+    collective), for at most timeout_s. Used before the first step: CPU collectives (gloo) give peers only 30 s to
+    connect, which processes that compiled at different speeds on a loaded machine can miss."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:  # not started by jax.distributed: nothing to wait on
+        return
+    client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
 
 
 def _distributed_initialized() -> bool:
@@ -74,17 +96,17 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[str, int
     sizes = {name: int(axis_sizes[name]) for name in MESH_AXES if name in axis_sizes}
     unknown = set(axis_sizes) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid axes are {MESH_AXES}")
+        raise UserError(f"unknown mesh axes {sorted(unknown)}; valid axes are {MESH_AXES}")
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {free}")
+        raise UserError(f"mesh: at most one axis may be -1, got {free}")
     fixed = int(np.prod([s for s in sizes.values() if s != -1])) if sizes else 1
     if free:
         if num_devices % fixed:
-            raise ValueError(f"mesh {dict(axis_sizes)}: {num_devices} devices are not divisible by {fixed}")
+            raise UserError(f"mesh {dict(axis_sizes)}: {num_devices} devices are not divisible by {fixed}")
         sizes[free[0]] = num_devices // fixed
     if int(np.prod(list(sizes.values()))) != num_devices:
-        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices but {num_devices} exist")
+        raise UserError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices but {num_devices} exist")
     return sizes
 
 
@@ -150,7 +172,7 @@ def infer_shardings(
         for pattern, spec in compiled:
             if pattern.fullmatch(name):
                 if len(spec) > len(shape):
-                    raise ValueError(f"sharding rule {pattern.pattern!r} has {len(spec)} axes but {name} is {shape}")
+                    raise UserError(f"sharding rule {pattern.pattern!r} has {len(spec)} axes but {name} is {shape}")
                 return NamedSharding(mesh, P(*spec))
         return NamedSharding(mesh, fsdp_spec(shape, fsdp_size, fsdp_min_size))
 
@@ -195,12 +217,12 @@ def global_batch_size_ok(global_batch_size: int, mesh: Mesh) -> None:
     """The global batch must split evenly over the batch axes and over the processes."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch_size % shards:
-        raise ValueError(
+        raise UserError(
             f"batch_size {global_batch_size} is not divisible by the {shards} batch shards of mesh {dict(mesh.shape)}; "
             "set --config.batch_size to a multiple"
         )
     if global_batch_size % jax.process_count():
-        raise ValueError(f"batch_size {global_batch_size} is not divisible by {jax.process_count()} processes")
+        raise UserError(f"batch_size {global_batch_size} is not divisible by {jax.process_count()} processes")
 
 
 def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

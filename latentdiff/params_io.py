@@ -10,20 +10,36 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from latentdiff.errors import UserError
+
 
 def flatten(tree: Mapping) -> dict[str, np.ndarray]:
     """{'a': {'b': x}} -> {'a/b': np.asarray(x)}."""
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
 
 
-def save_params(path: str, tree: Mapping, metadata: Mapping[str, str] | None = None) -> None:
-    """Writes a params pytree as safetensors, atomically (temporary file + rename)."""
+def default_file_mode() -> int:
+    """0o666 minus the process umask: the mode `open(path, 'w')` would give a new file."""
+    current = os.umask(0o022)  # os.umask is the only portable reader; restored at once
+    os.umask(current)
+    return 0o666 & ~current
+
+
+def write_safetensors(path: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """Writes flat arrays as safetensors, atomically (temporary file + rename), with the user's umask mode (the
+    safetensors writer alone creates files 0600). Every safetensors file latentdiff writes goes through here."""
     from safetensors.numpy import save_file
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    save_file(flatten(jax.device_get(tree)), tmp, metadata=dict(metadata or {}))
+    save_file(dict(arrays), tmp, metadata=dict(metadata or {}))
+    os.chmod(tmp, default_file_mode())
     os.replace(tmp, path)
+
+
+def save_params(path: str, tree: Mapping, metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a params pytree as safetensors ('/'-joined keys), atomically."""
+    write_safetensors(path, flatten(jax.device_get(tree)), metadata)
 
 
 def read_metadata(path: str) -> dict[str, str]:
@@ -46,7 +62,7 @@ def load_params(path: str, abstract: Mapping | None = None) -> dict:
         problems = [f"{k}: file {got.get(k)} vs config {s}" for k, s in want.items() if got.get(k) != s]
         problems += [f"{k}: in file, not in config" for k in got if k not in want]
         if problems:
-            raise ValueError(
+            raise UserError(
                 f"{path} does not match the model config ({'; '.join(problems[:3])}"
                 f"{' ...' if len(problems) > 3 else ''}); load it with the config it was saved with"
             )

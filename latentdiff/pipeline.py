@@ -22,6 +22,7 @@ import numpy as np
 
 from latentdiff import conditioning, config_utils, first_stage, parallel, sampling
 from latentdiff.diffusion.schedules import make_schedule
+from latentdiff.errors import UserError
 from latentdiff.imaging import to_uint8
 from latentdiff.nn.text_encoder import build_text_encoder, null_label
 from latentdiff.nn.unet import build_unet
@@ -62,7 +63,7 @@ class Pipeline:
 
         config = config_utils.load_workdir_config(workdir)
         if config.stage != "ldm":
-            raise ValueError(f"{workdir!r} is a {config.stage!r} workdir; sampling needs a stage-2 (ldm) workdir")
+            raise UserError(f"{workdir!r} is a {config.stage!r} workdir; sampling needs a stage-2 (ldm) workdir")
         fs = first_stage.load_export(os.path.join(workdir, "first_stage"))
         tokenizer = None
         if config.text_encoder.kind in ("bert", "clip"):
@@ -109,7 +110,7 @@ class Pipeline:
             labels = np.asarray([int(p) for p in prompts], np.int32)
             n = self.config.text_encoder.num_classes
             if labels.size and (labels.min() < 0 or labels.max() >= n):
-                raise ValueError(f"class labels must be in [0, {n}), got {labels.min()}..{labels.max()}")
+                raise UserError(f"class labels must be in [0, {n}), got {labels.min()}..{labels.max()}")
             return labels
         return np.asarray(self.tokenizer.encode([str(p) for p in prompts]), np.int32)
 
@@ -131,7 +132,7 @@ class Pipeline:
     def low_res_shape(self) -> tuple[int, int, int]:
         """[h, w, 3] of the low-resolution input of a super-resolution model: resolution / conditioning.sr_factor."""
         if self.concat != "sr":
-            raise ValueError(
+            raise UserError(
                 f"low_res is for super-resolution models; this model's concat conditioning is {self.concat!r}"
             )
         side = self.resolution // int(self.config.conditioning.sr_factor)
@@ -184,23 +185,23 @@ class Pipeline:
         'low_res' [N,h,w,3] float32 in [-1, 1]. strength 1 with nothing else to do returns no inputs (text-to-image)."""
         kind = self.concat
         if strength is not None and init_image is None:
-            raise ValueError("strength needs init_image (the image to modify)")
+            raise UserError("strength needs init_image (the image to modify)")
         if mask is not None and init_image is None:
-            raise ValueError("mask needs init_image (the image whose masked region is repainted)")
+            raise UserError("mask needs init_image (the image whose masked region is repainted)")
         if blend and mask is None:
-            raise ValueError("blend needs a mask")
+            raise UserError("blend needs a mask")
         if kind == "inpaint" and (init_image is None or mask is None):
-            raise ValueError("this is an inpainting model (concat conditioning 'inpaint'): pass init_image and mask")
+            raise UserError("this is an inpainting model (concat conditioning 'inpaint'): pass init_image and mask")
         if kind == "sr" and low_res is None:
-            raise ValueError("this is a super-resolution model (concat conditioning 'sr'): pass low_res")
+            raise UserError("this is a super-resolution model (concat conditioning 'sr'): pass low_res")
         if kind != "sr" and low_res is not None:
-            raise ValueError(f"low_res is for super-resolution models; this model's concat conditioning is {kind!r}")
+            raise UserError(f"low_res is for super-resolution models; this model's concat conditioning is {kind!r}")
         if init_image is not None and strength is None:
             if mask is None and kind != "inpaint":
-                raise ValueError("img2img needs strength in (0, 1] (the fraction of the sampling steps to run)")
+                raise UserError("img2img needs strength in (0, 1] (the fraction of the sampling steps to run)")
             strength = 1.0
         if strength is not None and not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+            raise UserError(f"strength must be in (0, 1], got {strength}")
         blend = (mask is not None and kind != "inpaint") if blend is None else bool(blend)
         inputs: dict[str, np.ndarray] = {}
         size = (self.resolution, self.resolution)
@@ -254,13 +255,13 @@ class Pipeline:
         """
         sampling.check_sampling_args(sampler, steps, self.schedule.num_timesteps, guidance, eta)
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+            raise UserError(f"output must be one of {OUTPUTS}, got {output!r}")
         if len(prompts) == 0:
-            raise ValueError("no prompts given")
+            raise UserError("no prompts given")
         n = len(prompts)
         strength, blend, inputs = self.modification_inputs(n, init_image, strength, mask, low_res, blend)
         if keep_unmasked and mask is None:
-            raise ValueError("keep_unmasked needs a mask (the region to repaint; the rest is kept)")
+            raise UserError("keep_unmasked needs a mask (the region to repaint; the rest is kept)")
         keep = (mask is not None) if keep_unmasked is None else bool(keep_unmasked)
         composite = (inputs["image"], inputs["mask"]) if keep and output != "latent" else None
         start_step = sampling.start_for_strength(sampler, self.schedule, steps, strength)[0]
@@ -274,7 +275,7 @@ class Pipeline:
         if x_T is None:
             x_T = np.asarray(sampling.initial_noise(seed, jnp.arange(n), self.latent_shape))
         elif tuple(x_T.shape) != (n, *self.latent_shape):
-            raise ValueError(f"x_T must be [{n}, {', '.join(map(str, self.latent_shape))}], got {tuple(x_T.shape)}")
+            raise UserError(f"x_T must be [{n}, {', '.join(map(str, self.latent_shape))}], got {tuple(x_T.shape)}")
         generate = self._generate_fn(sampler, steps, start_step, blend)
         sharded = parallel.sampling_batch_sharding(self.mesh)
         out = []
@@ -333,7 +334,7 @@ def _per_prompt(x: np.ndarray, name: str, n: int, ndim: int) -> np.ndarray:
     if x.ndim == ndim:
         x = x[None]
     if x.ndim != ndim + 1 or x.shape[0] not in (1, n):
-        raise ValueError(f"{name} must be one array for all {n} prompts or one per prompt, got shape {x.shape}")
+        raise UserError(f"{name} must be one array for all {n} prompts or one per prompt, got shape {x.shape}")
     return np.broadcast_to(x, (n, *x.shape[1:]))
 
 
@@ -341,16 +342,16 @@ def _image_array(images: Any, name: str, n: int, size: tuple[int, int]) -> np.nd
     """uint8 [0, 255] or float [-1, 1] images [H, W, 3] / [1 or n, H, W, 3] -> float32 [n, H, W, 3] in [-1, 1]."""
     x = _per_prompt(np.asarray(images), name, n, 3)
     if x.shape[-1] != 3:
-        raise ValueError(f"{name} must have 3 (RGB) channels, got shape {x.shape}")
+        raise UserError(f"{name} must have 3 (RGB) channels, got shape {x.shape}")
     if tuple(x.shape[1:3]) != tuple(size):
         got, want = f"{x.shape[1]}x{x.shape[2]}", f"{size[0]}x{size[1]}"
-        raise ValueError(f"{name} is {got} but this model needs {want}: resize it (sample.py --resize)")
+        raise UserError(f"{name} is {got} but this model needs {want}: resize it (sample.py --resize)")
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 127.5 - 1.0
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name} must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
+        raise UserError(f"{name} must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
     if not np.isfinite(x).all() or x.min() < -1.0 - 1e-3 or x.max() > 1.0 + 1e-3:
-        raise ValueError(f"{name} floats must lie in [-1, 1] (pass uint8 for [0, 255] images)")
+        raise UserError(f"{name} floats must lie in [-1, 1] (pass uint8 for [0, 255] images)")
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
@@ -360,13 +361,13 @@ def _mask_array(mask: Any, n: int, size: tuple[int, int]) -> np.ndarray:
     if m.ndim in (3, 4) and m.shape[-1] == 1:
         m = m[..., 0]
     if m.ndim not in (2, 3):
-        raise ValueError(f"mask must be [H, W] or [N, H, W] (single channel: 1 = repaint), got shape {m.shape}")
+        raise UserError(f"mask must be [H, W] or [N, H, W] (single channel: 1 = repaint), got shape {m.shape}")
     m = _per_prompt(m, "mask", n, 2)
     if tuple(m.shape[1:3]) != tuple(size):
-        raise ValueError(f"mask is {m.shape[1]}x{m.shape[2]} but the image is {size[0]}x{size[1]}: make them equal")
+        raise UserError(f"mask is {m.shape[1]}x{m.shape[2]} but the image is {size[0]}x{size[1]}: make them equal")
     if m.dtype == np.uint8:
         m = m.astype(np.float32) / 255.0
     m = m.astype(np.float32)
     if not np.isfinite(m).all() or m.min() < 0.0 or m.max() > 1.0:
-        raise ValueError("mask values must lie in [0, 1] (1 = repaint), or be uint8 with 255 = repaint")
+        raise UserError("mask values must lie in [0, 1] (1 = repaint), or be uint8 with 255 = repaint")
     return m[..., None]

@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from latentdiff import config_utils
+from latentdiff.errors import UserError
+from latentdiff.output_paths import check_output_dir
 from latentdiff.sampling import SAMPLERS, check_sampling_args
 
 
@@ -76,33 +79,36 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             with open(args.prompt_file, encoding="utf-8") as f:
                 lines = [line.strip() for line in f]
         except UnicodeDecodeError as e:
-            raise ValueError(
+            raise UserError(
                 f"--prompt_file {args.prompt_file!r} is not UTF-8 text ({e.reason}); re-save it as UTF-8"
             ) from None
         lines = [line for line in lines if line]
         if not lines:
-            raise ValueError(f"--prompt_file {args.prompt_file!r} has no prompts (one caption per line)")
+            raise UserError(f"--prompt_file {args.prompt_file!r} has no prompts (one caption per line)")
         prompts += lines
     return prompts
 
 
 def validate(args: argparse.Namespace) -> None:
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
-        raise ValueError(f"--strength must be in (0, 1] (a fraction of the sampling steps), got {args.strength}")
+        raise UserError(f"--strength must be in (0, 1] (a fraction of the sampling steps), got {args.strength}")
     if args.strength is not None and not args.init_image:
-        raise ValueError("--strength needs --init_image IMG (the image to modify)")
+        raise UserError("--strength needs --init_image IMG (the image to modify)")
     if args.mask and not args.init_image:
-        raise ValueError("--mask needs --init_image IMG (the image whose white mask region is repainted)")
+        raise UserError("--mask needs --init_image IMG (the image whose white mask region is repainted)")
     if args.blend is not None and not args.mask:
-        raise ValueError("--blend/--no-blend need --mask")
+        raise UserError("--blend/--no-blend need --mask")
     if args.keep_unmasked is not None and not args.mask:
-        raise ValueError("--keep_unmasked/--no-keep_unmasked need --mask")
+        raise UserError("--keep_unmasked/--no-keep_unmasked need --mask")
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise UserError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 0:
-        raise ValueError(f"--batch_size must be >= 0, got {args.batch_size}")
+        raise UserError(f"--batch_size must be >= 0, got {args.batch_size}")
     if not os.path.isdir(args.workdir):
         raise FileNotFoundError(f"--workdir {args.workdir!r} does not exist")
+    check_output_dir(args.out, "--out")
+    timesteps = config_utils.load_workdir_config(args.workdir).diffusion.timesteps
+    check_sampling_args(args.sampler, args.steps, timesteps, args.guidance, args.eta)
 
 
 def read_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -117,7 +123,7 @@ def read_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
         inputs["mask"] = read_mask(args.mask, "--mask")
         (h, w), (hi, wi) = inputs["mask"].shape, inputs["init_image"].shape[:2]
         if (h, w) != (hi, wi):
-            raise ValueError(
+            raise UserError(
                 f"--mask {args.mask!r} is {w}x{h} but --init_image {args.init_image!r} is {wi}x{hi}: "
                 "make the mask the same size as the image"
             )
@@ -132,20 +138,20 @@ def fit_inputs(args: argparse.Namespace, inputs: dict[str, np.ndarray], pipe: An
 
     kind = pipe.concat
     if kind == "inpaint" and not (args.init_image and args.mask):
-        raise ValueError("this is an inpainting model (concat conditioning): pass --init_image IMG and --mask MASK")
+        raise UserError("this is an inpainting model (concat conditioning): pass --init_image IMG and --mask MASK")
     if kind == "sr" and not args.low_res:
-        raise ValueError("this is a super-resolution model (concat conditioning): pass --low_res IMG")
+        raise UserError("this is a super-resolution model (concat conditioning): pass --low_res IMG")
     if kind != "sr" and args.low_res:
-        raise ValueError(f"--low_res is for super-resolution models; this model's concat conditioning is {kind!r}")
+        raise UserError(f"--low_res is for super-resolution models; this model's concat conditioning is {kind!r}")
     if args.init_image and args.strength is None and not args.mask and kind != "inpaint":
-        raise ValueError("img2img needs --strength S in (0, 1] (e.g. 0.6: run the last 60 % of the steps)")
+        raise UserError("img2img needs --strength S in (0, 1] (e.g. 0.6: run the last 60 % of the steps)")
     files = {"init_image": args.init_image, "mask": args.mask, "low_res": args.low_res}
     out = {}
     for name, value in inputs.items():
         want = tuple(pipe.low_res_shape[:2]) if name == "low_res" else (pipe.resolution, pipe.resolution)
         if tuple(value.shape[:2]) != want:
             if not args.resize:
-                raise ValueError(
+                raise UserError(
                     f"--{name} {files[name]!r} is {value.shape[1]}x{value.shape[0]} but this model needs "
                     f"{want[1]}x{want[0]}: resize it, or pass --resize"
                 )
@@ -168,15 +174,15 @@ def run(args: argparse.Namespace) -> list[str]:
     inputs = fit_inputs(args, inputs, pipe)
     if pipe.class_conditional:
         if not args.class_label:
-            raise ValueError("this model is class-conditional: pass --class_label N (repeatable)")
+            raise UserError("this model is class-conditional: pass --class_label N (repeatable)")
         conditions: list = list(args.class_label)
     elif pipe.unconditioned:
         if prompts:
-            raise ValueError("this model takes no prompt (text_encoder.kind 'none'): drop --prompt / --prompt_file")
+            raise UserError("this model takes no prompt (text_encoder.kind 'none'): drop --prompt / --prompt_file")
         conditions = [""]
     else:
         if not prompts and pipe.concat == "none":
-            raise ValueError("no prompt given: pass --prompt TEXT (repeatable) or --prompt_file FILE")
+            raise UserError("no prompt given: pass --prompt TEXT (repeatable) or --prompt_file FILE")
         conditions = prompts or [""]  # concat-conditioned (inpainting) models may run on the empty caption
     items = [c for c in conditions for _ in range(args.n)]
     check_sampling_args(args.sampler, args.steps, pipe.schedule.num_timesteps, args.guidance, args.eta)

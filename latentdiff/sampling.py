@@ -9,6 +9,7 @@ one denoiser call per step (latentdiff.diffusion.guidance).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from latentdiff import conditioning, first_stage
 from latentdiff.diffusion import guidance, samplers
 from latentdiff.diffusion.schedules import Schedule, q_sample
+from latentdiff.errors import UserError
 
 SAMPLERS = ("ddim", "dpmpp2m")
 DPMPP_SPACING = "linspace"  # DPM-Solver++ timesteps (samplers.dpmpp_timesteps)
@@ -26,13 +28,13 @@ DPMPP_SPACING = "linspace"  # DPM-Solver++ timesteps (samplers.dpmpp_timesteps)
 def check_sampling_args(sampler: str, steps: int, num_timesteps: int, guidance_scale: float, eta: float) -> None:
     """One-line errors for impossible sampling settings."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"--sampler {sampler!r} is not one of {SAMPLERS}")
+        raise UserError(f"--sampler {sampler!r} is not one of {SAMPLERS}")
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"--steps must be between 1 and the model's {num_timesteps} training timesteps, got {steps}")
-    if guidance_scale < 0:
-        raise ValueError(f"--guidance must be >= 0 (1 = no guidance), got {guidance_scale}")
+        raise UserError(f"--steps must be between 1 and the model's {num_timesteps} training timesteps, got {steps}")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise UserError(f"--guidance must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
     if not 0 <= eta <= 1:
-        raise ValueError(f"--eta must be in [0, 1], got {eta}")
+        raise UserError(f"--eta must be in [0, 1], got {eta}")
 
 
 def denoiser(unet: Any) -> Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]:
@@ -88,7 +90,7 @@ def latent_mask(mask: jax.Array, factor: int) -> jax.Array:
     latent cell is regenerated when any of its pixels is to be repainted (the kept latents cover only kept pixels)."""
     b, h, w, c = mask.shape
     if h % factor or w % factor:
-        raise ValueError(f"mask size {h}x{w} is not a multiple of the autoencoder's downsampling factor {factor}")
+        raise UserError(f"mask size {h}x{w} is not a multiple of the autoencoder's downsampling factor {factor}")
     return mask.reshape(b, h // factor, factor, w // factor, factor, c).max(axis=(2, 4))
 
 
@@ -131,7 +133,7 @@ def make_generate(
         else samplers.dpmpp_timesteps(schedule, num_steps, DPMPP_SPACING)
     )
     if not 0 <= start_step < len(ts_desc):
-        raise ValueError(f"start_step must be in [0, {len(ts_desc)}), got {start_step}")
+        raise UserError(f"start_step must be in [0, {len(ts_desc)}), got {start_step}")
     t_start = int(ts_desc[start_step])
     needs_z0 = bool(start_step) or blend
 

@@ -202,3 +202,34 @@ def test_compvis_table_has_the_known_checkpoint_keys():
         "out.2.weight",
     ]:
         assert key in keys, key
+
+
+def test_every_diffusers_unet_config_field_is_reproduced_or_refused():
+    """Each field of UNet2DConditionModel's constructor is in the converter's table (mapped, fixed or inert); a fixed
+    field with another value or a field the table does not know is refused, never ignored (issue 24 #6)."""
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+
+    from latentdiff.convert import workdir as convert_workdir
+
+    fields = [n for n in inspect.signature(UNet2DConditionModel.__init__).parameters if n not in ("self", "kwargs")]
+    table = convert_workdir.unet_field_table()
+    assert sorted(set(fields) - set(table)) == []  # a new diffusers field must be classified before it converts
+    base = {
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 16,
+        "attention_head_dim": 2,
+    }
+    assert convert_workdir.unet_config_from_diffusers(base)["model_channels"] == 32
+    silu = dict(base, time_embedding_act_fn="silu")  # changes the time embedding: was ignored (outputs 5% off)
+    with pytest.raises(ConversionError, match=r"time_embedding_act_fn='silu' \(latentdiff implements None\)"):
+        convert_workdir.unet_config_from_diffusers(silu)
+    with pytest.raises(ConversionError, match="fields latentdiff does not reproduce: a_future_field"):
+        convert_workdir.unet_config_from_diffusers(dict(base, a_future_field=1))
+    assert convert_workdir.unet_config_from_diffusers(dict(base, sample_size=64, _diffusers_version="0.30"))

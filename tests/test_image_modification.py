@@ -8,6 +8,7 @@ and one DPM-Solver++ step computed here from a separate, unbatched guided UNet c
 """
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -322,7 +323,7 @@ def cli(argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def files(root, images):
+def files(root, images, pipe):  # pipe: builds root/t2i, whose config.json the CLI tests need
     d = root / "files"
     d.mkdir()
     Image.fromarray(images[0]).save(d / "img.png")
@@ -335,6 +336,8 @@ def files(root, images):
     Image.fromarray(np.stack([white, white // 2, white], -1)).save(d / "mask_colour.png")
     Image.fromarray(white[:8, :8]).save(d / "mask_small.png")
     Image.fromarray(images[0][::2, ::2]).save(d / "low.png")
+    # the CLI checks its flags against the workdir's config.json before the (monkeypatched) model loads
+    shutil.copy(root / "t2i" / "config.json", d / "config.json")
     (d / "broken.png").write_bytes(b"not a png")
     return d
 

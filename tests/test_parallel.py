@@ -69,12 +69,12 @@ def test_init_distributed_rejects_a_half_given_setup(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match="process_id"):
-        parallel.init_distributed("127.0.0.1:1234", 2, -1)
+        parallel.init_distributed("127.0.0.1:1234", 2, -1, timeout_s=60)
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
     with pytest.raises(ValueError, match="num_processes"):
-        parallel.init_distributed("", 0, -1)
+        parallel.init_distributed("", 0, -1, timeout_s=60)
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
-    parallel.init_distributed("", 0, -1)  # nothing given, not on a pod or SLURM: single process, no-op
+    parallel.init_distributed("", 0, -1, timeout_s=60)  # nothing given, not on a pod or SLURM: single process, no-op
     assert jax.process_count() == 1
 
 

@@ -329,14 +329,16 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run_when_consecutive
     assert not np.isfinite(rows[1]["loss"]) and all(np.isfinite(r["loss"]) for r in rows[2:4])
     assert len(rows) <= 8  # stopped right after the third consecutive skip (checked one step late)
 
-    # The skipped step 2 left params, EMA and optimizer state exactly as they were after step 1; step 3 moved them.
-    after = {step: read_checkpoint(workdir, step) for step in (1, 2, 3)}
-    for key, value in after[1].items():
-        if key.split("/")[0] in ("params", "ema_params", "opt_state"):
-            np.testing.assert_array_equal(after[2][key], value, err_msg=key)
-        assert np.all(np.isfinite(after[3][key])), key
-    assert any(not np.array_equal(after[3][k], v) for k, v in after[2].items() if k.startswith("params/"))
-    assert int(after[2]["nonfinite_count"]) == 1 and int(after[3]["nonfinite_streak"]) == 0
+    # No checkpoint during a streak (step 2; steps 5-7), and the state the stopping streak started from (step 4) is
+    # set aside. The skipped step 2 was not applied: after step 3 the optimizer has counted 2 updates.
+    names = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    assert names == ["1", "3", "nonfinite-4"], names
+    after = {step: read_checkpoint(workdir, step) for step in (1, 3)}
+    for key, value in after[3].items():
+        assert np.all(np.isfinite(value)), key
+    assert any(not np.array_equal(after[3][k], v) for k, v in after[1].items() if k.startswith("params/"))
+    assert int(after[3]["nonfinite_count"]) == 1 and int(after[3]["nonfinite_streak"]) == 0
+    assert int(after[3]["opt_state/count"]) == 2 and int(after[1]["opt_state/count"]) == 1
 
 
 # ------------------------------------------------------------------------------------------ 2. two processes
@@ -403,16 +405,19 @@ def test_two_processes_match_one_process_and_survive_preemption(tmp_root, tmp_pa
     assert all(f"checkpoint written at step {stopped}" in log for log in logs)
 
     logs = _wait(_launch_workers(workdir, MP_MESH, NUM_STEPS, delay=0.0, cache=cache), workdir, timeout=300)
-    assert all(f"resumed from {workdir}/checkpoints at step {stopped}" in log for log in logs)
+    assert f"resumed from step {stopped} (checkpoint {workdir}/checkpoints/{stopped})" in logs[0]
 
     ref_state, ref_rows = run_on_mesh(MP_MESH, tmp_root)
-    rows = {r["step"]: r for r in metrics(workdir)}  # steps after the last checkpoint may be logged twice
-    assert sorted(rows) == list(range(1, NUM_STEPS + 1))
+    rows = {r["step"]: r for r in metrics(workdir)}
+    assert [r["step"] for r in metrics(workdir)] == list(range(1, NUM_STEPS + 1))  # each step once after the resume
     np.testing.assert_allclose([rows[r["step"]]["loss"] for r in ref_rows], [r["loss"] for r in ref_rows], rtol=1e-5)
     got = read_checkpoint(workdir, NUM_STEPS)
     assert_states_close(got, flat(ref_state), lr=scale_config(NUM_STEPS).optim.lr)
-    bitwise = all(np.array_equal(got[k], v) for k, v in flat(ref_state).items())
-    print(f"two processes vs one: bit-identical={bitwise}")
+    # Not bit-identical, and not expected to be (measured: differs): the two processes' gradient all-reduce goes through
+    # gloo over TCP, which sums the two halves in another order than one process's on-device reduction. What must hold
+    # exactly are the integer leaves (steps, counters: checked above) and the data order (the losses match to 1e-5).
+    ints = {k: v for k, v in flat(ref_state).items() if not np.issubdtype(v.dtype, np.floating)}
+    assert ints and all(np.array_equal(got[k], v) for k, v in ints.items())
 
 
 def worker_main(argv: list[str]) -> None:
@@ -426,7 +431,7 @@ def worker_main(argv: list[str]) -> None:
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [p{process_id}] %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    parallel.init_distributed(f"127.0.0.1:{port}", 2, process_id)
+    parallel.init_distributed(f"127.0.0.1:{port}", 2, process_id, timeout_s=600)
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     train_synthetic(scale_config(num_steps), workdir, MESHES[mesh], delay=delay)
 

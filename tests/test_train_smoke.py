@@ -66,6 +66,16 @@ def test_stage1_outputs(workdirs):
     assert all(np.isfinite(r["loss"]) for r in train_rows)
     assert json.load(open(ae / "eval.json"))["step"] == 6
     assert Image.open(ae / "images" / "recon_0000006.png").size[0] > 0
+    # stage 2 only read this workdir: nothing of its own written here (its first stage copy is in ldm/first_stage)
+    assert sorted(os.listdir(ae)) == [
+        "checkpoints",
+        "config.json",
+        "config_history.jsonl",
+        "eval.json",
+        "images",
+        "metrics.jsonl",
+        "tensorboard",
+    ]
 
 
 def test_stage2_outputs_and_pipeline(workdirs):
@@ -108,7 +118,7 @@ def test_sample_cli_writes_images_with_metadata(workdirs, tmp_path):
     [
         (["--n", "0"], "--n must be >= 1"),
         (["--steps", "5000"], "--steps must be between 1"),
-        (["--guidance", "-1"], "--guidance must be >= 0"),
+        (["--guidance", "-1"], "--guidance must be a finite number >= 0"),
         (["--prompt_file", "EMPTY"], "has no prompts"),
         (["--prompt_file", "LATIN1"], "is not UTF-8"),
     ],

@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from latentdiff.errors import UserError
+
 COMPONENTS = ("unet", "vae", "vqvae", "bert", "text_encoder")
 
 
 def _check_component(component: str) -> None:
     if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; one of {COMPONENTS}")
+        raise UserError(f"unknown component {component!r}; one of {COMPONENTS}")
 
 
 def from_diffusers(component: str, state_dict: Mapping[str, np.ndarray], config: Mapping) -> tuple[Any, dict]:

@@ -16,8 +16,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from latentdiff.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError):
     """Raised when a state dict does not map one-to-one onto our params."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from latentdiff.convert import workdir as wd
 from latentdiff.convert.common import ConversionError, Rule, apply_table
+from latentdiff.errors import UserError
 
 # Constructor defaults of the CompVis classes, applied where a YAML leaves a field out.
 COMPVIS_DEFAULTS = {
@@ -228,7 +229,15 @@ def load_compvis_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--compvis_config {path!r} not found")
     with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        try:
+            loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1} column {where.column + 1}" if where is not None else ""
+            raise ConversionError(f"--compvis_config {path}: not valid YAML{at}; pass the model's .yaml file") from None
+    if not isinstance(loaded, dict):
+        raise ConversionError(f"--compvis_config {path}: holds a {type(loaded).__name__}, expected a YAML mapping")
+    return loaded
 
 
 def _class(target: str) -> str:
@@ -508,7 +517,7 @@ def convert_compvis_checkpoint(
 
     if isinstance(arch, str):
         if arch not in PRESETS:
-            raise ValueError(f"unknown preset {arch!r}; one of {sorted(PRESETS)} (or pass --compvis_config)")
+            raise UserError(f"unknown preset {arch!r}; one of {sorted(PRESETS)} (or pass --compvis_config)")
         arch = PRESETS[arch]
     wd.check_target(workdir, overwrite)
     a = architecture(arch)

@@ -26,6 +26,7 @@ from flax import traverse_util
 
 from latentdiff.convert.common import INVERSES, ConversionError, Rule, apply_table, dense_kernel, identity, invert_table
 from latentdiff.convert.diffusers_unet import export_table, freeze_config
+from latentdiff.errors import UserError
 from latentdiff.nn.clip_text import CLIPTextEncoder
 from latentdiff.nn.text_encoder import build_text_encoder, init_tokens, text_encoder_fields
 
@@ -64,7 +65,7 @@ def abstract_clip(cfg: Mapping) -> tuple[CLIPTextEncoder, dict]:
     """(CLIPTextEncoder, abstract params) via jax.eval_shape (cached per config); cfg.kind must be 'clip'."""
     c = text_encoder_fields(cfg)
     if c["kind"] != "clip":
-        raise ValueError(f"the CLIP converters need text_encoder.kind='clip', got {c['kind']!r}")
+        raise UserError(f"the CLIP converters need text_encoder.kind='clip', got {c['kind']!r}")
     return build_text_encoder(c), _abstract_params(freeze_config(c))
 
 

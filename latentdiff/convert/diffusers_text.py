@@ -26,6 +26,7 @@ from flax import traverse_util
 
 from latentdiff.convert.common import INVERSES, ConversionError, Rule, apply_table, dense_kernel, identity, invert_table
 from latentdiff.convert.diffusers_unet import export_table, freeze_config
+from latentdiff.errors import UserError
 from latentdiff.nn.text_encoder import TextEncoder, build_text_encoder, init_tokens, text_encoder_fields
 
 LAYOUTS = ("diffusers", "compvis")
@@ -84,14 +85,14 @@ def abstract_text_encoder(cfg: Mapping) -> tuple[TextEncoder, dict]:
     """(TextEncoder, abstract params) via jax.eval_shape (cached per config); cfg.kind must be 'bert'."""
     c = text_encoder_fields(cfg)
     if c["kind"] != "bert":
-        raise ValueError(f"the BERT converters need text_encoder.kind='bert', got {c['kind']!r}")
+        raise UserError(f"the BERT converters need text_encoder.kind='bert', got {c['kind']!r}")
     return build_text_encoder(c), _abstract_params(freeze_config(c))
 
 
 def bert_table(cfg: Mapping, layout: str) -> list[Rule]:
     """The explicit key table for `layout` ('diffusers' | 'compvis'): one Rule per param of our TextEncoder."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise UserError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     _, abstract = abstract_text_encoder(cfg)
     rules = []
     for path in traverse_util.flatten_dict(abstract):

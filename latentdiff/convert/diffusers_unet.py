@@ -43,6 +43,7 @@ from latentdiff.convert.common import (
     inverse_dense_kernel,
     invert_table,
 )
+from latentdiff.errors import UserError
 from latentdiff.nn.unet import UNET_FIELDS, UNet, build_unet, check_fields, init_inputs
 
 LAYOUTS = ("diffusers", "compvis")
@@ -203,7 +204,7 @@ def abstract_unet(cfg: Mapping) -> tuple[UNet, dict]:
 def unet_table(cfg: Mapping, layout: str) -> list[Rule]:
     """The explicit key table for `layout` ('diffusers' | 'compvis'): one Rule per param of our UNet."""
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise UserError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     c = check_fields(cfg, UNET_FIELDS, "unet")
     _, abstract = abstract_unet(c)
     flat = traverse_util.flatten_dict(abstract)

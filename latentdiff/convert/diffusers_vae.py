@@ -46,6 +46,7 @@ from latentdiff.convert.common import (
     identity,
     invert_table,
 )
+from latentdiff.errors import UserError
 from latentdiff.nn.autoencoder import build_autoencoder
 
 _ATTN = {
@@ -128,7 +129,7 @@ def build_table(cfg: ml_collections.ConfigDict, style: str) -> list[Rule]:
     Source keys are unprefixed (`encoder.conv_in.weight`, `quant_conv.bias` ...); destinations are param paths.
     """
     if style not in _ATTN:
-        raise ValueError(f"unknown key style {style!r}; expected one of {sorted(_ATTN)}")
+        raise UserError(f"unknown key style {style!r}; expected one of {sorted(_ATTN)}")
     names = _names("compvis" if style == "compvis" else "diffusers")
     ch, mult, nrb = cfg.ch, tuple(cfg.ch_mult), cfg.num_res_blocks
     n = len(mult)
@@ -184,9 +185,9 @@ def _convert(
     state_dict: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict, kind: str, style: str, what: str
 ) -> tuple[nn.Module, dict]:
     if cfg.kind != kind:
-        raise ValueError(f"{what} needs an autoencoder config with kind {kind!r}, got {cfg.kind!r}")
+        raise UserError(f"{what} needs an autoencoder config with kind {kind!r}, got {cfg.kind!r}")
     if kind == "vq" and cfg.ema_codebook:
-        raise ValueError(
+        raise UserError(
             "checkpoints carry a gradient-trained codebook in params; convert with ema_codebook=False "
             "(an EMA codebook lives in the 'vq_stats' collection)"
         )
@@ -261,5 +262,5 @@ def diffusers_config(cfg: ml_collections.ConfigDict) -> dict:
     if cfg.kind == "vq":
         out.update(num_vq_embeddings=cfg.n_embed, vq_embed_dim=cfg.embed_dim)
     elif cfg.embed_dim != cfg.z_channels:
-        raise ValueError("diffusers AutoencoderKL has embed_dim == latent_channels == z_channels; set them equal")
+        raise UserError("diffusers AutoencoderKL has embed_dim == latent_channels == z_channels; set them equal")
     return out

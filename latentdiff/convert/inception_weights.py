@@ -10,8 +10,8 @@ Three source kinds, detected from the file's keys (never from its name):
                  StyleGAN2-ADA / clean-fid), TF-style names `net.layers.conv.weight`,
                  `net.layers.mixed_9.tower_mixed_conv.beta`,
                  each conv with weight/beta/mean/var and no BN scale (TF's batch norm had scale=False: we set it to 1).
-                 It has no fc: FID only. Read with torch.jit.load (TorchScript archives cannot be read with
-                 weights_only=True); convert it once to .safetensors and use that afterwards.
+                 It has no fc: FID only. Its tensors are read as data (latentdiff.convert.torchscript_archive: a
+                 restricted unpickler, the archive's code is never run; torch is not needed).
   'cache'        our own .safetensors (keys are '/'-joined param paths, metadata format=FORMAT), written by
                  `save_params`; loaded back with a full shape check.
 
@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
-import zipfile
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 from flax import traverse_util
 
+from latentdiff import params_io
+from latentdiff.convert import torchscript_archive
 from latentdiff.convert.common import ConversionError, Rule, apply_table, conv_kernel, dense_kernel, identity
+from latentdiff.convert.safe_pickle import UnsafePickleError
+from latentdiff.errors import UserError
 from latentdiff.nn.inception import NUM_CLASSES, abstract_params
+from latentdiff.output_paths import check_output_file
 
 FORMAT = "latentdiff-inception-v3-fid"
 
@@ -235,32 +238,25 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], what: str = "state 
     )
 
 
-def _is_torchscript(path: str) -> bool:
-    """TorchScript archives are zips with a `<root>/code/` folder (plain torch.save zips have none)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.split("/")[1:2] == ["code"] for name in z.namelist())
-
-
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a weight file into a numpy state dict: .safetensors (safetensors.numpy), TorchScript (torch.jit.load on
-    CPU, for the fid-helper file) or a torch state dict (torch.load weights_only=True)."""
+    """Reads a weight file into a numpy state dict: .safetensors (safetensors.numpy), a TorchScript archive (its
+    tensors read as data by torchscript_archive, never executed; the fid-helper file) or a torch state dict
+    (torch.load weights_only=True)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such weight file")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
         return load_file(path)
-    import torch  # only needed for torch files
+    if torchscript_archive.is_torchscript(path):
+        try:
+            return torchscript_archive.read_state_dict(path)
+        except UnsafePickleError as e:
+            raise ConversionError(f"{path}: {e}") from None
+    import torch  # only needed for torch state dict files
 
     from latentdiff.convert.common import to_numpy_state_dict
 
-    if _is_torchscript(path):
-        with warnings.catch_warnings():  # torch 2.x: "torch.jit.load is deprecated" (still the only reader)
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(path, map_location="cpu")
-        return to_numpy_state_dict(module.state_dict())
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for non-checkpoint files
@@ -280,11 +276,9 @@ def load_inception_params(path: str) -> dict:
 
 def save_params(params: Mapping, path: str, source: str) -> None:
     """Writes params as .safetensors ('/'-joined keys, float32) with metadata {format, source}."""
-    from safetensors.numpy import save_file
-
     flat = traverse_util.flatten_dict(dict(params))
     arrays = {"/".join(k): np.ascontiguousarray(np.asarray(jax.device_get(v), np.float32)) for k, v in flat.items()}
-    save_file(arrays, path, metadata={"format": FORMAT, "source": os.path.basename(source)})
+    params_io.write_safetensors(path, arrays, {"format": FORMAT, "source": os.path.basename(source)})
 
 
 def num_classes_of(params: Mapping) -> int | None:
@@ -298,8 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output .safetensors")
     args = parser.parse_args(argv)
     try:
+        check_output_file(args.out, "--out")
         params = load_inception_params(args.src)
-    except (ConversionError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     save_params(params, args.out, args.src)
     n = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from latentdiff import params_io
 from latentdiff.convert.common import (
     INVERSES,
     ConversionError,
@@ -227,12 +228,10 @@ def export_lpips_trunk_state_dict(params: Mapping) -> dict[str, np.ndarray]:
 
 def save_lpips_params(params: Mapping, path: str, source: str) -> None:
     """Writes params as a safetensors file of flat '/'-joined keys; `source` is recorded in its metadata."""
-    from safetensors.numpy import save_file
-
     abstract = abstract_lpips_params()
     flat = flatten_params(params)
     apply_table([Rule(k, k) for k in flat], flat, abstract, what=f"params to save at {path!r}")  # shape check
-    save_file(flat, path, metadata={"format": CACHE_FORMAT, "source": source})
+    params_io.write_safetensors(path, flat, {"format": CACHE_FORMAT, "source": source})
 
 
 def load_lpips_params(path: str) -> dict:

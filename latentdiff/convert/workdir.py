@@ -30,6 +30,7 @@ import numpy as np
 
 from latentdiff import config_utils, first_stage, params_io
 from latentdiff.convert.common import ConversionError
+from latentdiff.errors import UserError
 from latentdiff.train import config_blocks
 
 PARAMS_DIR = "params"
@@ -156,9 +157,9 @@ def check_target(workdir: str, overwrite: bool) -> None:
     """ValueError when `workdir` already holds a workdir (config.json; with --overwrite allowed unless it has
     training checkpoints, which a conversion must never mix with)."""
     if os.path.exists(os.path.join(workdir, "checkpoints")):
-        raise ValueError(f"{workdir!r} holds training checkpoints; convert into a new directory")
+        raise UserError(f"{workdir!r} holds training checkpoints; convert into a new directory")
     if os.path.exists(os.path.join(workdir, "config.json")) and not overwrite:
-        raise ValueError(f"{workdir!r} already holds a workdir; pass --overwrite or choose a new directory")
+        raise UserError(f"{workdir!r} already holds a workdir; pass --overwrite or choose a new directory")
 
 
 def check_stage2(config: ml_collections.ConfigDict, params: Mapping) -> None:
@@ -217,7 +218,7 @@ def load_converted_params(workdir: str, config: ml_collections.ConfigDict, *, us
         raise FileNotFoundError(f"{path!r} not found; convert the model with `python -m latentdiff.convert`")
     meta = params_io.read_metadata(path)
     if meta.get("format") != FORMAT or "scale_factor" not in meta:
-        raise ValueError(f"{path!r} is not a converted-params file of this version (metadata format {FORMAT!r})")
+        raise UserError(f"{path!r} is not a converted-params file of this version (metadata format {FORMAT!r})")
     params = params_io.load_params(path, abstract_stage2(config))
     return {"params": params, "scale_factor": float(meta["scale_factor"]), "step": int(meta.get("step", "0"))}
 
@@ -264,18 +265,68 @@ _UNET_FIXED = {
     "class_embeddings_concat": False,
     "attention_type": "default",
     "reverse_transformer_layers_per_block": None,
+    "time_embedding_act_fn": None,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "cross_attention_norm": None,
+    "mid_block_only_cross_attention": (None, False),  # None: follows only_cross_attention (False above)
 }
+# Fields read into our unet config by unet_config_from_diffusers.
+_UNET_MAPPED = (
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "layers_per_block",
+    "num_attention_heads",
+    "attention_head_dim",
+    "transformer_layers_per_block",
+    "cross_attention_dim",
+    "num_class_embeds",
+    "use_linear_projection",
+    "dropout",
+)
+# Fields that do not change the forward pass of a UNet whose _UNET_FIXED fields hold, with the reason.
+_UNET_INERT = {
+    "sample_size": "metadata: the UNet is fully convolutional",
+    "upcast_attention": "precision only: our attention computes its softmax in float32 always",
+    "encoder_hid_dim_type": "used only with encoder_hid_dim (must be None)",
+    "addition_time_embed_dim": "used only with addition_embed_type (must be None)",
+    "addition_embed_type_num_heads": "used only with addition_embed_type (must be None)",
+    "projection_class_embeddings_input_dim": "used only with class_embed_type 'projection' (must be None)",
+}
+
+
+def unet_field_table() -> dict[str, str]:
+    """Every UNet2DConditionModel config field latentdiff knows -> 'mapped' | 'fixed' | 'inert'. A field outside it
+    is refused by unet_config_from_diffusers (a newer diffusers may add fields that change the forward pass)."""
+    table = {field: "fixed" for field in _UNET_FIXED}
+    table |= {field: "mapped" for field in _UNET_MAPPED}
+    return table | {field: "inert" for field in _UNET_INERT}
+
+
+def _holds(got: object, want: object) -> bool:
+    if isinstance(want, tuple):
+        return any(_holds(got, w) for w in want)
+    if isinstance(want, float) and isinstance(got, int | float) and not isinstance(got, bool):
+        return got == want
+    return got == want
 
 
 def unet_config_from_diffusers(d: Mapping) -> dict:
     """UNet2DConditionModel config.json -> our unet config. ConversionError lists every unsupported setting."""
     problems = []
+    known = unet_field_table()
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
+    if unknown:
+        problems.append(f"fields latentdiff does not reproduce: {', '.join(unknown)}")
     for field, want in _UNET_FIXED.items():
         if field in d:
             got = d[field]
             got = next(iter(set(got))) if isinstance(got, (list, tuple)) and len(set(got)) == 1 else got
-            if got != want and not (isinstance(want, float) and isinstance(got, (int, float)) and got == want):
-                problems.append(_problem(field, d[field], want))
+            if not _holds(got, want):
+                problems.append(_problem(field, d[field], want[0] if isinstance(want, tuple) else want))
     channels = [int(c) for c in d["block_out_channels"]]
     mc = channels[0]
     if any(c % mc for c in channels):
@@ -314,7 +365,7 @@ def unet_config_from_diffusers(d: Mapping) -> dict:
         transformer_depth=int(_uniform(d.get("transformer_layers_per_block", 1), "transformer_layers_per_block")),
         context_dim=int(_uniform(d["cross_attention_dim"], "cross_attention_dim")),
         num_classes=int(d.get("num_class_embeds") or 0),
-        dropout=0.0,
+        dropout=float(d.get("dropout", 0.0)),
         use_linear_proj=bool(d.get("use_linear_projection", False)),
         dtype="float32",
         remat=False,
@@ -516,8 +567,7 @@ def diffusers_scheduler_config(diffusion: Mapping) -> dict:
 def read_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} not found")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return config_utils.read_json_file(path, "a diffusers config")
 
 
 def read_weights(path: str) -> tuple[dict[str, np.ndarray], int]:
@@ -668,11 +718,8 @@ def convert_diffusers_pipeline(
 
 
 def _save_component(directory: str, config: Mapping, state_dict: Mapping[str, np.ndarray], weights: str) -> None:
-    from safetensors.numpy import save_file
-
-    os.makedirs(directory, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state_dict.items()}
-    save_file(arrays, os.path.join(directory, weights), metadata={"format": "pt"})
+    params_io.write_safetensors(os.path.join(directory, weights), arrays, {"format": "pt"})
     config_utils.atomic_write_text(os.path.join(directory, "config.json"), json.dumps(dict(config), indent=2))
 
 
@@ -689,7 +736,7 @@ def export_diffusers(workdir: str, out: str, *, use_ema: bool = True, overwrite:
     from latentdiff.pipeline import Pipeline
 
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ValueError(f"{out!r} is not empty; pass --overwrite or choose a new directory")
+        raise UserError(f"{out!r} is not empty; pass --overwrite or choose a new directory")
     pipe = Pipeline.from_workdir(workdir, use_ema=use_ema)
     config = pipe.config
     kind = config.text_encoder.kind

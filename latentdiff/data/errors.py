@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from latentdiff.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A problem with the user's data or data config; the message is one line that names the problem and the fix."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from latentdiff import imaging
 from latentdiff.data.errors import DataError, DataWarning
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -166,39 +167,60 @@ def fingerprint(index: FolderIndex) -> str:
     return h.hexdigest()[:12]
 
 
-def load_image_bytes(path: str) -> bytes:
-    """Fully decodes an image file (catching truncation) and returns PNG/JPEG bytes of an RGB image.
+def load_image_bytes(path: str) -> tuple[bytes, list[str]]:
+    """Fully decodes an image file (catching truncation) -> (PNG/JPEG bytes of an 8-bit RGB image, conversion notes).
 
-    RGB PNG/JPEG files are returned unchanged; anything else is converted to RGB and re-encoded as PNG.
-    Raises OSError / ValueError / SyntaxError for unreadable files.
+    8-bit RGB PNG/JPEG files without an EXIF rotation are returned unchanged; anything else goes through
+    `imaging.to_rgb8` (EXIF orientation, transparency onto white, 16-bit / float scaled, palette / CMYK -> RGB) and is
+    re-encoded as PNG. Raises OSError / ValueError / SyntaxError for unreadable files, UserError for unsupported ones.
     """
     with open(path, "rb") as f:
         data = f.read()
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # full decode: raises on truncated or corrupt data
-        if img.format in ("PNG", "JPEG") and img.mode == "RGB":
-            return data
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="PNG")
-        return buf.getvalue()
+        if img.format in ("PNG", "JPEG") and img.mode == "RGB" and img.getexif().get(0x0112, 1) in (1, None):
+            return data, []
+        pixels, notes = imaging.to_rgb8(img)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue(), notes
 
 
 def read_entries(index: FolderIndex, entries: tuple[Entry, ...], split: str) -> Iterator[tuple[Entry, bytes]]:
-    """Yields (entry, encoded RGB image bytes), skipping unreadable images with a DataWarning each and a final count."""
+    """Yields (entry, encoded RGB image bytes). Unreadable or unsupported images are skipped with a DataWarning each
+    and a final count; conversions that change more than the format (EXIF rotation, transparency, 16-bit, float) are
+    counted in one DataWarning. A split with no readable image is a DataError."""
     skipped = []
+    converted: dict[str, int] = {}
     for e in entries:
         path = os.path.join(index.folder, e.relpath)
         try:
-            data = load_image_bytes(path)
+            data, notes = load_image_bytes(path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             skipped.append(e.relpath)
             warnings.warn(f"skipping unreadable image {path}: {err}", DataWarning, stacklevel=2)
             continue
+        for note in notes:
+            converted[note] = converted.get(note, 0) + 1
         yield e, data
+    if converted:
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(converted.items()))
+        warnings.warn(
+            f"converted images of split {split!r} in {index.folder} to 8-bit RGB: {counts} (EXIF orientation applied, "
+            "transparency composited onto white, 16-bit and float greyscale scaled to 0..255)",
+            DataWarning,
+            stacklevel=2,
+        )
+    if skipped and len(skipped) == len(entries):
+        raise DataError(
+            f"none of the {len(entries)} images of split {split!r} in {index.folder} is readable (e.g. "
+            f"{skipped[0]}); check the files (PNG/JPEG, 8-bit RGB or greyscale)"
+        )
     if skipped:
         warnings.warn(
             f"skipped {len(skipped)} of {len(entries)} images of split {split!r} in {index.folder} "
-            f"(corrupt, truncated or unreadable): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}",
+            f"(corrupt, truncated, unreadable or unsupported): {', '.join(skipped[:5])}"
+            f"{' ...' if len(skipped) > 5 else ''}",
             DataWarning,
             stacklevel=2,
         )

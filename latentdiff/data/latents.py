@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from latentdiff import config_utils
 from latentdiff.data.errors import DataError
 from latentdiff.data.tokenizer import Tokenizer
 
@@ -43,8 +44,7 @@ def read_meta(directory: str) -> dict[str, Any]:
             f"no {META} in first_stage.latents={directory!r}; write it with "
             f"python -m latentdiff.encode --workdir AE_WORKDIR --out {directory}"
         )
-    with open(path) as f:
-        meta = json.load(f)
+    meta = config_utils.read_json_file(path, "the latents' metadata")
     if meta.get("format") != "npy":  # a field of our own file: older versions wrote one latents.npz
         raise DataError(f"{directory!r} was written by an older latentdiff.encode (latents.npz); re-run the encoder")
     return meta

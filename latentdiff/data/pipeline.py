@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -133,8 +135,26 @@ def prepare(data_cfg: ml_collections.ConfigDict):
         builder = tfds_builders.LatentdiffFolder(config=config, data_dir=data_dir, file_format="array_record")
     else:
         return named.open_builder(data_cfg.name, data_cfg.data_dir, data_cfg.download)
-    builder.download_and_prepare(file_format="array_record")
+    prepare_or_clean_up(builder)
     return builder
+
+
+def prepare_or_clean_up(builder) -> None:
+    """builder.download_and_prepare; when it fails (e.g. no readable image), the directories this attempt created
+    are removed again, so no empty prepared dataset is left behind to be mistaken for data."""
+    version_dir = os.path.abspath(builder.data_dir)
+    candidates = [version_dir]
+    while os.path.dirname(candidates[-1]) != candidates[-1]:
+        candidates.append(os.path.dirname(candidates[-1]))
+    candidates = candidates[:3]  # <data_dir>/<dataset>/<config>/<version>: the dataset-owned levels
+    downloads = os.path.join(os.path.dirname(candidates[-1]), "downloads")
+    new_dirs = [d for d in [*candidates, downloads] if not os.path.exists(d)]
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except BaseException:
+        for directory in new_dirs:  # deepest first; only what this attempt created
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from latentdiff.data.errors import DataError
+from latentdiff.errors import UserError
+from latentdiff.output_paths import check_output_file
 
 MIN_CELL = 128  # images are enlarged by an integer factor to at least this many pixels
 PAD = 6  # pixels between cells and around the grid
@@ -109,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--augment", action="store_true", help="training-mode random crop / flip (as configured)")
     args = parser.parse_args(argv)
     try:
+        check_output_file(args.out, "--out")
         path = preview(args.config, args.out, args.split, args.num, args.seed, args.augment)
-    except DataError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

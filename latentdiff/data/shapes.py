@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from latentdiff.errors import UserError
+
 SPLITS: tuple[str, ...] = ("train", "validation", "novel")
 _SPLIT_IDS = {"train": 0, "validation": 1, "novel": 2}
 
@@ -152,7 +154,7 @@ def _sample_pairs(rng: np.random.Generator, split: str, n: int) -> np.ndarray:
 
 def _check_split(split: str) -> None:
     if split not in _SPLIT_IDS:
-        raise ValueError(f"unknown shapes split {split!r}; available: {', '.join(SPLITS)}")
+        raise UserError(f"unknown shapes split {split!r}; available: {', '.join(SPLITS)}")
 
 
 def _box_centre(side: np.ndarray, cell: np.ndarray, jitter: np.ndarray) -> np.ndarray:
@@ -235,9 +237,9 @@ def sample_layout(n: int, split: str, seed: int, max_objects: int) -> Layout:
     """Samples scene parameters and captions for `n` images, deterministically from (seed, split)."""
     _check_split(split)
     if n < 0 or max_objects < 1:
-        raise ValueError(f"need n >= 0 and max_objects >= 1, got n={n}, max_objects={max_objects}")
+        raise UserError(f"need n >= 0 and max_objects >= 1, got n={n}, max_objects={max_objects}")
     if max_objects > len(_COLOUR_NAMES):
-        raise ValueError(f"max_objects={max_objects} exceeds the {len(_COLOUR_NAMES)} object colours")
+        raise UserError(f"max_objects={max_objects} exceeds the {len(_COLOUR_NAMES)} object colours")
     rng = np.random.default_rng([seed, _SPLIT_IDS[split]])
     k = max_objects
     # Object 0, vectorised over images.
@@ -329,7 +331,7 @@ def make_examples(
     Deterministic in (n, resolution, split, seed, max_objects); the prepared TFDS split holds exactly these.
     """
     if not 8 <= resolution <= 1024:
-        raise ValueError(f"shapes resolution must be in [8, 1024], got {resolution}")
+        raise UserError(f"shapes resolution must be in [8, 1024], got {resolution}")
     layout = sample_layout(n, split, seed, max_objects)
     images = np.zeros((n, resolution, resolution, 3), np.uint8)
     for start, chunk in render_chunks(layout, resolution, chunk_size(resolution)):
@@ -588,7 +590,7 @@ def grade(images: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(captions):
-        raise ValueError(f"grade needs images [N, H, W, 3] and N captions, got {images.shape} and {len(captions)}")
+        raise UserError(f"grade needs images [N, H, W, 3] and N captions, got {images.shape} and {len(captions)}")
     specs = [parse_caption(c) for c in captions]
     chunk = max(1, (1 << 20) // (images.shape[1] * images.shape[2]))
     results: list[dict[str, list[bool]]] = []

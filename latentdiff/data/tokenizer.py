@@ -7,7 +7,6 @@ the vocabulary; we always load from a directory with `AutoTokenizer.from_pretrai
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections import Counter
@@ -15,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from latentdiff import config_utils
 from latentdiff.data.errors import DataError, DataWarning
 
 BERT_SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -90,8 +90,7 @@ def _from_pretrained(name_or_path: str):
     load directly: importing AutoTokenizer pulls in torch when it is installed (seconds)."""
     config_path = os.path.join(name_or_path, "tokenizer_config.json")
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            tokenizer_class = json.load(f).get("tokenizer_class")  # a field of a file written by transformers
+        tokenizer_class = config_utils.read_json_file(config_path, "a tokenizer config").get("tokenizer_class")
         if tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             from transformers import PreTrainedTokenizerFast
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from latentdiff.diffusion.schedules import broadcast_to_x
+from latentdiff.errors import UserError
 
 ApplyFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
@@ -29,7 +30,7 @@ def cfg_model_fn(
     scales). s = 1 returns the conditional output exactly (for a Python 1 the unconditional half is not computed).
     """
     if jax.tree_util.tree_structure(cond) != jax.tree_util.tree_structure(uncond):
-        raise ValueError("uncond must have the same pytree structure as cond")
+        raise UserError("uncond must have the same pytree structure as cond")
     if isinstance(scale, (int, float)) and scale == 1:
         return lambda x, t: apply_fn(x, t, cond)
 
@@ -38,7 +39,7 @@ def cfg_model_fn(
         try:
             u = jnp.broadcast_to(u, c.shape)
         except ValueError as e:
-            raise ValueError(f"uncond leaf of shape {u.shape} does not broadcast to cond leaf {c.shape}") from e
+            raise UserError(f"uncond leaf of shape {u.shape} does not broadcast to cond leaf {c.shape}") from e
         return jnp.concatenate([c, u], axis=0)
 
     both = jax.tree_util.tree_map(join, cond, uncond)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from latentdiff.diffusion.schedules import Schedule, broadcast_to_x, check_parameterization, snr
+from latentdiff.errors import UserError
 
 
 def training_targets(
@@ -39,7 +40,7 @@ def min_snr_weights(schedule: Schedule, parameterization: str, t: jax.Array, gam
     """
     check_parameterization(parameterization)
     if not gamma > 0:
-        raise ValueError(f"min_snr_gamma must be > 0 (or None to disable), got {gamma!r}")
+        raise UserError(f"min_snr_gamma must be > 0 (or None to disable), got {gamma!r}")
     r = snr(schedule, t)
     clipped = jnp.minimum(r, gamma)
     if parameterization == "eps":
@@ -65,9 +66,9 @@ def diffusion_loss(
     min_snr_gamma=None this is L_LDM = E‖ε − ε_θ(z_t, t)‖² (per element mean).
     """
     if model_out.shape != x0.shape or noise.shape != x0.shape:
-        raise ValueError(f"model_out {model_out.shape}, x0 {x0.shape} and noise {noise.shape} must have equal shapes")
+        raise UserError(f"model_out {model_out.shape}, x0 {x0.shape} and noise {noise.shape} must have equal shapes")
     if t.shape != x0.shape[:1]:
-        raise ValueError(f"t must have shape [B]={x0.shape[:1]}, got {t.shape}")
+        raise UserError(f"t must have shape [B]={x0.shape[:1]}, got {t.shape}")
     target = training_targets(schedule, parameterization, x0.astype(jnp.float32), noise.astype(jnp.float32), t)
     err = jnp.square(model_out.astype(jnp.float32) - target)
     per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
@@ -90,7 +91,7 @@ def loss_per_timestep_bucket(
     per bucket is sums / max(counts, 1). Sums and counts (not means) so they can be accumulated across steps/hosts.
     """
     if num_buckets < 1 or num_buckets > num_timesteps:
-        raise ValueError(f"num_buckets must be in [1, T={num_timesteps}], got {num_buckets}")
+        raise UserError(f"num_buckets must be in [1, T={num_timesteps}], got {num_buckets}")
     bucket = (t.astype(jnp.int32) * num_buckets) // num_timesteps
     onehot = jax.nn.one_hot(bucket, num_buckets, dtype=jnp.float32)  # [B, K]
     return onehot.T @ per_example.astype(jnp.float32), jnp.sum(onehot, axis=0)
@@ -104,15 +105,15 @@ def drop_condition(rng: jax.Array, cond: Any, null_cond: Any, p_uncond: float) -
     shared by all leaves, so a row is dropped as a whole.
     """
     if not 0.0 <= p_uncond <= 1.0:
-        raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond!r}")
+        raise UserError(f"p_uncond must be in [0, 1], got {p_uncond!r}")
     leaves = jax.tree_util.tree_leaves(cond)
     if not leaves:
-        raise ValueError("cond has no array leaves")
+        raise UserError("cond has no array leaves")
     batch = leaves[0].shape[0]
     if any(leaf.ndim == 0 or leaf.shape[0] != batch for leaf in leaves):
-        raise ValueError(f"every cond leaf must be [B, ...] with one B; got shapes {[leaf.shape for leaf in leaves]}")
+        raise UserError(f"every cond leaf must be [B, ...] with one B; got shapes {[leaf.shape for leaf in leaves]}")
     if jax.tree_util.tree_structure(cond) != jax.tree_util.tree_structure(null_cond):
-        raise ValueError("null_cond must have the same pytree structure as cond")
+        raise UserError("null_cond must have the same pytree structure as cond")
     drop = jax.random.uniform(rng, (batch,)) < p_uncond
 
     def replace(c: jax.Array, n: jax.Array) -> jax.Array:
@@ -120,7 +121,7 @@ def drop_condition(rng: jax.Array, cond: Any, null_cond: Any, p_uncond: float) -
         try:
             n = jnp.broadcast_to(n, c.shape)
         except ValueError as e:
-            raise ValueError(f"null_cond leaf of shape {n.shape} does not broadcast to cond leaf {c.shape}") from e
+            raise UserError(f"null_cond leaf of shape {n.shape} does not broadcast to cond leaf {c.shape}") from e
         return jnp.where(broadcast_to_x(drop, c), n, c)
 
     return jax.tree_util.tree_map(replace, cond, null_cond)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiff.diffusion.schedules import Schedule, check_parameterization, predict_eps_and_x0_from_coefs
+from latentdiff.errors import UserError
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -42,7 +43,7 @@ def sampler_noise(rng: jax.Array, step_index: jax.Array | int, stream: int, shap
     row b draws from rng[b] alone, so a sample's noise does not depend on the batch it is in."""
     if rng.ndim == (1 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 2):
         if rng.shape[0] != shape[0]:
-            raise ValueError(f"{rng.shape[0]} per-sample keys for a batch of {shape[0]}")
+            raise UserError(f"{rng.shape[0]} per-sample keys for a batch of {shape[0]}")
         return jax.vmap(lambda key: sampler_noise(key, step_index, stream, shape[1:], dtype))(rng)
     key = jax.random.fold_in(jax.random.fold_in(rng, step_index), stream)
     return jax.random.normal(key, shape, dtype)
@@ -57,9 +58,9 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     IndexError in both references), so then the timesteps are 0..T−1.
     """
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        raise UserError(f"num_steps must be a positive int, got {num_steps!r}")
     if num_steps > num_timesteps:
-        raise ValueError(f"num_steps={num_steps} exceeds the schedule's num_timesteps={num_timesteps}")
+        raise UserError(f"num_steps={num_steps} exceeds the schedule's num_timesteps={num_timesteps}")
     c = num_timesteps // num_steps
     offset = 0 if num_steps == num_timesteps else 1
     return np.arange(num_steps, dtype=np.int64) * c + offset
@@ -81,21 +82,19 @@ def dpmpp_timesteps(schedule: Schedule, num_steps: int, spacing: str) -> np.ndar
     'logsnr' reads the schedule's values, so the schedule must be concrete (closed over, not a jit argument).
     """
     if spacing not in DPMPP_SPACINGS:
-        raise ValueError(f"unknown DPM-Solver++ spacing {spacing!r}; valid: {', '.join(DPMPP_SPACINGS)}")
+        raise UserError(f"unknown DPM-Solver++ spacing {spacing!r}; valid: {', '.join(DPMPP_SPACINGS)}")
     num_timesteps = schedule.num_timesteps
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        raise UserError(f"num_steps must be a positive int, got {num_steps!r}")
     if num_steps >= num_timesteps:
-        raise ValueError(f"DPM-Solver++ needs num_steps < num_timesteps={num_timesteps}, got {num_steps}")
+        raise UserError(f"DPM-Solver++ needs num_steps < num_timesteps={num_timesteps}, got {num_steps}")
     if spacing == "linspace":
         return np.linspace(0, num_timesteps - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
     try:
         a = np.asarray(schedule.sqrt_alphas_cumprod, np.float64)
         s = np.asarray(schedule.sqrt_one_minus_alphas_cumprod, np.float64)
     except jax.errors.TracerArrayConversionError as e:
-        raise ValueError(
-            "spacing='logsnr' needs a concrete schedule: close over it instead of passing it to jit"
-        ) from e
+        raise UserError("spacing='logsnr' needs a concrete schedule: close over it instead of passing it to jit") from e
     lam = np.log(a) - np.log(s)  # decreasing in t
     grid = np.linspace(lam[-1], lam[0], num_steps)
     ts = np.abs(lam[None, :] - grid[:, None]).argmin(axis=1)
@@ -122,7 +121,7 @@ def dpmpp_img2img_start(schedule: Schedule, num_steps: int, strength: float, spa
 def _start_from_strength(ts_desc: np.ndarray, strength: float) -> tuple[int, int]:
     """The last n = clip(round(strength·S), 1, S) of the S descending timesteps: (S − n, ts_desc[S − n])."""
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        raise UserError(f"strength must be in (0, 1], got {strength!r}")
     num_steps = len(ts_desc)
     n = int(min(max(round(strength * num_steps), 1), num_steps))
     start_step = num_steps - n
@@ -133,16 +132,16 @@ def _check_inputs(
     x_T: jax.Array, num_steps: int, start_step: int, x0_known: jax.Array | None, mask: jax.Array | None
 ) -> None:
     if not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < num_steps:
-        raise ValueError(f"start_step must be an int in [0, num_steps={num_steps}), got {start_step!r}")
+        raise UserError(f"start_step must be an int in [0, num_steps={num_steps}), got {start_step!r}")
     if (x0_known is None) != (mask is None):
-        raise ValueError("pass both x0_known and mask (inpainting) or neither")
+        raise UserError("pass both x0_known and mask (inpainting) or neither")
     if x0_known is not None:
         if x0_known.shape != x_T.shape:
-            raise ValueError(f"x0_known shape {x0_known.shape} must equal x_T shape {x_T.shape}")
+            raise UserError(f"x0_known shape {x0_known.shape} must equal x_T shape {x_T.shape}")
         try:
             np.broadcast_shapes(mask.shape, x_T.shape)
         except ValueError as e:
-            raise ValueError(f"mask shape {mask.shape} does not broadcast to x_T shape {x_T.shape}") from e
+            raise UserError(f"mask shape {mask.shape} does not broadcast to x_T shape {x_T.shape}") from e
 
 
 def _blend(mask: jax.Array, known: jax.Array, x: jax.Array) -> jax.Array:
@@ -188,7 +187,7 @@ def ddim_sample(
     _check_inputs(x_T, num_steps, start_step, x0_known, mask)
     deterministic = isinstance(eta, (int, float)) and eta == 0
     if rng is None and not (deterministic and mask is None):
-        raise ValueError("rng is required when eta != 0 or a mask is given")
+        raise UserError("rng is required when eta != 0 or a mask is given")
     ts = jnp.asarray(ts_np, jnp.int32)
     ab = schedule.alphas_cumprod
     a = ab[ts]
@@ -254,7 +253,7 @@ def dpmpp_2m_sample(
     num_steps = len(ts_np)  # 'logsnr' may merge duplicate integer timesteps
     _check_inputs(x_T, num_steps, start_step, x0_known, mask)
     if rng is None and mask is not None:
-        raise ValueError("rng is required when a mask is given")
+        raise UserError("rng is required when a mask is given")
     ts = jnp.asarray(ts_np.copy(), jnp.int32)
     ab = schedule.alphas_cumprod[ts]
     sig = jnp.sqrt((1.0 - ab) / ab)  # σ/α, diffusers' "sigmas"

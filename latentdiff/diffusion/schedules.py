@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latentdiff.errors import UserError
+
 SCHEDULE_KINDS: tuple[str, ...] = ("linear", "scaled_linear", "linear_plain", "cosine")
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "v", "x0")
 
@@ -47,18 +49,18 @@ def make_betas(
     β_t = min(1 − ᾱ(t+1)/ᾱ(t), 0.999). linear_start / linear_end are not used by 'cosine'.
     """
     if kind not in SCHEDULE_KINDS:
-        raise ValueError(f"unknown schedule kind {kind!r}; valid kinds: {', '.join(SCHEDULE_KINDS)}")
+        raise UserError(f"unknown schedule kind {kind!r}; valid kinds: {', '.join(SCHEDULE_KINDS)}")
     if not isinstance(num_timesteps, (int, np.integer)) or isinstance(num_timesteps, bool) or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+        raise UserError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
     if kind == "cosine":
         if not cosine_s > 0:
-            raise ValueError(f"cosine_s must be > 0, got {cosine_s!r}")
+            raise UserError(f"cosine_s must be > 0, got {cosine_s!r}")
         steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps + cosine_s
         f = np.cos(steps / (1.0 + cosine_s) * math.pi / 2.0) ** 2
         f = f / f[0]
         return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
     if not (0.0 < linear_start <= linear_end < 1.0):
-        raise ValueError(
+        raise UserError(
             f"need 0 < linear_start <= linear_end < 1 for schedule {kind!r}, got {linear_start!r}, {linear_end!r}"
         )
     if kind in ("linear", "scaled_linear"):
@@ -84,7 +86,7 @@ def make_schedule(
 def check_parameterization(parameterization: str) -> None:
     """Raises ValueError unless parameterization is one of 'eps', 'v', 'x0'."""
     if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
+        raise UserError(f"unknown parameterization {parameterization!r}; valid: {', '.join(PARAMETERIZATIONS)}")
 
 
 def broadcast_to_x(values: jax.Array, x: jax.Array) -> jax.Array:
@@ -97,7 +99,7 @@ def _coefs(schedule: Schedule, t: jax.Array, x: jax.Array) -> tuple[jax.Array, j
     """(√ᾱ_t, √(1−ᾱ_t)) gathered at integer t and shaped to broadcast against x."""
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.integer):
-        raise ValueError(f"timesteps t must be integers, got dtype {t.dtype}")
+        raise UserError(f"timesteps t must be integers, got dtype {t.dtype}")
     a = broadcast_to_x(schedule.sqrt_alphas_cumprod[t], x)
     s = broadcast_to_x(schedule.sqrt_one_minus_alphas_cumprod[t], x)
     return a, s

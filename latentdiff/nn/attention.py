@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from latentdiff.errors import UserError
+
 Dtype = Any
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas_tpu")
@@ -45,13 +47,13 @@ def kernel_for(implementation: str, query_len: int, key_len: int) -> str:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
     """softmax(q·kᵀ/√H)·v per head. q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H] (softmax in float32)."""
     if implementation not in ATTENTION_IMPLS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {implementation!r}")
+        raise UserError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {implementation!r}")
     if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(
+        raise UserError(
             f"attention_impl='cudnn' needs bfloat16/float16 activations, got {q.dtype}; set dtype='bfloat16'"
         )
     if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(
+        raise UserError(
             f"attention_impl='cudnn' needs a CUDA GPU, the JAX backend is {jax.default_backend()!r}; use 'xla'"
         )
     if implementation == "pallas_tpu":

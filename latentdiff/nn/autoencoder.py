@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from latentdiff.errors import UserError
 from latentdiff.nn.norms import GroupNorm
 from latentdiff.nn.quantizer import QuantizerOutput, VectorQuantizer
 
@@ -120,7 +121,7 @@ class Upsample(nn.Module):
 
 def _check_resolution(resolution: int, num_levels: int) -> None:
     if resolution % 2 ** (num_levels - 1):
-        raise ValueError(
+        raise UserError(
             f"resolution {resolution} is not divisible by 2**(len(ch_mult)-1) = {2 ** (num_levels - 1)}; "
             "pick a resolution that the encoder can halve at every level"
         )
@@ -130,7 +131,7 @@ def check_input(x: jax.Array, in_channels: int, num_levels: int) -> None:
     """Images must be [B, H, W, in_channels] with H and W divisible by f = 2**(num_levels-1) (checked at trace time)."""
     f = 2 ** (num_levels - 1)
     if x.ndim != 4 or x.shape[-1] != in_channels or x.shape[1] % f or x.shape[2] % f:
-        raise ValueError(
+        raise UserError(
             f"autoencoder expects images [B, H, W, {in_channels}] with H and W divisible by {f}, got "
             f"{tuple(x.shape)}; resize/convert the images (NHWC, RGB) or set autoencoder.in_channels"
         )
@@ -293,7 +294,7 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x, train)
         if sample_posterior:
             if rng is None:
-                raise ValueError("sample_posterior=True needs an rng key")
+                raise UserError("sample_posterior=True needs an rng key")
             z = posterior.sample(rng)
         else:
             z = posterior.mode()
@@ -381,7 +382,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def _dtype(name: str) -> Dtype:
     if name not in _DTYPES:
-        raise ValueError(f"autoencoder dtype {name!r} is not one of {sorted(_DTYPES)}")
+        raise UserError(f"autoencoder dtype {name!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -407,11 +408,11 @@ def build_autoencoder(cfg: ml_collections.ConfigDict) -> nn.Module:
     )
     if cfg.kind == "kl":
         if not cfg.double_z:
-            raise ValueError("autoencoder kind 'kl' needs double_z=True (the encoder outputs mean and log-variance)")
+            raise UserError("autoencoder kind 'kl' needs double_z=True (the encoder outputs mean and log-variance)")
         return AutoencoderKL(**common)
     if cfg.kind == "vq":
         if cfg.double_z:
-            raise ValueError("autoencoder kind 'vq' needs double_z=False")
+            raise UserError("autoencoder kind 'vq' needs double_z=False")
         return VQAutoencoder(
             **common,
             n_embed=cfg.n_embed,
@@ -421,11 +422,11 @@ def build_autoencoder(cfg: ml_collections.ConfigDict) -> nn.Module:
             ema_decay=cfg.ema_decay,
             ema_eps=EMA_EPS,
         )
-    raise ValueError(f"autoencoder kind must be 'kl' or 'vq', got {cfg.kind!r}")
+    raise UserError(f"autoencoder kind must be 'kl' or 'vq', got {cfg.kind!r}")
 
 
 def last_layer_path(kind: str) -> tuple[str, ...]:
     """Path inside variables['params'] of the decoder's last conv kernel [3,3,C,out] (adaptive GAN weight)."""
     if kind not in ("kl", "vq"):
-        raise ValueError(f"autoencoder kind must be 'kl' or 'vq', got {kind!r}")
+        raise UserError(f"autoencoder kind must be 'kl' or 'vq', got {kind!r}")
     return ("decoder", "conv_out", "kernel")

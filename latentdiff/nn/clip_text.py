@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from latentdiff.errors import UserError
 from latentdiff.nn.attention import layer_norm
 
 Dtype = Any
@@ -84,9 +85,9 @@ class CLIPTextEncoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if tokens.ndim != 2 or tokens.shape[1] > self.max_length:
-            raise ValueError(f"tokens must be [B, L] with L <= max_length={self.max_length}, got {tokens.shape}")
+            raise UserError(f"tokens must be [B, L] with L <= max_length={self.max_length}, got {tokens.shape}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+            raise UserError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         emb_init = nn.initializers.normal(stddev=0.02)
         embed = lambda n, name: nn.Embed(n, self.width, embedding_init=emb_init, param_dtype=jnp.float32, name=name)
         x = embed(self.vocab_size, "token_emb")(tokens) + embed(self.max_length, "pos_emb")(jnp.arange(tokens.shape[1]))

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from latentdiff.errors import UserError
+
 Dtype = Any
 
 
@@ -95,7 +97,7 @@ class NLayerDiscriminator(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if x.shape[-1] != self.in_channels:
-            raise ValueError(f"discriminator expects {self.in_channels} input channels, got shape {x.shape}")
+            raise UserError(f"discriminator expects {self.in_channels} input channels, got shape {x.shape}")
         bias = not self.use_batchnorm
         h = nn.leaky_relu(self._conv(self.ndf, 2, True, "conv_0")(x.astype(self.dtype)), 0.2)
         for n in range(1, self.n_layers):

@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from latentdiff.errors import UserError
+
 BN_EPS = 1e-3
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008
@@ -230,9 +232,9 @@ class InceptionV3(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"InceptionV3 expects NHWC RGB images [B, H, W, 3]; got shape {x.shape}")
+            raise UserError(f"InceptionV3 expects NHWC RGB images [B, H, W, 3]; got shape {x.shape}")
         if min(x.shape[1:3]) < 75:
-            raise ValueError(f"InceptionV3 needs H, W >= 75 (FID uses 299); got {x.shape}")
+            raise UserError(f"InceptionV3 needs H, W >= 75 (FID uses 299); got {x.shape}")
         d, p = self.dtype, self.precision
         x = x.astype(d)
         x = BasicConv2d(32, (3, 3), 2, _pad(0, 0), d, p, name="Conv2d_1a_3x3")(x)

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from latentdiff.errors import UserError
+
 # ScalingLayer of lpips v0.1: x -> (x - shift) / scale, per RGB channel.
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -82,9 +84,9 @@ def unit_normalize(f: jax.Array) -> jax.Array:
 def check_image_pair(x0: jax.Array, x1: jax.Array) -> None:
     """Raises ValueError unless x0 and x1 are both [B, H, W, 3] with equal shapes (H, W >= 16)."""
     if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
-        raise ValueError(f"LPIPS expects two NHWC RGB batches of equal shape [B, H, W, 3]; got {x0.shape}, {x1.shape}")
+        raise UserError(f"LPIPS expects two NHWC RGB batches of equal shape [B, H, W, 3]; got {x0.shape}, {x1.shape}")
     if min(x0.shape[1:3]) < 16:
-        raise ValueError(f"LPIPS needs H, W >= 16 (VGG16 pools 4 times); got {x0.shape}")
+        raise UserError(f"LPIPS needs H, W >= 16 (VGG16 pools 4 times); got {x0.shape}")
 
 
 class LPIPS(nn.Module):

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from latentdiff.errors import UserError
+
 Dtype = Any
 
 ACTIVATIONS = ("none", "silu")
@@ -110,9 +112,9 @@ class GroupNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         if c % self.num_groups:
-            raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups={self.num_groups}")
+            raise UserError(f"GroupNorm: {c} channels are not divisible by num_groups={self.num_groups}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"GroupNorm activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise UserError(f"GroupNorm activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         y = group_norm(

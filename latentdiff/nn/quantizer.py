@@ -20,6 +20,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from latentdiff.errors import UserError
+
 STATS = "vq_stats"
 
 
@@ -94,7 +96,7 @@ class VectorQuantizer(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array, update_ema: bool) -> QuantizerOutput:
         if z.shape[-1] != self.embed_dim:
-            raise ValueError(f"quantizer expects last dim {self.embed_dim}, got shape {z.shape}")
+            raise UserError(f"quantizer expects last dim {self.embed_dim}, got shape {z.shape}")
         codebook = self._codebook()
         z = z.astype(jnp.float32)
         flat_z = z.reshape(-1, self.embed_dim)

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from latentdiff.errors import UserError
 from latentdiff.nn.attention import ATTENTION_IMPLS, CrossAttention, layer_norm
 from latentdiff.nn.clip_text import CLIPTextEncoder
 from latentdiff.nn.unet import DTYPES, check_fields
@@ -102,9 +103,9 @@ class TextEncoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if tokens.ndim != 2 or tokens.shape[1] > self.max_length:
-            raise ValueError(f"tokens must be [B, L] with L <= max_length={self.max_length}, got {tokens.shape}")
+            raise UserError(f"tokens must be [B, L] with L <= max_length={self.max_length}, got {tokens.shape}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+            raise UserError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         emb_init = nn.initializers.normal(stddev=0.02)
         embed = lambda n, name: nn.Embed(n, self.width, embedding_init=emb_init, param_dtype=jnp.float32, name=name)
         x = (
@@ -149,7 +150,7 @@ class ClassEmbedder(nn.Module):
     @nn.compact
     def __call__(self, labels: jax.Array) -> jax.Array:
         if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise ValueError(f"class labels must be integers of shape [B], got {labels.shape} {labels.dtype}")
+            raise UserError(f"class labels must be integers of shape [B], got {labels.shape} {labels.dtype}")
         table = nn.Embed(self.num_classes + 1, self.width, param_dtype=jnp.float32, name="embedding")
         return table(labels)[:, None, :]
 
@@ -168,32 +169,32 @@ def build_text_encoder(cfg: Mapping) -> TextEncoder | CLIPTextEncoder | ClassEmb
     exactly TEXT_FIELDS."""
     c = text_encoder_fields(cfg)
     if c["attention_impl"] not in ATTENTION_IMPLS:
-        raise ValueError(f"text_encoder.attention_impl must be one of {ATTENTION_IMPLS}, got {c['attention_impl']!r}")
+        raise UserError(f"text_encoder.attention_impl must be one of {ATTENTION_IMPLS}, got {c['attention_impl']!r}")
     if c["kind"] != "bert" and c["attention_impl"] != "xla":
-        raise ValueError(
+        raise UserError(
             f"text_encoder.attention_impl={c['attention_impl']!r} applies to kind 'bert' only; use 'xla' for "
             f"kind {c['kind']!r}"
         )
     if c["kind"] == "none":
         if int(c["width"]) != 0:
-            raise ValueError("text_encoder.kind='none' needs text_encoder.width=0 (and unet.context_dim=0)")
+            raise UserError("text_encoder.kind='none' needs text_encoder.width=0 (and unet.context_dim=0)")
         return NoCondition()
     if c["kind"] == "class":
         if c["num_classes"] < 1 or c["width"] < 1:
-            raise ValueError("text_encoder.kind='class' needs text_encoder.num_classes >= 1 and width >= 1")
+            raise UserError("text_encoder.kind='class' needs text_encoder.num_classes >= 1 and width >= 1")
         return ClassEmbedder(num_classes=int(c["num_classes"]), width=int(c["width"]))
     if c["kind"] not in TEXT_KINDS:
-        raise ValueError(
+        raise UserError(
             f"text_encoder.kind must be 'bert' or 'class' (or 'none': no conditioning; 'clip': Stable Diffusion's "
             f"text model), got {c['kind']!r}"
         )
     if c["dtype"] not in DTYPES:
-        raise ValueError(f"text_encoder.dtype must be one of {tuple(DTYPES)}, got {c['dtype']!r}")
+        raise UserError(f"text_encoder.dtype must be one of {tuple(DTYPES)}, got {c['dtype']!r}")
     for f in ("vocab_size", "max_length", "width", "depth", "num_heads", "head_dim", "mlp_ratio"):
         if int(c[f]) < 1:
-            raise ValueError(f"text_encoder.{f} must be >= 1, got {c[f]}")
+            raise UserError(f"text_encoder.{f} must be >= 1, got {c[f]}")
     if c["kind"] == "clip" and int(c["num_heads"]) * int(c["head_dim"]) != int(c["width"]):
-        raise ValueError(
+        raise UserError(
             f"text_encoder.kind='clip' needs num_heads * head_dim == width, got {c['num_heads']} * {c['head_dim']} "
             f"!= {c['width']}"
         )
@@ -215,7 +216,7 @@ def build_text_encoder(cfg: Mapping) -> TextEncoder | CLIPTextEncoder | ClassEmb
 def null_label(cfg: Mapping) -> int:
     """The unconditional label for classifier-free guidance of a kind='class' encoder (the extra last row)."""
     if cfg["kind"] != "class":
-        raise ValueError(
+        raise UserError(
             f"null_label needs text_encoder.kind='class' (got {cfg['kind']!r}); for text use the empty caption"
         )
     return int(cfg["num_classes"])

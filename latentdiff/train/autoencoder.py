@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from latentdiff import config_utils, parallel
+from latentdiff.errors import UserError
 from latentdiff.imaging import to_uint8
 from latentdiff.nn.autoencoder import build_autoencoder, last_layer_path
 from latentdiff.nn.discriminator import NLayerDiscriminator
@@ -60,7 +61,7 @@ def check_images(images: np.ndarray, cfg: ml_collections.ConfigDict) -> None:
     """A batch of the wrong size or channel count is a one-line error before anything compiles."""
     want = (cfg.resolution, cfg.resolution, cfg.in_channels)
     if images.ndim != 4 or tuple(images.shape[1:]) != want:
-        raise ValueError(
+        raise UserError(
             f"autoencoder expects images [B, {want[0]}, {want[1]}, {want[2]}], got {tuple(images.shape)}; "
             "set data.resolution / autoencoder.resolution to match"
         )
@@ -263,7 +264,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
     from latentdiff.data import pipeline as data_pipeline
 
     parallel.init_distributed(
-        config.distributed.coordinator, config.distributed.num_processes, config.distributed.process_id
+        config.distributed.coordinator,
+        config.distributed.num_processes,
+        config.distributed.process_id,
+        timeout_s=config.distributed.timeout_s,
     )
     mesh = parallel.make_mesh(dict(config.mesh))
     lpips_params = lpips_params_for(config)
@@ -311,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
             save_pairs_grid(to_uint8(x_host[:16]), to_uint8(x_rec[:16]), os.path.join(out_dir, f"recon_{step:07d}.png"))
 
     if config.grad_accum_steps != 1:
-        raise ValueError("grad_accum_steps > 1 is not supported for the GAN stage (d_weight needs whole-batch grads)")
+        raise UserError("grad_accum_steps > 1 is not supported for the GAN stage (d_weight needs whole-batch grads)")
     loop_task = loop.Task(
         init_state=task.init_state,
         step_for=task.step_for,
@@ -328,31 +332,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
     return state
 
 
-def export_first_stage(workdir: str) -> str:
-    """Writes the latest checkpoint's autoencoder of a stage-1 workdir to workdir/export (if not already there for
-    that step) and returns that directory. Used by stage 2 and `python -m latentdiff.encode`."""
-    from latentdiff import checkpoint, first_stage, params_io
+def read_first_stage(workdir: str) -> tuple[Any, int]:
+    """(FirstStage with host variables, step) of the newest readable checkpoint of a stage-1 workdir, read-only: the
+    stage-1 workdir is an input and nothing is written into it. Used by stage 2 (which copies it into its own
+    workdir) and `python -m latentdiff.encode`."""
+    from latentdiff import checkpoint, first_stage
 
     config = config_utils.load_workdir_config(workdir)
     if config.stage != "autoencoder":
-        raise ValueError(f"{workdir!r} is a {config.stage!r} workdir, not a stage-1 autoencoder workdir")
+        raise UserError(f"{workdir!r} is a {config.stage!r} workdir, not a stage-1 autoencoder workdir")
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        ckpt.close()
-        raise FileNotFoundError(f"stage-1 workdir {workdir!r} has no checkpoint; train it first")
-    export_dir = os.path.join(workdir, "export")
-    params_file = os.path.join(export_dir, "params.safetensors")
-    if os.path.isfile(params_file) and params_io.read_metadata(params_file).get("step") == str(step):
-        ckpt.close()
-        return export_dir
     abstract = jax.eval_shape(AutoencoderTask(config).init_state, jax.random.key(0))
-    restored = ckpt.restore_subtree(step, {"gen_params": abstract.gen_params, "model_state": abstract.model_state})
-    ckpt.close()
+    try:
+        step, restored = ckpt.restore_latest_subtree(
+            {"gen_params": abstract.gen_params, "model_state": abstract.model_state}
+        )
+    finally:
+        ckpt.close()
+    if step is None:
+        raise FileNotFoundError(f"stage-1 workdir {workdir!r} has no checkpoint; train it first")
     variables = {"params": restored["gen_params"]["autoencoder"], **dict(restored["model_state"] or {})}
-    if jax.process_index() == 0:
-        first_stage.save_export(config.autoencoder, variables, export_dir, {"step": str(step)})
-    return export_dir
+    module = first_stage.build_autoencoder(config.autoencoder)
+    return first_stage.FirstStage(config=config.autoencoder, module=module, variables=variables), step
 
 
 def _first_batches(iterator: Any, n: int) -> list[dict]:
@@ -362,5 +363,5 @@ def _first_batches(iterator: Any, n: int) -> list[dict]:
         if len(out) >= n:
             break
     if not out:
-        raise ValueError("the evaluation split yielded no batch; lower batch_size or enlarge the split")
+        raise UserError("the evaluation split yielded no batch; lower batch_size or enlarge the split")
     return out

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from latentdiff.errors import UserError
+
 
 def ema_decay(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
     """EMA decay at `step`; with warmup min(decay, (1 + step) / (10 + step)) as in the LDM code."""
@@ -48,7 +50,7 @@ def split_micro_batches(batch: dict[str, jax.Array], num_micro: int) -> dict[str
 
     def split(x: jax.Array) -> jax.Array:
         if x.shape[0] % num_micro:
-            raise ValueError(f"batch of {x.shape[0]} does not split into {num_micro} micro-batches")
+            raise UserError(f"batch of {x.shape[0]} does not split into {num_micro} micro-batches")
         return jnp.swapaxes(x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]), 0, 1)
 
     return jax.tree.map(split, batch)
@@ -88,5 +90,5 @@ def compute_dtype(name: str) -> jnp.dtype:
     """'float32' | 'bfloat16' | 'float16' -> dtype, with a clear error otherwise."""
     table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
     if name not in table:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(table)}")
+        raise UserError(f"dtype {name!r} is not one of {sorted(table)}")
     return table[name]

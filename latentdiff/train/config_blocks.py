@@ -50,7 +50,14 @@ def run_block(*, batch_size: int, num_train_steps: int, seed: int) -> ml_collect
                     fsdp_min_size=2**16,  # params smaller than this stay replicated
                 )
             ),
-            distributed=ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1)),
+            distributed=ml_collections.ConfigDict(
+                dict(
+                    coordinator="",
+                    num_processes=0,
+                    process_id=-1,
+                    timeout_s=900,  # every wait for the other processes (start-up, first step) gives up after this
+                )
+            ),
         )
     )
 

@@ -28,6 +28,7 @@ import numpy as np
 from latentdiff import checkpoint, conditioning, config_utils, first_stage, parallel, sampling
 from latentdiff.diffusion import losses as diffusion_losses
 from latentdiff.diffusion.schedules import make_schedule, q_sample
+from latentdiff.errors import UserError
 from latentdiff.imaging import to_uint8
 from latentdiff.nn.autoencoder import DiagonalGaussian
 from latentdiff.nn.text_encoder import build_text_encoder, init_tokens, null_label
@@ -68,14 +69,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     validate_context(config.unet, config.text_encoder)
     fs_dtype = first_stage_dtype(config)
     if fs_dtype not in ("", "float32", "bfloat16"):
-        raise ValueError(
+        raise UserError(
             f"first_stage.dtype must be '', 'float32' or 'bfloat16', got {fs_dtype!r} "
             "('' keeps the stage-1 model's own dtype)"
         )
     if config.text_encoder.kind not in ("bert", "class", "none"):
-        raise ValueError(f"text_encoder.kind must be 'bert', 'class' or 'none', got {config.text_encoder.kind!r}")
+        raise UserError(f"text_encoder.kind must be 'bert', 'class' or 'none', got {config.text_encoder.kind!r}")
     if config.text_encoder.kind == "bert" and config.tokenizer.max_length != config.text_encoder.max_length:
-        raise ValueError(
+        raise UserError(
             f"tokenizer.max_length ({config.tokenizer.max_length}) must equal text_encoder.max_length "
             f"({config.text_encoder.max_length})"
         )
@@ -83,20 +84,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     latent_channels = config.unet.out_channels
     need = latent_channels + conditioning.concat_channels(concat, latent_channels)
     if config.unet.in_channels != need:
-        raise ValueError(
+        raise UserError(
             f"unet.in_channels={config.unet.in_channels} but conditioning.concat={concat!r} feeds {latent_channels} "
             f"latent (= unet.out_channels) + {need - latent_channels} concat channels; "
             f"set --config.unet.in_channels={need}"
         )
     if concat != "none" and latents_dir(config):
-        raise ValueError(
+        raise UserError(
             f"concat conditioning ({concat!r}) needs images; unset first_stage.latents "
             "(--config.first_stage.latents='')"
         )
     if concat == "sr":
         factor = config.conditioning.sr_factor
         if factor < 1 or config.data.resolution % factor:
-            raise ValueError(f"conditioning.sr_factor={factor} must be >= 1 and divide data.resolution")
+            raise UserError(f"conditioning.sr_factor={factor} must be >= 1 and divide data.resolution")
 
 
 class LDMTask:
@@ -121,7 +122,7 @@ class LDMTask:
         self.latent_shape = fs.latent_shape(config.data.resolution)
         self.concat = conditioning.concat_kind(config)
         if self.latent_shape[-1] != config.unet.out_channels:
-            raise ValueError(
+            raise UserError(
                 f"unet.out_channels ({config.unet.out_channels}) must equal the stage-1 latent channels "
                 f"({self.latent_shape[-1]})"
             )
@@ -277,12 +278,11 @@ def prepare_first_stage(config: ml_collections.ConfigDict, workdir: str) -> firs
         return first_stage.load_export(local)
     config_utils.require(config, "first_stage.workdir")
     source = config.first_stage.workdir
-    from latentdiff.train.autoencoder import export_first_stage
+    from latentdiff.train.autoencoder import read_first_stage
 
-    export_dir = export_first_stage(source)
-    fs = first_stage.load_export(export_dir)
+    fs, step = read_first_stage(source)  # the stage-1 workdir is only read
     if jax.process_index() == 0:
-        first_stage.save_export(fs.config, fs.variables, local)
+        first_stage.save_export(fs.config, fs.variables, local, {"step": str(step)})
     if fs.config.resolution != config.data.resolution:
         log.warning(
             "stage-1 resolution %d differs from data.resolution %d (fully convolutional, continuing)",
@@ -312,7 +312,7 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, captions:
         if save_dir:
             tok.save(save_dir)
     if tok.vocab_size > config.text_encoder.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"tokenizer has {tok.vocab_size} tokens but text_encoder.vocab_size is {config.text_encoder.vocab_size}; "
             f"set --config.text_encoder.vocab_size={tok.vocab_size}"
         )
@@ -347,14 +347,14 @@ def check_latents_meta(meta: dict, fs: first_stage.FirstStage, config: ml_collec
     expected = list(fs.latent_shape(config.data.resolution))
     got = (meta["kind"], int(meta["embed_dim"]), list(meta["latent_shape"]))
     if got != (fs.config.kind, int(fs.config.embed_dim), expected):
-        raise ValueError(
+        raise UserError(
             f"first_stage.latents={latents_dir(config)!r} holds {got[0]} latents {got[2]} (embed_dim {got[1]}) but "
             f"first_stage.workdir gives {fs.config.kind} latents {expected} (embed_dim {fs.config.embed_dim}) at "
             f"data.resolution={config.data.resolution}; re-encode with python -m latentdiff.encode --workdir "
             f"{config.first_stage.workdir} --out DIR"
         )
     if config.text_encoder.kind == "class" and not os.path.isfile(os.path.join(latents_dir(config), "labels.npy")):
-        raise ValueError(f"text_encoder.kind='class' needs labels, but {latents_dir(config)!r} has no labels.npy")
+        raise UserError(f"text_encoder.kind='class' needs labels, but {latents_dir(config)!r} has no labels.npy")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMState:
@@ -363,7 +363,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
     from latentdiff.data import pipeline as data_pipeline
 
     parallel.init_distributed(
-        config.distributed.coordinator, config.distributed.num_processes, config.distributed.process_id
+        config.distributed.coordinator,
+        config.distributed.num_processes,
+        config.distributed.process_id,
+        timeout_s=config.distributed.timeout_s,
     )
     check_config(config)
     mesh = parallel.make_mesh(dict(config.mesh))
@@ -487,10 +490,11 @@ def restore_params(workdir: str, config: ml_collections.ConfigDict, fs: first_st
     task = LDMTask(config, fs, null_cond, 1.0)
     abstract = jax.eval_shape(task.init_state, jax.random.key(0))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
-    step = ckpt.latest_step()
+    subset = {"params": abstract.params, "ema_params": abstract.ema_params, "scale_factor": abstract.scale_factor}
+    try:
+        step, restored = ckpt.restore_latest_subtree(subset)  # a damaged newest checkpoint falls back to the previous
+    finally:
+        ckpt.close()
     if step is None:
         raise FileNotFoundError(f"{workdir!r} has no checkpoint yet; train it first (train.py --workdir {workdir})")
-    subset = {"params": abstract.params, "ema_params": abstract.ema_params, "scale_factor": abstract.scale_factor}
-    restored = ckpt.restore_subtree(step, subset)
-    ckpt.close()
     return {**jax.device_get(restored), "step": step}

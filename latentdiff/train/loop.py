@@ -29,12 +29,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from latentdiff import checkpoint, config_utils, parallel
+from latentdiff import checkpoint, parallel
+from latentdiff import workdir as workdir_lib
+from latentdiff.errors import UserError
 
 log = logging.getLogger("latentdiff")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive non-finite updates."""
 
 
@@ -109,19 +111,26 @@ def _preemption_service_running() -> bool:
 
 
 class MetricWriter:
-    """Process 0 writes TensorBoard scalars and a JSONL file; other processes write nothing."""
+    """Process 0 writes TensorBoard scalars and a JSONL file; other processes write nothing.
 
-    def __init__(self, workdir: str, enabled: bool) -> None:
+    On resume from `start_step`, rows a killed run logged after that step are dropped from metrics.jsonl and
+    TensorBoard is told to purge its events after it, so every step appears once.
+    """
+
+    def __init__(self, workdir: str, enabled: bool, start_step: int) -> None:
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            truncate_metrics(path, start_step)
+            self._jsonl = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                purge = {"purge_step": start_step + 1} if start_step > 0 else {}
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), **purge)
             except ImportError:  # tensorboardX is a base dependency; tolerate its absence in minimal envs
                 self._tb = None
 
@@ -140,6 +149,29 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keeps the rows of a metrics.jsonl with step <= last_step (and drops a torn last line); atomic rewrite."""
+    if not os.path.isfile(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                dropped += 1
+                continue
+            if int(row.get("step", 0)) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def _progress(config: ml_collections.ConfigDict, start: int, enabled: bool) -> Any:
@@ -226,8 +258,6 @@ def run(
     get_state()/set_state() its position is checkpointed per process and restored on resume.
     """
     is_main = jax.process_index() == 0
-    if is_main:
-        config_utils.save_config(config, workdir)
     parallel.global_batch_size_ok(config.batch_size, mesh)
 
     base_rng = jax.random.key(config.seed)
@@ -240,12 +270,15 @@ def run(
         cleanup_tmp=True,
     )
     train_iter = make_train_iter()
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, checkpoint.abstract_with_shardings(abstract, shardings))
+    resumed = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract, shardings), set_aside_damaged=is_main)
+    if resumed is not None:
+        latest, state, data_state = resumed
+        if int(jax.device_get(state.nonfinite_streak)):  # a checkpoint of an older version saved mid-streak
+            state = state.replace(nonfinite_streak=jax.device_put(np.int32(0), shardings.nonfinite_streak))
         if data_state is not None and hasattr(train_iter, "set_state"):
             train_iter.set_state(data_state)
-        log.info("resumed from %s at step %d", ckpt.directory, latest)
+        if is_main:
+            print(f"resumed from step {latest} (checkpoint {ckpt.directory}/{latest})", file=sys.stderr, flush=True)
     else:
         state = jax.jit(task.init_state, out_shardings=shardings)(init_rng)
 
@@ -267,7 +300,9 @@ def run(
 
     constants = jax.device_put(task.constants, replicated) if task.constants is not None else None
     start_step = int(jax.device_get(state.step))
-    writer = MetricWriter(workdir, is_main)
+    if is_main:
+        workdir_lib.record_config(config, workdir, start_step)
+    writer = MetricWriter(workdir, is_main, start_step)
     bar = _progress(config, start_step, is_main)
     step = start_step
     window_start, window_steps, window_compile = time.perf_counter(), 0, 0.0
@@ -280,6 +315,8 @@ def run(
                 batch = parallel.host_to_global({k: host_batch[k] for k in task.batch_keys}, mesh)
                 rng = jax.random.fold_in(base_rng, step)
                 step_fn = compiled_step(step, state, batch, rng, constants)
+                if step == start_step:  # every process compiled: start the collectives together
+                    parallel.wait_for_all_processes(f"latentdiff_first_step_{start_step}", config.distributed.timeout_s)
                 if step == config.profile_start_step and is_main:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                     profiling = True
@@ -292,7 +329,7 @@ def run(
                 # The previous step's streak (already computed while this step runs); the last step's is checked
                 # below before returning.
                 if previous_metrics is not None:
-                    _check_streak(previous_metrics, step - 1, config.max_consecutive_nonfinite, ckpt)
+                    _check_streak(previous_metrics, step - 1, config.max_consecutive_nonfinite, ckpt, workdir)
                 previous_metrics = metrics
                 if bar is not None:
                     bar.update(1)
@@ -317,15 +354,15 @@ def run(
                 if task.write_images is not None and step % config.image_every == 0:
                     task.write_images(state, step, os.path.join(workdir, "images"))
                 if step % config.checkpoint_every == 0 or step == config.num_train_steps:
-                    ckpt.save(step, state, _data_state(train_iter))
+                    _save_unless_streak(ckpt, step, state, metrics, train_iter)
                 if preemption.should_stop(step):
                     if ckpt.latest_step() != step:
-                        ckpt.save(step, state, _data_state(train_iter))
+                        _save_unless_streak(ckpt, step, state, metrics, train_iter)
                     ckpt.wait()
                     log.warning("preemption (SIGTERM): checkpoint written at step %d; exiting", step)
                     break
             if previous_metrics is not None:
-                _check_streak(previous_metrics, step, config.max_consecutive_nonfinite, ckpt)
+                _check_streak(previous_metrics, step, config.max_consecutive_nonfinite, ckpt, workdir)
     finally:
         if profiling:
             jax.profiler.stop_trace()
@@ -339,15 +376,41 @@ def run(
 _STREAK = "_nonfinite_streak"
 
 
-def _check_streak(metrics: dict, step: int, limit: int, ckpt: checkpoint.Checkpointer) -> None:
-    """Stops the run (NonFiniteError) after `limit` consecutive skipped updates ending at `step`."""
+def _save_unless_streak(ckpt: checkpoint.Checkpointer, step: int, state: Any, metrics: dict, train_iter: Any) -> None:
+    """Saves, except while updates are being skipped as non-finite: a checkpoint of a run going bad would push good
+    ones out of retention (reads one scalar; the save waits for the state anyway)."""
     streak = int(jax.device_get(metrics[_STREAK]))
-    if streak >= limit:
-        ckpt.wait()
-        raise NonFiniteError(
-            f"{streak} consecutive non-finite updates up to step {step} (loss or gradients are inf/nan; each was "
-            "skipped); lower optim.lr, enable optim.grad_clip, or check the data"
-        )
+    if streak:
+        log.warning("step %d: not saving a checkpoint during %d consecutive non-finite updates", step, streak)
+        return
+    ckpt.save(step, state, _data_state(train_iter))
+
+
+def _check_streak(metrics: dict, step: int, limit: int, ckpt: checkpoint.Checkpointer, workdir: str) -> None:
+    """Stops the run (NonFiniteError) after `limit` consecutive skipped updates ending at `step`.
+
+    The state the streak started from (step - streak: its next update was the first non-finite one) is suspect; its
+    checkpoint, if one was written, is set aside as `nonfinite-<step>` so that a resume starts from the last good one.
+    """
+    streak = int(jax.device_get(metrics[_STREAK]))
+    if streak < limit:
+        return
+    ckpt.wait()
+    suspect = step - streak
+    aside = []
+    if jax.process_index() == 0:
+        aside = [ckpt.set_aside(s, "nonfinite") for s in ckpt.all_steps() if s >= suspect]
+    good = ckpt.latest_step()
+    moved = f"; set aside {', '.join(os.path.basename(a) for a in aside)} (kept, never resumed from)" if aside else ""
+    if good is None:
+        resume = f"no checkpoint before it remains: a rerun on {workdir} starts from step 0"
+    else:
+        resume = f"the last good checkpoint is step {good} ({ckpt.directory}/{good}); rerunning resumes from it"
+    raise NonFiniteError(
+        f"{streak} consecutive non-finite updates, steps {suspect + 1}..{step} (loss or gradients inf/nan, each "
+        f"skipped){moved}; {resume}: train.py --config CONFIG --workdir {workdir} with a lower --config.optim.lr, "
+        "--config.optim.grad_clip=1.0, or checked data"
+    )
 
 
 def _data_state(train_iter: Iterator) -> dict:

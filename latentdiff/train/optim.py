@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from latentdiff.errors import UserError
+
 
 class AdamState(NamedTuple):
     """count: int32 [] applied updates (bias correction, learning-rate schedule); mu/nu: first/second moments
@@ -107,14 +109,14 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_train_steps: in
     elif optim.schedule == "cosine":
         after = optax.cosine_decay_schedule(optim.lr, max(num_train_steps - optim.warmup_steps, 1))
     else:
-        raise ValueError(f"optim.schedule {optim.schedule!r} is not one of 'constant', 'cosine'")
+        raise UserError(f"optim.schedule {optim.schedule!r} is not one of 'constant', 'cosine'")
     return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_train_steps: int) -> AdamW:
     """optim.name 'adam' | 'adamw' with betas, eps, weight_decay (adamw), grad_clip (0 = none) and the schedule."""
     if optim.name not in ("adam", "adamw"):
-        raise ValueError(f"optim.name {optim.name!r} is not one of 'adam', 'adamw'")
+        raise UserError(f"optim.name {optim.name!r} is not one of 'adam', 'adamw'")
     return AdamW(
         learning_rate=learning_rate_schedule(optim, num_train_steps),
         b1=float(optim.b1),
