@@ -233,3 +233,32 @@ def test_every_diffusers_unet_config_field_is_reproduced_or_refused():
     with pytest.raises(ConversionError, match="fields latentdiff does not reproduce: a_future_field"):
         convert_workdir.unet_config_from_diffusers(dict(base, a_future_field=1))
     assert convert_workdir.unet_config_from_diffusers(dict(base, sample_size=64, _diffusers_version="0.30"))
+
+
+def test_every_diffusers_autoencoder_config_field_is_reproduced_or_refused():
+    """The same for AutoencoderKL and VQModel: every constructor field is classified; unknown fields are refused."""
+    import inspect
+
+    from diffusers import AutoencoderKL, VQModel
+
+    from latentdiff.convert import workdir as convert_workdir
+
+    table = convert_workdir.vae_field_table()
+    for cls in (AutoencoderKL, VQModel):
+        fields = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs")]
+        assert sorted(set(fields) - set(table)) == [], cls.__name__
+    base = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "latent_channels": 4,
+        "sample_size": 32,
+    }
+    assert convert_workdir.vae_config_from_diffusers(dict(base, force_upcast=True), "kl")["ch"] == 32
+    with pytest.raises(ConversionError, match="fields latentdiff does not reproduce: a_future_field"):
+        convert_workdir.vae_config_from_diffusers(dict(base, a_future_field=1), "kl")
+    with pytest.raises(ConversionError, match=r"shift_factor=0.1 \(latentdiff implements None\)"):
+        convert_workdir.vae_config_from_diffusers(dict(base, shift_factor=0.1), "kl")

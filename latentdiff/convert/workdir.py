@@ -420,11 +420,38 @@ _VAE_FIXED = {
     "latents_mean": None,
     "latents_std": None,
 }
+# AutoencoderKL / VQModel fields read into our config (scaling_factor: by the stage-2 conversion, as scale_factor).
+_VAE_MAPPED = (
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "sample_size",
+    "num_vq_embeddings",
+    "vq_embed_dim",
+    "scaling_factor",
+)
+_VAE_INERT = {
+    "force_upcast": "precision only: diffusers' fp16 pipelines upcast the VAE; latentdiff runs it in its dtype"
+}
+
+
+def vae_field_table() -> dict[str, str]:
+    """Every AutoencoderKL / VQModel config field latentdiff knows -> 'mapped' | 'fixed' | 'inert'; any other field is
+    refused by vae_config_from_diffusers."""
+    table = {field: "fixed" for field in _VAE_FIXED} | {field: "mapped" for field in _VAE_MAPPED}
+    return table | {field: "inert" for field in _VAE_INERT}
 
 
 def vae_config_from_diffusers(d: Mapping, kind: str) -> dict:
     """AutoencoderKL ('kl') / VQModel ('vq') config.json -> our autoencoder config."""
     problems = [_problem(f, d[f], want) for f, want in _VAE_FIXED.items() if f in d and d[f] != want]
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in vae_field_table())
+    if unknown:
+        problems.append(f"fields latentdiff does not reproduce: {', '.join(unknown)}")
     channels = [int(c) for c in d["block_out_channels"]]
     ch = channels[0]
     if any(c % ch for c in channels):
