@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import latentdiff  # noqa: F401  (CPU XLA flags, opt-in malloc settings, before JAX starts)
-from latentdiff import errors, evaluation, metrics
+from latentdiff import compile_cache, errors, evaluation, metrics
 from latentdiff.output_paths import check_output_file
 
 
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    compile_cache.enable()
     try:
         return run(args)
     except errors.user_error_types() as e:  # bad inputs: one line, no traceback, exit status 2

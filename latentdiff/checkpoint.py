@@ -36,6 +36,17 @@ class CheckpointDamagedError(UserError):
     """A checkpoint that cannot be read (truncated or missing files, damaged metadata or iterator state)."""
 
 
+def _write_replicated_arrays_whole() -> None:
+    """In a single process, write each array from one of its device copies instead of orbax's "replica-parallel"
+    default, which splits a replicated array into one slice per device so that several hosts can share the write.
+    With all devices in one process there is nobody to share with, and each slice is a separate small XLA program:
+    the first save of a tiny model on 8 CPU devices spent 10 of its 10.5 s compiling ~170 of them. Multi-host runs keep
+    orbax's default. (Orbax reads its array handler from a process-wide registry; this replaces that entry.)"""
+    if jax.process_count() == 1:
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class Checkpointer:
     """Save every N steps (async), keep K, resume from the latest."""
 
@@ -43,6 +54,7 @@ class Checkpointer:
         """cleanup_tmp: delete temporary directories left by a save that was killed (the trainer only; a reader such
         as sampling must not, since a running trainer may be writing one)."""
         self.directory = os.path.abspath(directory)
+        _write_replicated_arrays_whole()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,

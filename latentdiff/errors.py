@@ -16,6 +16,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from latentdiff import compile_cache
+
 BUG_REPORT_HINT = (
     "this is a bug in latentdiff, not a problem with your input: please report it with the traceback above, "
     "the command line and `pip freeze` (the project's issue tracker)"
@@ -54,8 +56,10 @@ def exit_with_bug(error: BaseException) -> NoReturn:
 
 
 def run_cli(main: Callable[[], Any]) -> Any:
-    """Runs `main`: user errors -> one line and exit 2; device out of memory -> one line with the fix, exit 2;
-    anything else -> its traceback, the bug-report hint and exit 3."""
+    """Runs a command-line program's `main` with the compilation cache on (`compile_cache`): user errors -> one line
+    and exit 2; device out of memory -> one line with the fix, exit 2; anything else -> its traceback, the bug-report
+    hint and exit 3."""
+    compile_cache.enable()
     if os.environ.get("LATENTDIFF_DEBUG"):
         return main()
     try:

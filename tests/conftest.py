@@ -1,6 +1,9 @@
 """Test session set-up: 8 fake CPU devices (multi-device code is tested on CPU) before JAX initialises."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
@@ -9,5 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # libtpu (test extra, for the TPU pre-flight tests) is only used to compile here: let every xdist worker load it
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One compilation cache per test session, shared by the xdist workers (they inherit this environment) and by every CLI
+# a test starts: the many subprocess runs of the same tiny configs (resume after a kill, two-process runs, CLI checks)
+# compile each program once. A fresh directory, so nothing from an earlier run or the user's own cache is reused.
+if "LATENTDIFF_COMPILE_CACHE" not in os.environ:
+    _session_cache = tempfile.mkdtemp(prefix="latentdiff-test-compile-cache-")
+    os.environ["LATENTDIFF_COMPILE_CACHE"] = _session_cache
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
 
 import latentdiff  # noqa: E402,F401  (applies the CPU XLA flags before JAX starts)
+from latentdiff import compile_cache  # noqa: E402
+
+compile_cache.enable()

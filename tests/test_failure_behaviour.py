@@ -250,7 +250,7 @@ def test_second_run_on_a_workdir_is_refused_and_a_stale_lock_is_taken_over(tmp_p
     with workdir_lib.exclusive_run(work):
         holder = open(os.path.join(work, workdir_lib.LOCK_FILE)).read()
         assert f"pid {os.getpid()}" in holder
-        other = subprocess.run([sys.executable, "-c", code, work], capture_output=True, text=True, timeout=120)
+        other = subprocess.run([sys.executable, "-c", code, work], capture_output=True, text=True, timeout=600)
         assert other.returncode == 7, other.stderr
         assert "in use by another training run" in other.stdout and f"pid {os.getpid()}" in other.stdout
     assert not os.path.exists(os.path.join(work, workdir_lib.LOCK_FILE))  # released on exit
@@ -267,7 +267,7 @@ def test_second_run_on_a_workdir_is_refused_and_a_stale_lock_is_taken_over(tmp_p
     )
     assert killed.stdout.readline().strip() == "locked"
     killed.kill()
-    killed.wait(timeout=60)
+    killed.wait(timeout=300)
     with caplog.at_level(logging.WARNING, logger="latentdiff"), workdir_lib.exclusive_run(work):
         pass
     assert f"pid {killed.pid}" in caplog.text and "did not exit cleanly" in caplog.text

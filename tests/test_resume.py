@@ -120,7 +120,7 @@ class Run:
             return [r for r in rows if r["step"] > self.start_step]
         return rows[self.rows_before :]
 
-    def wait_until(self, condition, what: str, timeout: float = 300.0) -> None:
+    def wait_until(self, condition, what: str, timeout: float = 900.0) -> None:
         deadline = time.time() + timeout
         while not condition():
             if self.proc.poll() is not None:
@@ -130,7 +130,7 @@ class Run:
                 raise AssertionError(f"timed out waiting for {what}:\n{self.log()[-3000:]}")
             time.sleep(0.005)
 
-    def finish(self, timeout: float = 300.0) -> int:
+    def finish(self, timeout: float = 900.0) -> int:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -95,7 +95,7 @@ def test_malicious_archive_is_refused_and_leaves_no_trace(tmp_path):
     # the converter CLI: one line, exit 2, nothing written, nothing run
     out = tmp_path / "out.safetensors"
     cmd = [sys.executable, "-m", "latentdiff.convert.inception_weights", "--src", evil, "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode != 0 and result.stderr.strip().startswith("error:"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists() and not out.exists()

@@ -395,16 +395,16 @@ def test_two_processes_match_one_process_and_survive_preemption(tmp_root, tmp_pa
     os.makedirs(workdir)
     cache = str(tmp_path / "jax_cache")
     procs = _launch_workers(workdir, MP_MESH, NUM_STEPS, delay=0.5, cache=cache)
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while _steps_logged(workdir) < 1 and time.time() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)
-    logs = _wait(procs, workdir, timeout=300)
+    logs = _wait(procs, workdir, timeout=900)
     stopped = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())[-1]
     assert stopped < NUM_STEPS, "the SIGTERM came too late to preempt the run"
     assert all(f"checkpoint written at step {stopped}" in log for log in logs)
 
-    logs = _wait(_launch_workers(workdir, MP_MESH, NUM_STEPS, delay=0.0, cache=cache), workdir, timeout=300)
+    logs = _wait(_launch_workers(workdir, MP_MESH, NUM_STEPS, delay=0.0, cache=cache), workdir, timeout=900)
     assert f"resumed from step {stopped} (checkpoint {workdir}/checkpoints/{stopped})" in logs[0]
 
     ref_state, ref_rows = run_on_mesh(MP_MESH, tmp_root)

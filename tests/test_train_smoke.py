@@ -100,7 +100,7 @@ def test_stage2_outputs_and_pipeline(workdirs):
 
 def run_cli(*args, cwd=ROOT):
     env = dict(os.environ, LATENTDIFF_DEBUG="")
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
 
 
 def test_sample_cli_writes_images_with_metadata(workdirs, tmp_path):
