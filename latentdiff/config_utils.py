@@ -6,6 +6,7 @@ in the config files; code reads fields by attribute and never supplies its own d
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -54,20 +55,55 @@ def check_overrides(argv: list[str], flag: str = "config") -> None:
         return
     config = load_config(spec)
     for arg in argv:
-        if not arg.startswith(f"--{flag}."):
-            continue
-        dotted = arg[len(flag) + 3 :].split("=", 1)[0]
-        node: Any = config
-        walked = []
-        for part in dotted.split("."):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                where = ".".join(walked) or "the top level"
-                options = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise ConfigError(
-                    f"unknown config field {dotted!r} ({part!r} is not in {where}; fields there: {', '.join(options)})"
-                )
-            node = node[part]
-            walked.append(part)
+        if arg.startswith(f"--{flag}."):
+            parent_of(config, arg[len(flag) + 3 :].split("=", 1)[0])
+
+
+def parent_of(config: ml_collections.ConfigDict, dotted: str) -> tuple[ml_collections.ConfigDict, str]:
+    """(the ConfigDict holding field `dotted`, its last name); ConfigError naming the fields there if it is not one."""
+    node: Any = config
+    walked: list[str] = []
+    parts = dotted.split(".")
+    for part in parts:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(walked) or "the top level"
+            options = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(
+                f"unknown config field {dotted!r} ({part!r} is not in {where}; fields there: {', '.join(options)})"
+            )
+        parent, node = node, node[part]
+        walked.append(part)
+    return parent, parts[-1]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, assignments: list[str]) -> None:
+    """Applies "FIELD=VALUE" assignments (dotted fields, as after --config.) in place, parsed by the field's type as
+    train.py's flags do: bool true/false, int, float, str, tuples as Python literals ("(1, 2)"). ConfigError (one
+    line) for an unknown field or a value that does not parse."""
+    for assignment in assignments:
+        dotted, sep, text = assignment.partition("=")
+        if not sep:
+            raise ConfigError(f"config override {assignment!r} has no '=': write FIELD=VALUE")
+        parent, name = parent_of(config, dotted)
+        current = parent[name]
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError("not true or false")
+                value: Any = text.lower() == "true"
+            elif isinstance(current, (tuple, list)):
+                value = ast.literal_eval(text)
+                value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            elif current is None or isinstance(current, str):
+                value = text
+            else:
+                value = type(current)(text)
+        except (ValueError, SyntaxError) as error:
+            raise ConfigError(
+                f"config field {dotted}={text!r}: not a {type(current).__name__} ({error}); "
+                f"the current value is {current!r}"
+            ) from None
+        parent[name] = value
 
 
 def require(config: ml_collections.ConfigDict, *fields: str) -> None:

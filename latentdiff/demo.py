@@ -125,8 +125,9 @@ def run(demo_dir: str, out: str, num: int = NUM_SCORED_RUN) -> dict[str, Any]:
 
 
 def train(workdir: str, demo_dir: str, overrides: list[str], num: int = NUM_SCORED) -> dict[str, Any]:
-    """make demo-train: both stages through train.py's code path, then ship the result into demo_dir."""
-    from latentdiff.config_utils import atomic_write_text, load_config
+    """make demo-train: both stages through train.py's code path, then ship the result into demo_dir. Returns the
+    training report, or {"stopped": {"stage", "step"}} when a stage was preempted (SIGTERM): nothing after it runs."""
+    from latentdiff.config_utils import apply_overrides, atomic_write_text, load_config
     from latentdiff.train import train_and_evaluate
 
     commit = git_commit()  # the code this run starts from (the tree may change while it trains)
@@ -138,8 +139,7 @@ def train(workdir: str, demo_dir: str, overrides: list[str], num: int = NUM_SCOR
     ldm_config.first_stage.workdir = ae_dir
     for override in overrides:  # "ae.FIELD=VALUE" or "ldm.FIELD=VALUE" (smoke tests shorten the recipe)
         stage, _, assignment = override.partition(".")
-        field, _, value = assignment.partition("=")
-        _assign(ae_config if stage == "ae" else ldm_config, field, value)
+        apply_overrides(ae_config if stage == "ae" else ldm_config, [assignment])
     os.makedirs(workdir, exist_ok=True)
     latents_dir = os.path.join(workdir, "latents")
     ldm_config.first_stage.latents = latents_dir
@@ -148,12 +148,18 @@ def train(workdir: str, demo_dir: str, overrides: list[str], num: int = NUM_SCOR
         ("latents", lambda: encode_latents(ae_dir, latents_dir, ae_config)),
         ("ldm", lambda: train_and_evaluate(ldm_config, ldm_dir)),
     )
+    num_steps = {"autoencoder": ae_config.num_train_steps, "ldm": ldm_config.num_train_steps}
     for name, run_step in steps:
         print(f"== {name} -> {os.path.join(workdir, name)}", flush=True)
         start = time.perf_counter()
-        run_step()
+        state = run_step()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         atomic_write_text(timings_path, json.dumps(timings, indent=2))
+        if name in num_steps and int(state.step) < num_steps[name]:  # preempted (SIGTERM): checkpoint written
+            step = int(state.step)
+            print(f"== {name} stopped at step {step} of {num_steps[name]} (preempted); the later stages did not run: "
+                  "run the same command again to resume", flush=True)  # fmt: skip
+            return {"stopped": {"stage": name, "step": step}}
     ship(ldm_dir, demo_dir)
     from latentdiff.pipeline import Pipeline
 
@@ -196,15 +202,6 @@ def encode_latents(ae_dir: str, latents_dir: str, ae_config: Any) -> None:
     batch = min(ENCODE_BATCH, ae_config.data.shapes_num_train)
     meta = encode_split(ae_dir, latents_dir, "train", 0, batch, ae_config.seed)
     print(f"encoded {meta['num']} images -> {latents_dir}, scale factor {meta['scale_factor']:.5f}", flush=True)
-
-
-def _assign(config: Any, dotted: str, value: str) -> None:
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-        node = getattr(node, p)
-    current = getattr(node, leaf)
-    setattr(node, leaf, type(current)(value) if not isinstance(current, bool) else value.lower() == "true")
 
 
 def ship(ldm_workdir: str, demo_dir: str) -> None:

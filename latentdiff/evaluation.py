@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from latentdiff import config_utils, metrics
+from latentdiff import config_utils, metrics, sample_set
 from latentdiff.errors import UserError
 
 TFDS_PREFIX = "tfds:"
@@ -185,9 +186,10 @@ def load_image_set(
 
         base = default_data_config() if data_base is None else data_base
         cfg = reference_data_config(base, ref, resolution, data_dir)
+        split_size(cfg, ref.split)  # now, not after the other side's features: the dataset is prepared, has the split
         return ImageSet(spec, None, lambda: (images for images, _ in iter_dataset(cfg, ref.split, num, 0)))
-    if os.path.isdir(spec):
-        groups, skipped = metrics.load_image_dir(spec)
+    if os.path.isdir(spec):  # a sample.py set: exactly the images its manifest lists
+        groups, skipped = metrics.load_image_dir(spec, sample_set.set_members(spec))
         return ImageSet(spec, None, lambda: groups, skipped)
     if spec.endswith(".npz") and os.path.isfile(spec):
         try:
@@ -425,18 +427,18 @@ def generate_shards(
 
 
 def check_run_settings(out: str, settings: Mapping) -> None:
-    """Writes out/settings.json, or checks that an earlier run in `out` used the same settings (else EvalError)."""
+    """EvalError when `out` holds image shards made with other settings (out/settings.json). Settings left by a run
+    that made no image (it failed before its first shard) do not count."""
     path = os.path.join(out, "settings.json")
-    if os.path.isfile(path):
-        old = config_utils.read_json_file(path, "an earlier run's settings")
-        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
-        if diff:
-            raise EvalError(
-                f"{out} holds images made with other settings ({'; '.join(diff)}); pass another --out or delete it"
-            )
+    shards = os.path.join(out, "shards")
+    if not (os.path.isfile(path) and os.path.isdir(shards) and os.listdir(shards)):
         return
-    os.makedirs(out, exist_ok=True)
-    write_json(path, settings)
+    old = config_utils.read_json_file(path, "an earlier run's settings")
+    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+    if diff:
+        raise EvalError(
+            f"{out} holds images made with other settings ({'; '.join(diff)}); pass another --out or delete it"
+        )
 
 
 def load_captions_and_reference(
@@ -499,9 +501,17 @@ def run_txt2img(
         "checkpoint_step": int(pipe.step),
     }
     check_run_settings(out, run_settings)
-    captions, ref_stats = load_captions_and_reference(
-        data_cfg, ref, num, settings.seed, out, params, inception_batch_size, preprocess
-    )
+    created = not os.path.exists(out)
+    try:  # the reference first (not prepared: nothing left behind); the settings are written before any image
+        os.makedirs(out, exist_ok=True)
+        captions, ref_stats = load_captions_and_reference(
+            data_cfg, ref, num, settings.seed, out, params, inception_batch_size, preprocess
+        )
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    write_json(os.path.join(out, "settings.json"), run_settings)
     paths, generated = generate_shards(pipe, captions, out, settings, shard_size, batch_size)
     result: dict = {**run_settings, "num": num, "shards": len(paths), "shards_generated": generated, "out": out}
     if params is None:

@@ -430,12 +430,14 @@ def psnr(a: jax.Array, b: jax.Array, data_range: float) -> jax.Array:
 # Inputs
 
 
-def load_image_dir(path: str) -> tuple[list[np.ndarray], int]:
-    """PNG/JPEG files directly in `path` (sorted, not recursive) -> (uint8 arrays [n_i, H_i, W_i, 3] grouped by
-    size, number of unreadable files skipped). Images are converted to RGB as pytorch-fid / torch-fidelity do."""
+def load_image_dir(path: str, names: list[str] | None = None) -> tuple[list[np.ndarray], int]:
+    """PNG/JPEG files directly in `path` (sorted, not recursive; only `names` when given) -> (uint8 arrays
+    [n_i, H_i, W_i, 3] grouped by size, number of unreadable files skipped). Images are converted to RGB as
+    pytorch-fid / torch-fidelity do."""
     from PIL import Image
 
-    names = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if names is None:
+        names = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
     by_size: dict[tuple[int, ...], list[np.ndarray]] = {}
     skipped = 0
     for name in names:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from latentdiff import config_utils
+from latentdiff import config_utils, sample_set
 from latentdiff.errors import UserError
 from latentdiff.output_paths import check_output_dir
 from latentdiff.sampling import SAMPLERS, check_sampling_args
@@ -107,6 +107,7 @@ def validate(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.workdir):
         raise FileNotFoundError(f"--workdir {args.workdir!r} does not exist")
     check_output_dir(args.out, "--out")
+    sample_set.check_directory(args.out)
     timesteps = config_utils.load_workdir_config(args.workdir).diffusion.timesteps
     check_sampling_args(args.sampler, args.steps, timesteps, args.guidance, args.eta)
 
@@ -206,9 +207,10 @@ def run(args: argparse.Namespace) -> list[str]:
     elapsed = time.perf_counter() - start
     bar.close()
     os.makedirs(args.out, exist_ok=True)
+    removed = sample_set.clear_previous(args.out)
     paths = []
     for i, (condition, image) in enumerate(zip(items, images)):
-        path = os.path.join(args.out, f"{i:05d}.png")
+        path = os.path.join(args.out, sample_set.image_name(i))
         text = {
             "prompt" if not pipe.class_conditional else "class_label": str(condition),
             "seed": str(args.seed),
@@ -236,10 +238,14 @@ def run(args: argparse.Namespace) -> list[str]:
         paths.append(path)
     captions = [str(c) for c in items]
     scale = max(1, 128 // images.shape[1])
-    save_png(
-        grid(np.asarray(images), captions, columns=min(8, len(items)), scale=scale), os.path.join(args.out, "grid.png")
-    )
+    grid_path = os.path.join(args.out, sample_set.GRID)
+    os.makedirs(os.path.dirname(grid_path), exist_ok=True)
+    save_png(grid(np.asarray(images), captions, columns=min(8, len(items)), scale=scale), grid_path)
+    run_settings = {k: v for k, v in text.items() if k not in ("prompt", "class_label", "index")}
+    sample_set.write_manifest(args.out, [os.path.basename(p) for p in paths], captions, run_settings)
+    replaced = f" (replacing the previous run's {len(removed)})" if removed else ""
     print(
-        f"{len(items)} images in {elapsed:.1f} s ({len(items) / elapsed:.2f} images/s, compile included) -> {args.out}"
+        f"{len(items)} images in {elapsed:.1f} s ({len(items) / elapsed:.2f} images/s, compile included) -> "
+        f"{args.out}{replaced}; grid: {grid_path}"
     )
     return paths

@@ -45,7 +45,7 @@ class WorkdirBusyError(UserError):
 
 
 def _holder_text() -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return f"pid {os.getpid()} on host {socket.gethostname()} since {now}"
 
 
@@ -164,7 +164,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, step: int) ->
     from the last recorded one is appended to config_history.jsonl with its changes."""
     new = json.loads(config_utils.to_json(config))
     original = read_config_dict(workdir)
-    entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "step": step}
+    entry = {"time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "step": step}
     if original is None:
         config_utils.save_config(config, workdir)
         entry |= {"changes": {}, "config": new}

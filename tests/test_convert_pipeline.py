@@ -508,6 +508,17 @@ def test_class_conditional_vq_compvis_matches_diffusers(tmp_path):
 # -------------------------------------------------------------------------------------------------------- export
 
 
+def test_export_of_a_model_diffusers_cannot_run_is_refused_in_one_line(tmp_path, capsys):
+    """The demo's text encoder has 24 positions; LDMTextToImagePipeline pads prompts to 77 (IndexError at its first
+    prompt). Refused before anything is written."""
+    out = tmp_path / "exported"
+    demo_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
+    assert cli.main(["export", demo_dir, str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pads every prompt to 77 tokens" in err and "has 24 positions" in err and "\n" not in err
+    assert not out.exists() or not os.listdir(out)
+
+
 @pytest.mark.parametrize("model", ["ldm", "sd"])
 def test_export_round_trip_and_diffusers_loads_it(model, request, tmp_path):
     _, original = request.getfixturevalue(f"{model}_dir")

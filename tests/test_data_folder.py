@@ -118,6 +118,20 @@ def test_csv_manifest_without_labels_and_validation_split(tmp_path):
             assert np.allclose(img[..., 0], red / 127.5 - 1.0) and np.allclose(img[..., 1:], -1.0)
 
 
+def test_missing_validation_split_names_the_field_that_makes_it(tmp_path):
+    """Stage 1 evaluates on 'validation'; a folder without a held-out share says which field holds one out."""
+    root = tmp_path / "few"
+    for i in range(3):
+        _save(str(root / f"im{i}.png"), (32, 32), COLOURS["red"])
+        (root / f"im{i}.txt").write_text(f"red {i}")
+    cfg = _config(root, tmp_path / "tfds", eval_split="validation")
+    with pytest.raises(DataError) as err:
+        _one_pass(cfg, 2, "validation")
+    message = str(err.value)
+    assert "\n" not in message and "no split 'validation'" in message
+    assert "--config.data.folder_num_validation=N" in message
+
+
 def test_sidecar_captions_with_subfolder_labels(tmp_path):
     root = tmp_path / "side"
     for label, colour in (("cats", "red"), ("dogs", "blue")):

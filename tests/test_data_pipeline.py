@@ -266,3 +266,32 @@ def test_preview_writes_a_captioned_grid(cfg, data_dir, tmp_path, capsys):
     assert preview.main(["--config", f"{tmp_path / 'missing.py'}", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config file") and err.count("\n") == 1
+
+
+def test_preview_takes_config_overrides_like_train_py(cfg, data_dir, tmp_path, capsys):
+    """The own-data workflow previews without a config file of its own: --config.FIELD=VALUE as in train.py."""
+    config = tmp_path / "shapes_cfg.py"
+    config.write_text(CONFIG_FILE.format(data_dir=data_dir))
+    out = tmp_path / "preview.png"
+    args = ["--config", f"{config}:tiny", "--out", str(out), "--num", "4"]
+    assert preview.main([*args, "--config.data.resolution=48", "--config.data.shapes_num_train=64"]) == 0
+    side = preview.cell_side(48)
+    assert np.asarray(Image.open(out)).shape[1] == 4 * (side + preview.PAD) + preview.PAD
+    capsys.readouterr()  # the data preparation's progress
+    assert preview.main([*args, "--config.data.no_such_field=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config field 'data.no_such_field'" in err and err.count("\n") == 1
+    assert preview.main([*args, "--config.data.resolution=big"]) == 2
+    err = capsys.readouterr().err
+    assert "data.resolution='big': not a int" in err and err.count("\n") == 1
+
+
+def test_apply_overrides_parses_by_the_field_type():
+    from latentdiff.config_utils import ConfigError, apply_overrides
+
+    c = ml_collections.ConfigDict(dict(a=dict(n=1, x=0.5, flag=False, name="s", dims=(1, 2), empty=None)))
+    apply_overrides(c, ["a.n=3", "a.x=1e-3", "a.flag=true", "a.name=hello", "a.dims=(4,)", "a.empty=z"])
+    assert (c.a.n, c.a.x, c.a.flag, c.a.name, c.a.dims, c.a.empty) == (3, 1e-3, True, "hello", (4,), "z")
+    for bad, match in (("a.flag=yes", "not true or false"), ("a.n", "no '='"), ("a.dims=(", "not a tuple")):
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides(c, [bad])

@@ -57,6 +57,7 @@ def demo_guidance() -> float:
     return load_config(os.path.join(REPO, demo.LDM_CONFIG)).sampling.guidance
 
 
+@pytest.mark.extended  # ~4 minutes: make test-extended
 def test_demo_recipe_runs_end_to_end_at_toy_length(tmp_path):
     data = [
         "data.shapes_num_train=64",
@@ -94,6 +95,27 @@ def test_demo_recipe_runs_end_to_end_at_toy_length(tmp_path):
     before = [p.read_text() for p in metrics]
     demo.train(str(workdir), str(demo_dir), overrides, num=8)
     assert [p.read_text() for p in metrics] == before
+
+
+def test_demo_train_stops_after_a_preempted_stage(tmp_path, monkeypatch, capsys):
+    """SIGTERM during stage 1 (its loop returns a state short of num_train_steps after writing its checkpoint): no
+    latents are encoded from the half-trained autoencoder, stage 2 does not start, nothing is shipped."""
+    import types
+
+    import latentdiff.train
+
+    calls = []
+
+    def preempted_training(config, workdir):
+        calls.append(config.stage)
+        return types.SimpleNamespace(step=np.int32(2))
+
+    monkeypatch.setattr(latentdiff.train, "train_and_evaluate", preempted_training)
+    monkeypatch.setattr(demo, "encode_latents", lambda *a: calls.append("latents"))
+    report = demo.train(str(tmp_path / "work"), str(tmp_path / "demo"), ["ae.num_train_steps=5"], num=8)
+    assert report == {"stopped": {"stage": "autoencoder", "step": 2}} and calls == ["autoencoder"]
+    assert "autoencoder stopped at step 2 of 5 (preempted)" in capsys.readouterr().out
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_without_a_model_says_how_to_make_one(tmp_path):

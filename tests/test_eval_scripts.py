@@ -352,6 +352,33 @@ def test_txt2img_resumes_and_scores(tmp_path, weights, data_cfg, val_pool):
         txt2img(pipe, out, None, guidance=3.0)
 
 
+def test_an_unprepared_reference_fails_first_and_leaves_nothing_behind(tmp_path, weights, data_cfg, monkeypatch):
+    """txt2img: no images, no settings.json (a next run with other settings is not refused); fid.py: the reference is
+    checked before the generated set's features are computed; the hint names a flag that exists."""
+    unprepared = data_cfg.copy_and_resolve_references()
+    unprepared.name = "cifar10"
+    pipe = StubPipeline(unprepared)
+    out = tmp_path / "run"
+    settings = evaluation.SampleSettings("ddim", 5, 1.5, 0.0, 0)
+    kwargs = dict(num=4, shard_size=2, batch_size=0, params=None, inception_batch_size=BATCH, preprocess=PRE)
+    for _ in range(2):
+        with pytest.raises(Exception, match="is not prepared") as err:
+            evaluation.run_txt2img(pipe, reference="tfds:cifar10/test", out=str(out),
+                                   settings=settings, data_dir=str(tmp_path / "tfds"), **kwargs)  # fmt: skip
+        assert "\n" not in str(err.value) and "--config.data.download=True" in str(err.value)
+        assert pipe.calls == 0 and not out.exists()
+        settings = evaluation.SampleSettings("ddim", 7, 3.0, 0.0, 0)  # other settings: still the same error
+
+    computed = []
+    monkeypatch.setattr(evaluation, "features", lambda *a, **k: computed.append(1))
+    two = str(tmp_path / "two.npz")
+    np.savez(two, images=split_images("train")[0][:2])
+    _, wpath = weights
+    args = ["--generated", two, "--reference", "tfds:cifar10/test", "--resolution", "16"]
+    msg = error_of([*args, "--data_dir", str(tmp_path / "tfds"), "--inception_weights", wpath])
+    assert "is not prepared" in msg and computed == []
+
+
 def test_txt2img_without_weights_skips_fid(tmp_path, data_cfg):
     result = txt2img(StubPipeline(data_cfg), str(tmp_path / "r"), None, num=4)
     assert result["fid_skipped"] == "no --inception_weights given" and "fid" not in result
@@ -406,3 +433,30 @@ def test_alignment_needs_shapes_model(data_cfg):
     cfg.name = "coco_captions"
     with pytest.raises(evaluation.EvalError, match="trained on 'coco_captions'"):
         alignment(StubPipeline(cfg), None)
+
+
+def test_a_sample_set_is_what_its_manifest_lists(tmp_path, capsys):
+    """eval reads exactly the manifest's images (a grid or a stray file is not a sample); sample.py refuses a folder
+    with images it did not make, and replaces only its own previous set."""
+    from latentdiff import sample_set
+    from latentdiff.errors import UserError
+
+    out = tmp_path / "samples"
+    out.mkdir()
+    images = split_images("train")[0][:3]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(out / sample_set.image_name(i))
+    sample_set.write_manifest(str(out), [sample_set.image_name(i) for i in range(3)], ["a", "b", "c"], {"steps": "5"})
+    Image.fromarray(images[0]).save(out / "stray.png")
+    capsys.readouterr()
+    loaded = evaluation.load_image_set(str(out))
+    assert sum(len(g) for g in loaded.chunks()) == 3
+    assert "1 image file(s) not in its samples.json left out (e.g. stray.png)" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"already holds 1 image file\(s\) that no sample.py run made .*stray.png"):
+        sample_set.check_directory(str(out))
+    os.remove(out / "stray.png")
+    assert sample_set.clear_previous(str(out)) == [sample_set.image_name(i) for i in range(3)]
+    assert os.listdir(out) == []
+    (out / sample_set.MANIFEST).write_text('{"images": 3}')
+    with pytest.raises(UserError, match="is not a latentdiff-samples-1 manifest"):
+        evaluation.load_image_set(str(out))

@@ -387,3 +387,21 @@ def test_eval_numbers_are_checked_before_the_model_loads(tmp_path):
             txt2img.run(txt2img.parse_args([*base, *extra]))
     with pytest.raises(ValueError, match="--eta must be in"):
         alignment.run(alignment.parse_args(["--workdir", str(work), "--eta", "-0.5"]))
+
+
+def test_pytorch_files_without_pytorch_are_one_line(tmp_path, monkeypatch, capsys):
+    """Reading a .pth needs torch (never needed to train or sample): without it, one line naming the fix, for every
+    reader of PyTorch files (they share convert.common.import_torch)."""
+    from latentdiff.convert import inception_weights, lpips_weights
+    from latentdiff.convert.common import ConversionError
+    from latentdiff.convert.workdir import read_weights
+
+    pth = tmp_path / "weights.pth"
+    pth.write_bytes(b"not a zip: a pickle would follow")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    for read in (inception_weights.read_state_dict, lpips_weights.load_torch_state_dict, read_weights):
+        with pytest.raises(ConversionError, match=r"weights\.pth \(a PyTorch pickle file\) needs PyTorch"):
+            read(str(pth))
+    with pytest.raises(SystemExit) as exit_info:
+        inception_weights.main(["--src", str(pth), "--out", str(tmp_path / "out.safetensors")])
+    assert "needs PyTorch: `pip install torch`" in str(exit_info.value) and "\n" not in str(exit_info.value)

@@ -404,7 +404,7 @@ def test_cli_inpainting_writes_pngs_with_metadata(pipe, files, monkeypatch, caps
             str(files / "mask32.png"), "--strength", "0.5", "--resize", "--out", str(out)]  # fmt: skip
     code, _ = cli(argv, capsys)
     assert code == 0
-    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "grid.png"]
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "grid", "samples.json"]
     png = Image.open(out / "00001.png")
     assert png.text["mask"] == str(files / "mask32.png") and png.text["strength"] == "0.5"
     assert png.text["blend"] == "True" and png.text["resize"] == "True" and png.text["keep_unmasked"] == "True"

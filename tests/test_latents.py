@@ -167,6 +167,11 @@ def test_latent_iterator_epochs_resume_and_process_shards(tmp_path):
     with pytest.raises(Exception, match="global_batch_size"):
         LatentIterator(directory, global_batch_size=4, process_index=0, process_count=1, seed=3, shuffle=True,
                        tokenizer=None).set_state(state)  # fmt: skip
+    # a workdir trained on images (a grain iterator's state) asked to continue from latents: what to do, in one line
+    grain_state = {"next_index": 96, "worker_count": 0}
+    with pytest.raises(Exception, match=r"encoded on the fly.*new --workdir") as err:
+        make().set_state(grain_state)
+    assert "\n" not in str(err.value)
 
 
 def test_train_from_latents_writes_a_checkpoint(root):

@@ -64,6 +64,7 @@ def assert_state_sharded_as_training(report, config, init_state, mesh, sharded_p
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_stage2_train_step_and_sampler_compile_for_tpu_with_pallas_attention():
     devices, chip, mesh = tpu_mesh()
     config = load_config("configs/ldm_txt2img_kl8.py:tiny")
@@ -91,6 +92,7 @@ def test_stage2_train_step_and_sampler_compile_for_tpu_with_pallas_attention():
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_stage1_rec_and_gan_steps_compile_for_tpu():
     _, chip, mesh = tpu_mesh()
     config = micro_autoencoder()

@@ -108,9 +108,18 @@ def test_sample_cli_writes_images_with_metadata(workdirs, tmp_path):
     result = run_cli("sample.py", "--workdir", str(workdirs / "ldm"), "--prompt", "a red circle", "--n", "2",
                      "--steps", "2", "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "grid.png"]
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "grid", "samples.json"]
     text = Image.open(out / "00001.png").text
     assert text["prompt"] == "a red circle" and text["steps"] == "2" and text["checkpoint_step"] == "4"
+    manifest = json.load(open(out / "samples.json"))
+    assert manifest["images"] == ["00000.png", "00001.png"] and manifest["conditions"] == ["a red circle"] * 2
+    assert manifest["run"]["steps"] == "2" and manifest["run"]["checkpoint_step"] == "4"
+    # a second run into the same folder replaces the first one's set instead of mixing with it
+    again = run_cli("sample.py", "--workdir", str(workdirs / "ldm"), "--prompt", "a blue square", "--n", "1",
+                    "--steps", "2", "--out", str(out))  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["00000.png", "grid", "samples.json"] and "replacing" in again.stdout
+    assert json.load(open(out / "samples.json"))["conditions"] == ["a blue square"]
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,19 @@ class Rule:
     transform: Callable[[np.ndarray], np.ndarray] = identity
 
 
+def import_torch(path: str):
+    """The torch module, to read the PyTorch file `path` (torch.load with weights_only=True); ConversionError in one
+    line when PyTorch is not installed (it is never needed to train or sample, only to read .pth / .ckpt files)."""
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"reading {path} (a PyTorch pickle file) needs PyTorch: `pip install torch` (the CPU build is enough), "
+            "or use a .safetensors copy of the weights"
+        ) from None
+    return torch
+
+
 def to_numpy_state_dict(state_dict: Mapping[str, object]) -> dict[str, np.ndarray]:
     """Torch tensors (or anything array-like) -> float32/int numpy arrays, without importing torch."""
     out = {}

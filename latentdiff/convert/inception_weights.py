@@ -30,7 +30,16 @@ from flax import traverse_util
 
 from latentdiff import params_io
 from latentdiff.convert import torchscript_archive
-from latentdiff.convert.common import ConversionError, Rule, apply_table, conv_kernel, dense_kernel, identity
+from latentdiff.convert.common import (
+    ConversionError,
+    Rule,
+    apply_table,
+    conv_kernel,
+    dense_kernel,
+    identity,
+    import_torch,
+    to_numpy_state_dict,
+)
 from latentdiff.convert.safe_pickle import UnsafePickleError
 from latentdiff.errors import UserError
 from latentdiff.nn.inception import NUM_CLASSES, abstract_params
@@ -253,9 +262,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             return torchscript_archive.read_state_dict(path)
         except UnsafePickleError as e:
             raise ConversionError(f"{path}: {e}") from None
-    import torch  # only needed for torch state dict files
-
-    from latentdiff.convert.common import to_numpy_state_dict
+    torch = import_torch(path)  # only needed for torch state dict files
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -31,6 +31,7 @@ from latentdiff.convert.common import (
     conv_kernel,
     dense_kernel,
     identity,
+    import_torch,
     invert_table,
     to_numpy_state_dict,
 )
@@ -148,7 +149,7 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     """A PyTorch state dict file -> numpy arrays, via torch.load(weights_only=True) (no arbitrary code)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"PyTorch weights file not found: {path!r}")
-    import torch  # optional dependency, only for this source
+    torch = import_torch(path)  # optional dependency, only for this source
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):

@@ -609,10 +609,9 @@ def read_weights(path: str) -> tuple[dict[str, np.ndarray], int]:
 
         bf16 = np.dtype(ml_dtypes.bfloat16)
         return {k: v.astype(np.float32) if v.dtype == bf16 else v for k, v in load_file(path).items()}, -1
-    import torch
+    from latentdiff.convert.common import import_torch, to_numpy_state_dict
 
-    from latentdiff.convert.common import to_numpy_state_dict
-
+    torch = import_torch(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError and friends: the file holds more than tensors and plain containers
@@ -769,6 +768,15 @@ def export_diffusers(workdir: str, out: str, *, use_ema: bool = True, overwrite:
     kind = config.text_encoder.kind
     if kind not in ("bert", "clip"):
         raise ConversionError(f"export needs a text model (text_encoder.kind 'bert' or 'clip'), got {kind!r}")
+    if kind == "bert" and config.text_encoder.max_length < LDM_TOKEN_LENGTH:
+        # Refused rather than written: the pipeline would load and then fail at its first prompt (IndexError), and
+        # widening the position table would change what the model computes (prompts padded to 77, no mask).
+        raise ConversionError(
+            f"diffusers' LDMTextToImagePipeline pads every prompt to {LDM_TOKEN_LENGTH} tokens, but this text encoder "
+            f"has {config.text_encoder.max_length} positions, so diffusers could not run the export; export a model "
+            f"trained with --config.text_encoder.max_length={LDM_TOKEN_LENGTH} "
+            f"--config.tokenizer.max_length={LDM_TOKEN_LENGTH}, and use latentdiff's sample.py for this one"
+        )
     name = "LDMTextToImagePipeline" if kind == "bert" else "StableDiffusionPipeline"
     parts = PIPELINES[name]
     params = jax.device_get(pipe.params)

@@ -169,8 +169,14 @@ class LatentIterator:
     def set_state(self, state: dict) -> None:
         """Continues from a position saved by get_state() of an iterator over the same latents and settings."""
         mine = self.get_state()
+        if "num_examples" not in state:  # the checkpoint's run read images (data.*), not precomputed latents
+            raise DataError(
+                "this workdir was trained on images encoded on the fly, not on precomputed latents "
+                "(--config.first_stage.latents): a workdir keeps its input; train from latents in a new --workdir, "
+                "or drop --config.first_stage.latents to continue this one"
+            )
         for key in ("num_examples", "global_batch_size", "seed"):
-            if state.get(key) != mine[key]:  # a saved state of another iterator kind lacks the key
+            if state.get(key) != mine[key]:
                 raise DataError(
                     f"cannot restore the latent iterator: saved {key}={state.get(key)!r} but this run has "
                     f"{mine[key]!r} (different latents or settings?)"

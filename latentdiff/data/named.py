@@ -158,8 +158,8 @@ def open_builder(name: str, data_dir: str, download: bool):
     except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError, ValueError):
         if not download:
             raise DataError(
-                f"dataset {name!r} is not prepared in {where}; prepare it with `{command}` (needs the tf extra) "
-                "or set data.download=True"
+                f"dataset {name!r} is not prepared in {where}; prepare it with `{command}` (needs the tf extra), "
+                "or let train.py prepare it with --config.data.download=True"
             ) from None
         try:
             builder = tfds.builder(name, data_dir=data_dir or None)
@@ -192,5 +192,9 @@ def open_split(builder, split: str, image_key: str):
     """The split as a random-access source whose image stays encoded bytes. Unknown split -> DataError."""
     available = list(builder.info.splits.keys())
     if split.split("[", 1)[0] not in available:
-        raise DataError(f"dataset {builder.info.full_name} has no split {split!r}; available: {', '.join(available)}")
+        hint = getattr(builder, "MISSING_SPLIT_HINT", "")
+        raise DataError(
+            f"dataset {builder.info.full_name} has no split {split!r}; available: {', '.join(available)}"
+            + (f"; {hint}" if hint else "")
+        )
     return builder.as_data_source(split=split, decoders=_skip_decoding_tree(image_key))

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from latentdiff.config_utils import apply_overrides
 from latentdiff.data.errors import DataError
 from latentdiff.errors import UserError
 from latentdiff.output_paths import check_output_file
@@ -76,11 +77,13 @@ def render_grid(images: np.ndarray, captions: Sequence[str]) -> Image.Image:
     return grid
 
 
-def preview(config_spec: str, out: str, split: str, num: int, seed: int, augment: bool) -> str:
-    """Writes the grid PNG for `num` examples of `split` ('' = data.train_split); returns the path."""
+def preview(config_spec: str, out: str, split: str, num: int, seed: int, augment: bool, overrides: list[str]) -> str:
+    """Writes the grid PNG for `num` examples of `split` ('' = data.train_split) of the config with `overrides`
+    ("FIELD=VALUE", as train.py's --config.FIELD=VALUE) applied; returns the path."""
     from latentdiff.data.pipeline import make_dataset
 
     config = load_config(config_spec)
+    apply_overrides(config, overrides)
     if "data" not in config:
         raise DataError(f"config {config_spec} has no .data")
     data_cfg = config.data
@@ -109,10 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=16, help="number of examples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", action="store_true", help="training-mode random crop / flip (as configured)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [arg for arg in extra if not arg.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (config fields are set with --config.FIELD=VALUE)")
+    overrides = [arg[len("--config.") :] for arg in extra]
     try:
         check_output_file(args.out, "--out")
-        path = preview(args.config, args.out, args.split, args.num, args.seed, args.augment)
+        path = preview(args.config, args.out, args.split, args.num, args.seed, args.augment, overrides)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

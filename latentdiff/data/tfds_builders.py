@@ -153,6 +153,11 @@ def folder_config(folder: str, num_validation: int) -> FolderConfig:
 class LatentdiffFolder(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
     """A local directory of captioned images (see latentdiff.data.folder for the layout)."""
 
+    # named.open_split adds this to its "no split" error: the folder's only splits are train and, when asked, validation
+    MISSING_SPLIT_HINT = (
+        "a folder dataset has a 'validation' split only when --config.data.folder_num_validation=N holds N of its "
+        "images out of training (e.g. 64)"
+    )
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {  # noqa: RUF012 (TFDS class attribute)
         "1.0.0": "First release.",

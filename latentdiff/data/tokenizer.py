@@ -8,6 +8,8 @@ the vocabulary; we always load from a directory with `AutoTokenizer.from_pretrai
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -85,7 +87,7 @@ def is_tokenizer_dir(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
 
 
-def _from_pretrained(name_or_path: str):
+def _from_pretrained(name_or_path: str, local_files_only: bool):
     """AutoTokenizer, except for our own saved tokenizers (class TokenizersBackend / PreTrainedTokenizerFast), which
     load directly: importing AutoTokenizer pulls in torch when it is installed (seconds)."""
     config_path = os.path.join(name_or_path, "tokenizer_config.json")
@@ -97,7 +99,27 @@ def _from_pretrained(name_or_path: str):
             return PreTrainedTokenizerFast.from_pretrained(name_or_path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
+
+
+HUB_PROBE_SECONDS = 3.0  # one TCP connection to the hub before a download, instead of ~50 s of retries offline
+
+
+def hub_unavailable_reason(environ: dict[str, str] | None = None) -> str | None:
+    """Why a Hugging Face download cannot work right now (HF_HUB_OFFLINE set, or the hub's host does not accept a
+    connection within HUB_PROBE_SECONDS), or None. Behind a proxy (HTTPS_PROXY) the probe is skipped."""
+    env = os.environ if environ is None else environ
+    if env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if env.get("HTTPS_PROXY") or env.get("https_proxy"):
+        return None
+    endpoint = urllib.parse.urlparse(env.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as error:
+        return f"{endpoint.hostname}:{port} is unreachable ({error.strerror or type(error).__name__})"
+    return None
 
 
 def load_tokenizer(name_or_path: str, max_length: int) -> Tokenizer:
@@ -108,8 +130,19 @@ def load_tokenizer(name_or_path: str, max_length: int) -> Tokenizer:
     if looks_local and not is_tokenizer_dir(os.path.expanduser(name_or_path)):
         raise DataError(f"no tokenizer files (tokenizer_config.json) in directory {name_or_path!r}")
     name_or_path = os.path.expanduser(name_or_path)
+    if not looks_local:  # a hub name: the local cache first; a download only when the hub can answer
+        try:
+            return Tokenizer(_from_pretrained(name_or_path, local_files_only=True), max_length)
+        except (OSError, ValueError):
+            reason = hub_unavailable_reason()
+        if reason:
+            raise DataError(
+                f"tokenizer {name_or_path!r} is not in the Hugging Face cache and cannot be downloaded ({reason}): on "
+                f"a machine with network run `hf download {name_or_path} --local-dir tokenizers/{name_or_path}`, "
+                "copy that folder here and pass its path instead of the name"
+            )
     try:
-        hf = _from_pretrained(name_or_path)
+        hf = _from_pretrained(name_or_path, local_files_only=False)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
