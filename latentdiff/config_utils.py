@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from latentdiff import atomic_files
 from latentdiff.errors import UserError
 
 
@@ -173,15 +174,9 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_files.write_text(path, text)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Binary twin of atomic_write_text."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_files.write_bytes(path, data)

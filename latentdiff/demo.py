@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 import latentdiff  # noqa: F401  (CPU XLA flags)
-from latentdiff import errors
+from latentdiff import errors, progress
 
 AE_CONFIG = "configs/autoencoder_kl_f4.py:demo"
 LDM_CONFIG = "configs/ldm_txt2img_kl8.py:demo"
@@ -71,13 +71,15 @@ def score(pipe: Any, *, guidance: float, steps: int, sampler: str, num: int, res
     from latentdiff.data import shapes
 
     report: dict[str, Any] = {}
+    batch = min(128, num)  # the pipeline pads a batch to batch_size: a small `num` must not sample 128
     for split in ("validation", "novel"):
         _, captions = shapes.make_examples(num, resolution, split, SCORE_SEED)
         for scale in (guidance, 1.0):
             start = time.perf_counter()
-            images = pipe(captions, sampler=sampler, steps=steps, guidance=scale, seed=SCORE_SEED, batch_size=128)
-            grades = shapes.grade(images, captions)
             key = f"{'seen' if split == 'validation' else 'novel'}@{scale:g}"
+            with progress.phase(f"scoring {key}: {num} images, {steps} {sampler} steps, graded from pixels"):
+                images = pipe(captions, sampler=sampler, steps=steps, guidance=scale, seed=SCORE_SEED, batch_size=batch)
+                grades = shapes.grade(images, captions)
             report[key] = {k: float(v) for k, v in grades.items()} | {"seconds": time.perf_counter() - start}
     return report
 
@@ -99,9 +101,12 @@ def run(demo_dir: str, out: str, num: int = NUM_SCORED_RUN) -> dict[str, Any]:
     if not os.path.isfile(os.path.join(demo_dir, "config.json")):
         raise FileNotFoundError(f"no demo model in {demo_dir!r}; run `make demo-train` to create it")
     t0 = time.perf_counter()
-    pipe = Pipeline.from_workdir(demo_dir)
+    with progress.phase(f"loading the demo model from {demo_dir}"):
+        pipe = Pipeline.from_workdir(demo_dir)
     s = pipe.config.sampling
-    images = pipe(list(GRID_PROMPTS), sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=0)
+    grid_what = f"sampling the grid: {len(GRID_PROMPTS)} prompts, {s.steps} {s.sampler} steps (the first call compiles)"
+    with progress.phase(grid_what):
+        images = pipe(list(GRID_PROMPTS), sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=0)
     os.makedirs(out, exist_ok=True)
     save_png(grid(images, GRID_PROMPTS, columns=4, scale=4, caption_lines=3), os.path.join(out, "grid.png"))
     report = {

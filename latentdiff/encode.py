@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 import latentdiff  # noqa: F401  (CPU XLA flags)
-from latentdiff import errors
+from latentdiff import atomic_files, errors
 from latentdiff.errors import UserError
 from latentdiff.output_paths import check_output_dir
 
@@ -68,53 +68,25 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
         return h, jnp.zeros_like(h)
 
     os.makedirs(out, exist_ok=True)
+    atomic_files.remove_stale(out)  # temporaries of a killed earlier encoding
     if os.path.isfile(os.path.join(out, META)):  # the directory is not a valid latents source until rewritten
         os.remove(os.path.join(out, META))
-    tag = f"tmp.{os.getpid()}"
     names = ARRAYS[fs.config.kind]
-    tmp = {n: os.path.join(out, f"{n}.{tag}.npy") for n in names}
-    arrays = {
-        n: np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, *latent_shape))
-        for n, path in tmp.items()
-    }
-    label_tmp = os.path.join(out, f"labels.{tag}.npy")
-    labels = None
-    captions_tmp = os.path.join(out, f"captions.{tag}.jsonl")
-    rng = np.random.default_rng(seed)
-    moments = np.zeros(2, np.float64)  # sum and sum of squares of the (sampled) latents, for the scale factor
-    filled = 0
-    with open(captions_tmp, "w", encoding="utf-8") as captions:
-        for batch in iterator:
-            take = min(len(batch["image"]), total - filled)
-            mean, logvar = (
-                np.asarray(a)[:take] for a in jax.device_get(encode(fs.variables, jnp.asarray(batch["image"])))
-            )
-            rows = slice(filled, filled + take)
-            if kl:
-                arrays["mean"][rows], arrays["logvar"][rows] = mean, logvar
-                sampled = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape)
-            else:
-                arrays["latents"][rows] = sampled = mean
-            moments += (np.sum(sampled, dtype=np.float64), np.sum(np.square(sampled, dtype=np.float64)))
-            captions.writelines(json.dumps(str(c)) + "\n" for c in batch["caption"][:take])
-            if "label" in batch:
-                if labels is None:
-                    labels = np.lib.format.open_memmap(label_tmp, mode="w+", dtype=np.int32, shape=(total,))
-                labels[rows] = np.asarray(batch["label"][:take], np.int32)
-            filled += take
-            if filled >= total:
-                break
-    count = total * int(np.prod(latent_shape))
-    std = float(np.sqrt(max(moments[1] / count - (moments[0] / count) ** 2, 0.0)))
-    for name, arr in arrays.items():
-        arr.flush()
-        os.replace(tmp[name], os.path.join(out, f"{name}.npy"))
-    if labels is not None:
-        labels.flush()
-        os.replace(label_tmp, os.path.join(out, LABELS))
-    elif os.path.isfile(os.path.join(out, LABELS)):  # stale labels of an earlier encoding
-        os.remove(os.path.join(out, LABELS))
-    os.replace(captions_tmp, os.path.join(out, CAPTIONS))
+    final = {n: os.path.join(out, f"{n}.npy") for n in names} | {"labels": os.path.join(out, LABELS)}
+    final["captions"] = os.path.join(out, CAPTIONS)
+    tmp = {n: atomic_files.temp_path(path) for n, path in final.items()}
+    try:
+        std = _fill(encode, fs.variables, iterator, tmp, names, total, latent_shape, kl, seed)
+    except BaseException:  # an error or SIGTERM (errors.run_cli): no half-written temporaries stay behind
+        for path in tmp.values():
+            atomic_files.discard(path)
+        raise
+    for name in (*names, "captions"):
+        os.replace(tmp[name], final[name])
+    if os.path.isfile(tmp["labels"]):
+        os.replace(tmp["labels"], final["labels"])
+    elif os.path.isfile(final["labels"]):  # stale labels of an earlier encoding
+        os.remove(final["labels"])
     meta = {
         "format": "npy",
         "workdir": os.path.abspath(workdir),
@@ -131,6 +103,56 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
     }
     config_utils.atomic_write_text(os.path.join(out, META), json.dumps(meta, indent=2))
     return meta
+
+
+def _fill(
+    encode: Any,
+    variables: dict,
+    iterator: Any,
+    tmp: dict[str, str],
+    names: tuple[str, ...],
+    total: int,
+    latent_shape: tuple[int, ...],
+    kl: bool,
+    seed: int,
+) -> float:
+    """Encodes `total` images batch by batch into the temporary files `tmp` (memory-mapped arrays [total, h, w, c],
+    labels [total] when the data has them, captions as JSON lines) -> the std of the (sampled) latents."""
+    import jax
+    import jax.numpy as jnp
+
+    arrays = {
+        n: np.lib.format.open_memmap(tmp[n], mode="w+", dtype=np.float32, shape=(total, *latent_shape)) for n in names
+    }
+    labels = None
+    rng = np.random.default_rng(seed)
+    moments = np.zeros(2, np.float64)  # sum and sum of squares of the (sampled) latents, for the scale factor
+    filled = 0
+    with open(tmp["captions"], "w", encoding="utf-8") as captions:
+        for batch in iterator:
+            take = min(len(batch["image"]), total - filled)
+            mean, logvar = (
+                np.asarray(a)[:take] for a in jax.device_get(encode(variables, jnp.asarray(batch["image"])))
+            )
+            rows = slice(filled, filled + take)
+            if kl:
+                arrays["mean"][rows], arrays["logvar"][rows] = mean, logvar
+                sampled = mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape)
+            else:
+                arrays["latents"][rows] = sampled = mean
+            moments += (np.sum(sampled, dtype=np.float64), np.sum(np.square(sampled, dtype=np.float64)))
+            captions.writelines(json.dumps(str(c)) + "\n" for c in batch["caption"][:take])
+            if "label" in batch:
+                if labels is None:
+                    labels = np.lib.format.open_memmap(tmp["labels"], mode="w+", dtype=np.int32, shape=(total,))
+                labels[rows] = np.asarray(batch["label"][:take], np.int32)
+            filled += take
+            if filled >= total:
+                break
+    for arr in (*arrays.values(), *([labels] if labels is not None else [])):
+        arr.flush()
+    count = total * int(np.prod(latent_shape))
+    return float(np.sqrt(max(moments[1] / count - (moments[0] / count) ** 2, 0.0)))
 
 
 def main(argv: list[str]) -> None:

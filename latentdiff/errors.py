@@ -10,10 +10,12 @@ Set LATENTDIFF_DEBUG=1 to see the full traceback of user errors too.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from latentdiff import compile_cache
@@ -55,23 +57,48 @@ def exit_with_bug(error: BaseException) -> NoReturn:
     sys.exit(3)
 
 
-def run_cli(main: Callable[[], Any]) -> Any:
-    """Runs a command-line program's `main` with the compilation cache on (`compile_cache`): user errors -> one line
-    and exit 2; device out of memory -> one line with the fix, exit 2; anything else -> its traceback, the bug-report
-    hint and exit 3."""
-    compile_cache.enable()
-    if os.environ.get("LATENTDIFF_DEBUG"):
-        return main()
+def _raise_on_sigterm(signum: int, frame: Any) -> NoReturn:
+    del frame
+    print("stopped by SIGTERM", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises SystemExit(143) in the main thread instead of killing the process at once,
+    so `finally` blocks run and half-written temporaries are removed (latentdiff.atomic_files). A handler set by
+    someone else is left in place, and training installs its own (checkpoint, then exit 0) for its loop."""
     try:
-        return main()
-    except user_error_types() as error:
-        exit_with(error)
-    except Exception as error:
-        if is_out_of_memory(error):
-            print(
-                f"error: out of device memory ({one_line(error)[:200]}); lower the batch size or the resolution, or "
-                "check the plan first with `python -m latentdiff.tools.preflight`",
-                file=sys.stderr,
-            )
-            sys.exit(2)
-        exit_with_bug(error)
+        installed = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        if installed:
+            signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        installed = False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_cli(main: Callable[[], Any]) -> Any:
+    """Runs a command-line program's `main` with the compilation cache on (`compile_cache`) and SIGTERM unwinding the
+    stack (`sigterm_unwinds`): user errors -> one line and exit 2; device out of memory -> one line with the fix,
+    exit 2; anything else -> its traceback, the bug-report hint and exit 3."""
+    compile_cache.enable()
+    with sigterm_unwinds():
+        if os.environ.get("LATENTDIFF_DEBUG"):
+            return main()
+        try:
+            return main()
+        except user_error_types() as error:
+            exit_with(error)
+        except Exception as error:
+            if is_out_of_memory(error):
+                print(
+                    f"error: out of device memory ({one_line(error)[:200]}); lower the batch size or the resolution, "
+                    "or check the plan first with `python -m latentdiff.tools.preflight`",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+            exit_with_bug(error)

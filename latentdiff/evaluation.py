@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from latentdiff import config_utils, metrics, sample_set
+from latentdiff import atomic_files, config_utils, metrics, progress, sample_set
 from latentdiff.errors import UserError
 
 TFDS_PREFIX = "tfds:"
@@ -295,7 +295,8 @@ def set_stats(params: Mapping | None, image_set: ImageSet, batch_size: int, prep
         return SetStats(image_set.stats, {}, None, None)
     if params is None:
         raise EvalError(f"{image_set.name}: --inception_weights is required to compute features of images")
-    pool, logits = features(params, image_set.chunks(), batch_size, preprocess)
+    with progress.phase(f"Inception features of {image_set.name}"):
+        pool, logits = features(params, image_set.chunks(), batch_size, preprocess)
     info = {"n_images": int(pool.shape[0]), "skipped": image_set.skipped}
     return SetStats(stats_of(pool, image_set.name), info, pool, logits)
 
@@ -397,9 +398,8 @@ def read_shard(path: str, captions: Sequence[str]) -> np.ndarray | None:
 def write_shard(path: str, images: np.ndarray, captions: Sequence[str], start: int) -> None:
     """Atomic .npz write (temporary file + rename): an interrupted run never leaves half a shard."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.npz"
-    np.savez(tmp, images=images, captions=np.asarray(list(captions), dtype=str), start=np.int64(start))
-    os.replace(tmp, path)
+    with atomic_files.replacing(path, ".npz") as tmp:
+        np.savez(tmp, images=images, captions=np.asarray(list(captions), dtype=str), start=np.int64(start))
 
 
 def generate_shards(
@@ -409,6 +409,7 @@ def generate_shards(
     if shard_size < 1:
         raise EvalError(f"--shard_size must be >= 1, got {shard_size}")
     paths, generated = [], 0
+    atomic_files.remove_stale(os.path.join(out, "shards"))  # half-written shards of a killed earlier run
     num_shards = -(-len(captions) // shard_size)
     for k in range(num_shards):
         start, stop = k * shard_size, min((k + 1) * shard_size, len(captions))
@@ -419,7 +420,8 @@ def generate_shards(
         t0 = time.time()
         # a fixed batch (the last, partial shard is padded by the pipeline): one compiled sampler for every shard
         batch = min(batch_size or shard_size, shard_size)
-        images = generate_with_global_noise(pipe, captions[start:stop], start, settings, batch)
+        with progress.phase(f"shard {k + 1}/{num_shards}: generating {stop - start} images"):
+            images = generate_with_global_noise(pipe, captions[start:stop], start, settings, batch)
         write_shard(path, images, captions[start:stop], start)
         generated += 1
         _log(f"shard {k + 1}/{num_shards}: {stop - start} images in {time.time() - t0:.1f}s -> {path}")
@@ -565,7 +567,10 @@ def run_alignment(
     from latentdiff.data import shapes
 
     ref_images, captions = alignment_examples(pipe, split, num, data_seed)
-    generated = generate_with_global_noise(pipe, captions, 0, settings, batch_size)
+    with progress.phase(
+        f"generating {num} images for the {split} captions ({settings.steps} {settings.sampler} steps)"
+    ):
+        generated = generate_with_global_noise(pipe, captions, 0, settings, batch_size)
     report: dict = {
         "split": split,
         "num": num,

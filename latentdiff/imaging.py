@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
+from latentdiff import atomic_files
 from latentdiff.errors import UserError
 
 
@@ -27,10 +28,7 @@ def save_png(image: np.ndarray | Image.Image, path: str, text: Mapping[str, str]
     buffer = io.BytesIO()
     img.save(buffer, format="PNG", pnginfo=info)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_files.write_bytes(path, buffer.getvalue())
 
 
 def _font() -> ImageFont.ImageFont:

@@ -21,6 +21,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from latentdiff._libtpu_env import tpu_chip_present
 from latentdiff.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
@@ -45,7 +46,9 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int, *, t
     num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0") or 0)
     if process_id < 0:
         process_id = int(os.environ.get("JAX_PROCESS_ID", "-1") or -1)
-    on_tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    # (TPU_WORKER_HOSTNAMES alone is no sign of a pod: latentdiff._libtpu_env sets it on machines without a TPU chip)
+    pod_env = os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
+    on_tpu_pod = bool(pod_env) and tpu_chip_present()
     on_slurm = "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
     explicit = bool(coordinator) or num_processes > 1 or num_processes < -1
     if _distributed_initialized():

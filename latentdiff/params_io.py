@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from latentdiff import atomic_files
 from latentdiff.errors import UserError
 
 
@@ -31,10 +32,9 @@ def write_safetensors(path: str, arrays: Mapping[str, np.ndarray], metadata: Map
     from safetensors.numpy import save_file
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    save_file(dict(arrays), tmp, metadata=dict(metadata or {}))
-    os.chmod(tmp, default_file_mode())
-    os.replace(tmp, path)
+    with atomic_files.replacing(path) as tmp:
+        save_file(dict(arrays), tmp, metadata=dict(metadata or {}))
+        os.chmod(tmp, default_file_mode())
 
 
 def save_params(path: str, tree: Mapping, metadata: Mapping[str, str] | None = None) -> None:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from latentdiff import atomic_files
 from latentdiff.config_utils import atomic_write_text, read_json_file
 from latentdiff.errors import UserError
 from latentdiff.metrics import IMAGE_EXTENSIONS
@@ -75,6 +76,7 @@ def clear_previous(directory: str) -> list[str]:
     for leftover in (MANIFEST, GRID):
         if os.path.isfile(os.path.join(directory, leftover)):
             os.remove(os.path.join(directory, leftover))
+    atomic_files.remove_stale(directory)  # half-written files of a killed earlier run
     return removed
 
 

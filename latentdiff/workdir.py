@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from latentdiff import config_utils
+from latentdiff import atomic_files, config_utils
 from latentdiff.errors import UserError
 
 log = logging.getLogger("latentdiff")
@@ -61,7 +61,8 @@ def _read(path: str) -> str:
 def exclusive_run(workdir: str, enabled: bool = True) -> Iterator[None]:
     """Holds workdir/train.lock for the run (process 0 only: pass enabled=False on the others); released on any exit,
     by the kernel if the process dies. A second run on the same workdir gets WorkdirBusyError naming the holder. A
-    lock file left by a run that died (SIGKILL, power loss) is reported and taken over."""
+    lock file left by a run that died (SIGKILL, power loss) is reported and taken over, and the half-written
+    temporaries of that run (latentdiff.atomic_files) are removed."""
     if not enabled:
         yield
         return
@@ -85,6 +86,8 @@ def exclusive_run(workdir: str, enabled: bool = True) -> Iterator[None]:
         stale = _read(path)
         if stale:
             log.warning("workdir %s: taking over the lock of a run that did not exit cleanly (%s)", workdir, stale)
+            for leftover in atomic_files.remove_stale(workdir):
+                log.warning("removed %s, a half-written file of that run", leftover)
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder_text().encode(), 0)
         try:

@@ -262,3 +262,55 @@ def test_every_diffusers_autoencoder_config_field_is_reproduced_or_refused():
         convert_workdir.vae_config_from_diffusers(dict(base, a_future_field=1), "kl")
     with pytest.raises(ConversionError, match=r"shift_factor=0.1 \(latentdiff implements None\)"):
         convert_workdir.vae_config_from_diffusers(dict(base, shift_factor=0.1), "kl")
+
+
+def test_every_text_encoder_config_field_is_reproduced_or_refused():
+    """The same for the text encoders of the two pipelines (transformers CLIPTextConfig, diffusers LDMBertConfig):
+    every constructor field and every key their config.json holds is classified; unknown fields are refused."""
+    import inspect
+
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
+    from transformers import CLIPTextConfig
+
+    from latentdiff.convert import workdir as convert_workdir
+    from latentdiff.convert.diffusers_clip import clip_config, clip_field_table
+
+    for cls, table in ((CLIPTextConfig, clip_field_table()), (LDMBertConfig, convert_workdir.bert_field_table())):
+        fields = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs")]
+        written = [k for k in cls().to_dict() if not k.startswith("_")]
+        assert sorted(set(fields + written) - set(table)) == [], cls.__name__
+    # SD v1.5's text_encoder/config.json (written by transformers 4.22), and the LDM pipeline's LDMBert one.
+    sd15 = {
+        "_name_or_path": "openai/clip-vit-large-patch14",
+        "architectures": ["CLIPTextModel"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "quick_gelu",
+        "hidden_size": 768,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "model_type": "clip_text_model",
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "pad_token_id": 1,
+        "projection_dim": 768,
+        "torch_dtype": "float32",
+        "transformers_version": "4.22.0.dev0",
+        "vocab_size": 49408,
+    }
+    assert clip_config(sd15)["width"] == 768
+    with pytest.raises(ConversionError, match="fields latentdiff does not reproduce: a_future_field"):
+        clip_config(dict(sd15, a_future_field=1))
+    with pytest.raises(ConversionError, match=r"pruned_heads=\{0: \[1\]\}"):
+        clip_config(dict(sd15, pruned_heads={0: [1]}))
+    bert = LDMBertConfig(encoder_layers=2, d_model=64, encoder_ffn_dim=256, head_dim=16).to_dict()
+    assert convert_workdir.bert_config_from_diffusers(bert)["depth"] == 2
+    with pytest.raises(ConversionError, match="fields latentdiff does not reproduce: a_future_field"):
+        convert_workdir.bert_config_from_diffusers(dict(bert, a_future_field=1))
+    with pytest.raises(ConversionError, match=r"activation_function='relu' \(latentdiff implements 'gelu'\)"):
+        convert_workdir.bert_config_from_diffusers(dict(bert, activation_function="relu"))

@@ -191,7 +191,7 @@ def test_rendered_pixels_match_layout_geometry():
             assert tuple(images[i, y, x]) == shapes.OBJECT_COLOURS[shapes._COLOUR_NAMES[layout.colour[i, 0]]]
 
 
-def test_tfds_builder_matches_make_examples(tmp_path):
+def test_tfds_builder_matches_make_examples(tmp_path, capfd):
     import tensorflow_datasets as tfds
 
     from latentdiff.data import tfds_builders
@@ -201,6 +201,13 @@ def test_tfds_builder_matches_make_examples(tmp_path):
     assert config.name != other.name  # two resolutions never share a directory
     builder = tfds_builders.LatentdiffShapes(config=config, data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare(file_format="array_record")
+    out, err = capfd.readouterr()
+    # what it generates and where (TFDS said "Downloading ... Unknown size" and nothing of where)
+    assert "Downloading" not in out + err and "Unknown size" not in out + err
+    assert (
+        f"preparing the built-in shapes dataset (24 train, 8 validation, 8 novel images of 32 px) in {tmp_path}" in err
+    )
+    assert "--config.data.data_dir=DIR or $TFDS_DATA_DIR" in err
     source = builder.as_data_source(split="validation")
     stored = sorted((r["caption"].decode(), np.asarray(r["image"]).tobytes()) for r in source)
     images, captions = shapes.make_examples(8, 32, "validation", 0)

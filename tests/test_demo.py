@@ -1,6 +1,7 @@
 """The embedded default: the shipped demo model (demo/) generates what its captions say, and the recipe that
 produced it (`make demo-train`) runs end to end at toy length."""
 
+import itertools
 import json
 import os
 
@@ -121,3 +122,26 @@ def test_demo_train_stops_after_a_preempted_stage(tmp_path, monkeypatch, capsys)
 def test_demo_without_a_model_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `make demo-train`"):
         demo.run(str(tmp_path / "nothing"), str(tmp_path / "out"), num=8)
+
+
+def test_make_demo_prints_a_progress_line_at_least_every_10_seconds(tmp_path):
+    """`make demo` (demo run) printed nothing for minutes while it compiled and sampled; now every phase says what
+    it does and a line comes at least every 10 s. Arrival times of the output lines are measured (--num 4)."""
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-u", "-m", "latentdiff.demo", "run", "--demo_dir", SHIPPED, "--out", str(tmp_path)]
+    start = time.monotonic()
+    run = subprocess.Popen([*command, "--num", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    arrivals, lines = [], []
+    for line in run.stdout:
+        arrivals.append(time.monotonic())
+        lines.append(line.rstrip())
+    assert run.wait(timeout=900) == 0, "\n".join(lines)
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert max(gaps) <= 10.0, list(zip(gaps, lines[1:]))
+    assert arrivals[0] - start <= 30.0  # Python and JAX start-up before the first line (seconds on a loaded machine)
+    text = "\n".join(lines)
+    assert "sampling the grid: 12 prompts" in text and "scoring novel@1: 4 images" in text
+    assert os.path.isfile(tmp_path / "report.json") and os.path.isfile(tmp_path / "grid.png")

@@ -259,8 +259,9 @@ def test_second_run_on_a_workdir_is_refused_and_a_stale_lock_is_taken_over(tmp_p
         [
             sys.executable,
             "-c",
-            f"from latentdiff import workdir; import time\nwith workdir.exclusive_run({work!r}):\n"
-            "    print('locked', flush=True); time.sleep(600)",
+            f"from latentdiff import atomic_files, workdir; import time\nwith workdir.exclusive_run({work!r}):\n"
+            f"    with atomic_files.replacing({work!r} + '/metrics.jsonl') as tmp, open(tmp, 'w') as f:\n"
+            "        f.write('half'); f.flush(); print('locked', flush=True); time.sleep(600)",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -271,11 +272,48 @@ def test_second_run_on_a_workdir_is_refused_and_a_stale_lock_is_taken_over(tmp_p
     with caplog.at_level(logging.WARNING, logger="latentdiff"), workdir_lib.exclusive_run(work):
         pass
     assert f"pid {killed.pid}" in caplog.text and "did not exit cleanly" in caplog.text
+    assert sorted(os.listdir(work)) == [] and f"metrics.jsonl.tmp.{killed.pid}" in caplog.text  # its temporary too
     with pytest.raises(ValueError):  # an exception inside the run still releases the lock
         with workdir_lib.exclusive_run(work):
             raise ValueError
     with workdir_lib.exclusive_run(work):
         pass
+
+
+def test_sigterm_while_a_program_writes_leaves_no_temporary(tmp_path):
+    """A command-line program stopped by SIGTERM outside the train loop (encoding latents, sampling, a second SIGTERM
+    after a preempted stage) unwinds: exit 143, its half-written temporary removed, the target untouched."""
+    target = str(tmp_path / "mean.npy")
+    code = (
+        "import sys, time\nfrom latentdiff import atomic_files, errors\n"
+        "def main():\n"
+        "    with atomic_files.replacing(sys.argv[1]) as tmp, open(tmp, 'w') as f:\n"
+        "        f.write('half'); f.flush(); print('writing', flush=True); time.sleep(600)\n"
+        "errors.run_cli(main)\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-c", code, target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert run.stdout.readline().strip() == "writing"
+    assert os.listdir(tmp_path) == [f"mean.npy.tmp.{run.pid}"]
+    run.terminate()
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 143 and "stopped by SIGTERM" in stderr, stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    from latentdiff import atomic_files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / "sub").mkdir()
+    names = [f"a.json.tmp.{dead_pid}", f"sub/shard.npz.tmp.{dead_pid}.npz", f"b.json.tmp.{os.getpid()}", "c.tmp.x"]
+    for name in names:
+        (tmp_path / name).write_text("half")
+    removed = atomic_files.remove_stale(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in removed) == sorted(names[:2])
+    assert sorted(os.listdir(tmp_path)) == [names[2], "c.tmp.x", "sub"]
 
 
 def test_config_history_keeps_the_original(tmp_path):

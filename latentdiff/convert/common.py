@@ -72,6 +72,85 @@ def import_torch(path: str):
     return torch
 
 
+# Keys a transformers PretrainedConfig (config.json of a text encoder) may carry besides its model's own fields,
+# generation settings of older files included: none changes an encoder's last hidden state ('pruned_heads' does, and
+# is checked by the converters as a fixed field).
+HF_GENERIC_INERT = {
+    **dict.fromkeys(
+        ("architectures", "model_type", "transformers_version", "name_or_path", "_name_or_path"), "metadata"
+    ),
+    **dict.fromkeys(("dtype", "torch_dtype", "use_bfloat16"), "storage precision: the converter reads float32"),
+    **dict.fromkeys(
+        ("output_hidden_states", "output_attentions", "return_dict", "torchscript", "use_return_dict"),
+        "which outputs PyTorch returns, not their values",
+    ),
+    **dict.fromkeys(
+        ("chunk_size_feed_forward", "_attn_implementation", "attn_implementation"),
+        "how PyTorch schedules the same computation",
+    ),
+    **dict.fromkeys(
+        ("id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "task_specific_params", "prefix"),
+        "classification / task heads the text encoder has none of",
+    ),
+    **dict.fromkeys(
+        (
+            "is_encoder_decoder",
+            "is_decoder",
+            "add_cross_attention",
+            "cross_attention_hidden_size",
+            "tie_encoder_decoder",
+            "tie_word_embeddings",
+            "decoder_start_token_id",
+            "sep_token_id",
+            "tokenizer_class",
+            "max_length",
+            "min_length",
+            "do_sample",
+            "early_stopping",
+            "num_beams",
+            "num_beam_groups",
+            "diversity_penalty",
+            "temperature",
+            "top_k",
+            "top_p",
+            "typical_p",
+            "repetition_penalty",
+            "length_penalty",
+            "no_repeat_ngram_size",
+            "encoder_no_repeat_ngram_size",
+            "bad_words_ids",
+            "num_return_sequences",
+            "output_scores",
+            "return_dict_in_generate",
+            "forced_bos_token_id",
+            "forced_eos_token_id",
+            "remove_invalid_values",
+            "exponential_decay_length_penalty",
+            "suppress_tokens",
+            "begin_suppress_tokens",
+            "tf_legacy_loss",
+        ),
+        "text generation / decoder settings: an encoder's forward pass does not read them",
+    ),
+}
+
+
+def field_problems(config: Mapping, fixed: Mapping[str, object], known: Iterable[str]) -> list[str]:
+    """What of a model's config.json the converter does not reproduce: each `fixed` field present with another value
+    (`fixed[f]` is the value latentdiff implements), and every field outside `known` (a newer library may add fields
+    that change the forward pass: they are refused, never ignored). Keys starting with '_' are metadata."""
+    problems = [
+        f"{field}={config[field]!r} (latentdiff implements {want!r})"
+        for field, want in fixed.items()
+        if field in config and config[field] != want
+    ]
+    known = set(known) | set(fixed)
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        problems.append(f"fields latentdiff does not reproduce: {', '.join(unknown)}")
+    return problems
+
+
 def to_numpy_state_dict(state_dict: Mapping[str, object]) -> dict[str, np.ndarray]:
     """Torch tensors (or anything array-like) -> float32/int numpy arrays, without importing torch."""
     out = {}

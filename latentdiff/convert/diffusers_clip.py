@@ -24,7 +24,17 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from latentdiff.convert.common import INVERSES, ConversionError, Rule, apply_table, dense_kernel, identity, invert_table
+from latentdiff.convert.common import (
+    HF_GENERIC_INERT,
+    INVERSES,
+    ConversionError,
+    Rule,
+    apply_table,
+    dense_kernel,
+    field_problems,
+    identity,
+    invert_table,
+)
 from latentdiff.convert.diffusers_unet import export_table, freeze_config
 from latentdiff.errors import UserError
 from latentdiff.nn.clip_text import CLIPTextEncoder
@@ -132,16 +142,43 @@ def export_clip(params: Mapping, cfg: Mapping, prefix: str = HF_PREFIX) -> dict[
     return export_table(invert_table(clip_table(cfg, prefix), INVERSES), params)
 
 
+# CLIPTextConfig fields read into our config, by clip_config.
+CLIP_MAPPED = (
+    "vocab_size",
+    "max_position_embeddings",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+# Fields whose only implemented value is given: SD v1's OpenAI CLIP.
+CLIP_FIXED = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "pruned_heads": {}}
+# Fields that leave the last hidden state (what the UNet cross-attends to) unchanged, with the reason.
+CLIP_INERT = {
+    "projection_dim": "CLIPTextModelWithProjection's text_projection only; CLIPTextModel has none",
+    "attention_dropout": "training only: the converted encoder runs without dropout",
+    "dropout": "training only (older config files): the converted encoder runs without dropout",
+    "initializer_range": "initialisation only",
+    "initializer_factor": "initialisation only",
+    "pad_token_id": "the tokenizer's business: the encoder masks nothing (causal mask only)",
+    "bos_token_id": "the tokenizer's business",
+    "eos_token_id": "picks the pooled output's token; the last hidden state does not use it",
+} | HF_GENERIC_INERT
+
+
+def clip_field_table() -> dict[str, str]:
+    """Every CLIPTextConfig field latentdiff knows -> 'mapped' | 'fixed' | 'inert'; any other field is refused."""
+    table = {field: "fixed" for field in CLIP_FIXED} | {field: "mapped" for field in CLIP_MAPPED}
+    return table | {field: "inert" for field in CLIP_INERT}
+
+
 def clip_config(hf: Mapping) -> dict:
     """A transformers CLIPTextConfig dict (text_encoder/config.json) -> our text_encoder config (kind 'clip').
 
-    Raises ConversionError for variants our module does not implement (activation, LayerNorm eps, projection...).
+    Raises ConversionError for variants our module does not implement (activation, LayerNorm eps, fields it does not
+    know...).
     """
-    problems = []
-    if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
-        problems.append(f"hidden_act {hf['hidden_act']!r} (only 'quick_gelu', SD v1's OpenAI CLIP, is implemented)")
-    if float(hf.get("layer_norm_eps", 1e-5)) != 1e-5:
-        problems.append(f"layer_norm_eps {hf['layer_norm_eps']} (1e-5 is implemented)")
+    problems = field_problems(hf, CLIP_FIXED, clip_field_table())
     width, heads, inner = int(hf["hidden_size"]), int(hf["num_attention_heads"]), int(hf["intermediate_size"])
     if width % heads:
         problems.append(f"hidden_size {width} not divisible by num_attention_heads {heads}")

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from latentdiff import config_utils, first_stage, params_io
-from latentdiff.convert.common import ConversionError
+from latentdiff.convert.common import HF_GENERIC_INERT, ConversionError, field_problems
 from latentdiff.errors import UserError
 from latentdiff.train import config_blocks
 
@@ -448,10 +448,7 @@ def vae_field_table() -> dict[str, str]:
 
 def vae_config_from_diffusers(d: Mapping, kind: str) -> dict:
     """AutoencoderKL ('kl') / VQModel ('vq') config.json -> our autoencoder config."""
-    problems = [_problem(f, d[f], want) for f, want in _VAE_FIXED.items() if f in d and d[f] != want]
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in vae_field_table())
-    if unknown:
-        problems.append(f"fields latentdiff does not reproduce: {', '.join(unknown)}")
+    problems = field_problems(d, _VAE_FIXED, vae_field_table())
     channels = [int(c) for c in d["block_out_channels"]]
     ch = channels[0]
     if any(c % ch for c in channels):
@@ -494,13 +491,41 @@ def vae_config_from_diffusers(d: Mapping, kind: str) -> dict:
     )
 
 
+# LDMBertConfig fields read into our config, by bert_config_from_diffusers.
+_BERT_MAPPED = (
+    "vocab_size",
+    "max_position_embeddings",
+    "encoder_layers",
+    "encoder_ffn_dim",
+    "encoder_attention_heads",
+    "head_dim",
+    "d_model",
+)
+# Fields whose only implemented value is given (the CompVis BERTEmbedder that LDMBert reproduces).
+_BERT_FIXED = {"activation_function": "gelu", "scale_embedding": False, "pruned_heads": {}}
+# Fields that leave the encoder's output unchanged at inference, with the reason.
+_BERT_INERT = {
+    "dropout": "training only: the converted encoder runs without dropout",
+    "attention_dropout": "training only",
+    "activation_dropout": "training only",
+    "encoder_layerdrop": "training only (skips whole layers at random while training)",
+    "classifier_dropout": "no classifier head",
+    "init_std": "initialisation only",
+    "use_cache": "decoder key/value caching; the encoder has no cache",
+    "num_hidden_layers": "a copy of encoder_layers that LDMBertConfig writes; the model builds encoder_layers layers",
+    "pad_token_id": "the padding row of the embedding table: initialisation and gradients only, loaded as is",
+} | HF_GENERIC_INERT
+
+
+def bert_field_table() -> dict[str, str]:
+    """Every LDMBertConfig field latentdiff knows -> 'mapped' | 'fixed' | 'inert'; any other field is refused."""
+    table = {field: "fixed" for field in _BERT_FIXED} | {field: "mapped" for field in _BERT_MAPPED}
+    return table | {field: "inert" for field in _BERT_INERT}
+
+
 def bert_config_from_diffusers(d: Mapping) -> dict:
     """LDMBertConfig config.json -> our text_encoder config (kind 'bert')."""
-    problems = []
-    if d.get("activation_function", "gelu") != "gelu":
-        problems.append(_problem("activation_function", d["activation_function"], "gelu"))
-    if d.get("scale_embedding", False):
-        problems.append(_problem("scale_embedding", d["scale_embedding"], False))
+    problems = field_problems(d, _BERT_FIXED, bert_field_table())
     width, ffn = int(d["d_model"]), int(d["encoder_ffn_dim"])
     if ffn % width:
         problems.append(f"encoder_ffn_dim {ffn} is not a multiple of d_model {width}")

@@ -12,6 +12,7 @@ import inspect
 import io
 import logging
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -35,14 +36,32 @@ class _DropCustomConfigNotice(logging.Filter):
 logging.getLogger("absl").addFilter(_DropCustomConfigNotice())
 
 
-class _LocalCodePath:
-    """Mixin: TFDS's default `code_path` probes the optional `importlib_resources` backport (not installed) for
-    builders inside a package; this file's path is what it would find."""
+class _LocalBuilder:
+    """Mixin for builders that generate their data on this machine.
+
+    TFDS's default `code_path` probes the optional `importlib_resources` backport (not installed) for builders inside
+    a package; this file's path is what it would find. TFDS's messages around preparation speak of a download
+    ("Downloading and preparing dataset Unknown size", "downloaded and prepared"): these builders say what they
+    generate, where, and how to put it elsewhere instead (on stderr, with the other progress lines)."""
 
     @tfds_utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(inspect.getfile(cls))
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def _log_download_bytes(self) -> None:
+        print(
+            f"preparing {self.describe()} in {self.data_dir} (generated here, nothing is downloaded; "
+            "--config.data.data_dir=DIR or $TFDS_DATA_DIR puts it elsewhere)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _log_download_done(self) -> None:
+        print(f"prepared {self.name} in {self.data_dir}; later runs with the same settings reuse it", file=sys.stderr)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -89,7 +108,7 @@ def shapes_config(resolution: int, num_train: int, num_validation: int, num_nove
     )
 
 
-class LatentdiffShapes(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+class LatentdiffShapes(_LocalBuilder, tfds.core.GeneratorBasedBuilder):
     """Procedural text-image dataset: latentdiff.data.shapes rendered into train / validation / novel splits."""
 
     VERSION = tfds.core.Version("1.2.0")
@@ -98,6 +117,13 @@ class LatentdiffShapes(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         "1.1.0": "label: the first object's colour x shape class (for class-conditional models).",
         "1.2.0": "A caption that names no background now has a black background (it was random).",
     }
+
+    def describe(self) -> str:
+        c = self.builder_config
+        return (
+            f"the built-in shapes dataset ({c.num_train} train, {c.num_validation} validation, {c.num_novel} novel "
+            f"images of {c.resolution} px)"
+        )
 
     def _info(self) -> tfds.core.DatasetInfo:
         r = self.builder_config.resolution
@@ -150,7 +176,7 @@ def folder_config(folder: str, num_validation: int) -> FolderConfig:
     )
 
 
-class LatentdiffFolder(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+class LatentdiffFolder(_LocalBuilder, tfds.core.GeneratorBasedBuilder):
     """A local directory of captioned images (see latentdiff.data.folder for the layout)."""
 
     # named.open_split adds this to its "no split" error: the folder's only splits are train and, when asked, validation
@@ -163,6 +189,9 @@ class LatentdiffFolder(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         "1.0.0": "First release.",
         "1.1.0": "label: the first object's colour x shape class (for class-conditional models).",
     }
+
+    def describe(self) -> str:
+        return f"the images of {self.builder_config.folder}"
 
     def _index(self) -> folder_lib.FolderIndex:
         if not hasattr(self, "_folder_index"):

@@ -19,6 +19,11 @@ import numpy as np
 from latentdiff import config_utils
 from latentdiff.data.errors import DataError, DataWarning
 
+# transformers prints "PyTorch was not found. Models won't be available ..." when it is imported without PyTorch (the
+# base install): latentdiff takes only tokenizers from it, which need none. That line is an "advisory" warning; this
+# silences the advisories (set TRANSFORMERS_NO_ADVISORY_WARNINGS=0 to see them). Errors and other warnings still show.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 BERT_SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from latentdiff import checkpoint, parallel
+from latentdiff import atomic_files, checkpoint, parallel
 from latentdiff import workdir as workdir_lib
 from latentdiff.errors import UserError
 
@@ -168,10 +168,7 @@ def truncate_metrics(path: str, last_step: int) -> None:
             else:
                 dropped += 1
     if dropped:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic_files.write_text(path, "".join(kept))
 
 
 def _progress(config: ml_collections.ConfigDict, start: int, enabled: bool) -> Any:
