@@ -6,13 +6,15 @@ TPU_ACCELERATOR_TYPE", "unexpected worker hostname ... TPU_WORKER_HOSTNAMES" and
 nothing is wrong. When no TPU chip is on the PCI bus, this module gives libtpu the two values it asks for (one local
 worker; an accelerator type it recognises) before JAX starts: the TPU backend still finds no chip and JAX runs on the
 CPU or GPU as before, and compile-only topologies are unchanged (`get_topology_desc` takes the topology by name).
-On a TPU VM, or when either variable is set already, nothing is changed.
+JAX's own INFO line "Unable to initialize backend 'tpu'" is filtered out too. On a TPU VM, or when either
+variable is set already, nothing is changed.
 """
 
 from __future__ import annotations
 
 import glob
 import importlib.util
+import logging
 import os
 
 GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips are PCI devices of Google's vendor id
@@ -39,4 +41,13 @@ def quiet_libtpu_without_tpu(environ: dict[str, str] | None = None, sysfs: str =
     if importlib.util.find_spec("libtpu") is None or tpu_chip_present(sysfs):
         return False
     env.update(QUIET_SETTINGS)
+    logging.getLogger("jax._src.xla_bridge").addFilter(_NoTpuBackendNotice())
     return True
+
+
+class _NoTpuBackendNotice(logging.Filter):
+    """JAX logs "Unable to initialize backend 'tpu': INTERNAL: Failed to get global TPU topology" (INFO, shown by the
+    programs' logging) when libtpu finds no chip: on a machine without one that is expected, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unable to initialize backend 'tpu'")

@@ -42,9 +42,20 @@ def _write_replicated_arrays_whole() -> None:
     With all devices in one process there is nobody to share with, and each slice is a separate small XLA program:
     the first save of a tiny model on 8 CPU devices spent 10 of its 10.5 s compiling ~170 of them. Multi-host runs keep
     orbax's default. (Orbax reads its array handler from a process-wide registry; this replaces that entry.)"""
-    if jax.process_count() == 1:
+    global _ARRAYS_WHOLE
+    if jax.process_count() == 1 and not _ARRAYS_WHOLE:
         handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        absl_logger = logging.getLogger("absl")  # orbax warns "overriding jax.Array" at every replacement: intended
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        finally:
+            absl_logger.setLevel(level)
+        _ARRAYS_WHOLE = True
+
+
+_ARRAYS_WHOLE = False  # set once this process's orbax registry holds the whole-array handler
 
 
 class Checkpointer:

@@ -33,10 +33,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--class_label", action="append", type=int, default=[], help="class-conditional models")
     parser.add_argument("--negative_prompt", default="", help='replaces the empty caption "" in guidance')
     parser.add_argument("--n", type=int, default=1, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    from_config = "default: the model's config.sampling"
+    parser.add_argument("--steps", type=int, default=None, help=f"sampling steps ({from_config})")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help=f"({from_config})")
+    parser.add_argument(
+        "--eta", type=float, default=None, help=f"DDIM eta, 0 deterministic, 1 ancestral ({from_config})"
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=None, help=f"classifier-free guidance scale, 1 = off ({from_config})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
     parser.add_argument("--batch_size", type=int, default=0, help="images per device batch (0 = all at once)")
@@ -108,8 +113,20 @@ def validate(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--workdir {args.workdir!r} does not exist")
     check_output_dir(args.out, "--out")
     sample_set.check_directory(args.out)
-    timesteps = config_utils.load_workdir_config(args.workdir).diffusion.timesteps
-    check_sampling_args(args.sampler, args.steps, timesteps, args.guidance, args.eta)
+    config = config_utils.load_workdir_config(args.workdir)
+    fill_sampling_defaults(args, config.sampling)
+    check_sampling_args(args.sampler, args.steps, config.diffusion.timesteps, args.guidance, args.eta)
+
+
+SAMPLING_FIELDS = ("sampler", "steps", "eta", "guidance")
+
+
+def fill_sampling_defaults(args: argparse.Namespace, sampling: Any) -> None:
+    """Every sampling flag not given takes the model's tuned value from its config.sampling (the demo model's
+    guidance is 2, a converted SD model's 7.5): one source of defaults, the model's own."""
+    for field in SAMPLING_FIELDS:
+        if getattr(args, field) is None:
+            setattr(args, field, sampling[field])
 
 
 def read_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:

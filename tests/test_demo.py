@@ -127,10 +127,13 @@ def test_demo_without_a_model_says_how_to_make_one(tmp_path):
 def test_make_demo_prints_a_progress_line_at_least_every_10_seconds(tmp_path):
     """`make demo` (demo run) printed nothing for minutes while it compiled and sampled; now every phase says what
     it does and a line comes at least every 10 s. Arrival times of the output lines are measured (--num 4)."""
+    import re
     import subprocess
     import sys
     import time
 
+    recipe = re.search(r"^demo:.*\n\t(.+)$", open(os.path.join(REPO, "Makefile")).read(), flags=re.M).group(1)
+    assert recipe == "$(PY) -m latentdiff.demo run --demo_dir demo --out demo_out"  # what runs below, as make runs it
     command = [sys.executable, "-u", "-m", "latentdiff.demo", "run", "--demo_dir", SHIPPED, "--out", str(tmp_path)]
     start = time.monotonic()
     run = subprocess.Popen([*command, "--num", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -440,3 +440,18 @@ def test_demo_inpainting_repaints_shapes_in_the_prompted_colour():
     assert result["median_image_rms_change_kept"] < result["rms_reconstruction_error_all"], result
     # What the pipeline returns by default (keep_unmasked) is the input itself outside the mask, for every image.
     assert result["max_abs_change_kept_pixels_returned"] == 0, result
+
+
+def test_sampling_flags_default_to_the_models_config_sampling():
+    """`sample.py --workdir demo` used guidance 5 (a fixed CLI default) although the demo model is tuned for 2: every
+    sampling flag not given now comes from the model's config.sampling; a given flag wins."""
+    from latentdiff import config_utils, sample_cli
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
+    sampling = config_utils.load_workdir_config(demo).sampling
+    args = sample_cli.parse_args(["--workdir", demo, "--prompt", "a red circle"])
+    sample_cli.fill_sampling_defaults(args, sampling)
+    assert (args.sampler, args.steps, args.eta, args.guidance) == ("ddim", 50, 0.0, 2.0)
+    given = sample_cli.parse_args(["--workdir", demo, "--guidance", "3.5", "--steps", "7", "--sampler", "dpmpp2m"])
+    sample_cli.fill_sampling_defaults(given, sampling)
+    assert (given.sampler, given.steps, given.eta, given.guidance) == ("dpmpp2m", 7, 0.0, 3.5)

@@ -42,10 +42,11 @@ def test_libtpu_without_a_tpu_starts_silently(tmp_path):
     if importlib.util.find_spec("libtpu") is None or _libtpu_env.tpu_chip_present():
         pytest.fail("this test needs libtpu installed (make install-test) on a machine without a TPU chip")
     env = {k: v for k, v in os.environ.items() if k not in _libtpu_env.QUIET_SETTINGS}
-    code = "import latentdiff, jax; print(jax.devices()[0].platform)"
+    code = "import logging, latentdiff, jax; logging.basicConfig(level=logging.INFO); print(jax.devices()[0].platform)"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip() == "cpu", run.stderr
     assert "TPU_ACCELERATOR_TYPE" not in run.stderr and "TPU_WORKER_HOSTNAMES" not in run.stderr, run.stderr
+    assert "Unable to initialize backend 'tpu'" not in run.stderr, run.stderr  # JAX's INFO line (the CLIs show INFO)
     # a TPU chip on the PCI bus, or a variable the user set: left alone
     (tmp_path / "0000:00:04.0").mkdir()
     (tmp_path / "0000:00:04.0" / "vendor").write_text("0x1ae0\n")
