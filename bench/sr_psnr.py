@@ -39,16 +39,17 @@ def main(argv: list[str]) -> dict:
     import jax.numpy as jnp
 
     from latentdiff import conditioning, config_utils, first_stage, metrics, sampling
+    from latentdiff import workdir as workdir_lib
     from latentdiff.data.pipeline import make_dataset
     from latentdiff.imaging import to_uint8
-    from latentdiff.train.ldm import LDMTask, null_condition, restore_params
+    from latentdiff.train.ldm import LDMTask, null_condition
 
     config = config_utils.load_workdir_config(args.workdir)
     if conditioning.concat_kind(config) != "sr":
         raise SystemExit(f"error: {args.workdir!r} is not a super-resolution workdir (conditioning.concat != 'sr')")
     factor = config.conditioning.sr_factor
     fs = first_stage.load_export(os.path.join(args.workdir, "first_stage"))
-    restored = restore_params(args.workdir, config, fs, null_condition(config, None))
+    restored = workdir_lib.restore_stage2_params(args.workdir, config)
     task = LDMTask(config, fs, null_condition(config, None), float(restored["scale_factor"]))
     params = restored["ema_params"]
     scale = jnp.float32(restored["scale_factor"])

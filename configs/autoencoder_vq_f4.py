@@ -11,9 +11,9 @@ Variants:
 
 import ml_collections
 
+from latentdiff.config_blocks import run_block
 from latentdiff.config_utils import check_variant
 from latentdiff.data.pipeline import default_data_config
-from latentdiff.train.config_blocks import run_block
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -16,9 +16,7 @@ Variants:
 import ml_collections
 from ml_collections import config_dict
 
-from latentdiff.config_utils import check_variant
-from latentdiff.data.pipeline import default_data_config
-from latentdiff.train.config_blocks import (
+from latentdiff.config_blocks import (
     adamw_block,
     diffusion_block,
     run_block,
@@ -26,6 +24,8 @@ from latentdiff.train.config_blocks import (
     tokenizer_block,
     unet_block,
 )
+from latentdiff.config_utils import check_variant
+from latentdiff.data.pipeline import default_data_config
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -213,15 +213,14 @@ def ship(ldm_workdir: str, demo_dir: str) -> None:
     """Copies what sampling needs from a stage-2 workdir into demo_dir: config.json, tokenizer/, first_stage/ and
     the EMA params of the latest checkpoint as params/ema.safetensors (no optimizer state: small)."""
     from latentdiff import config_utils, first_stage, params_io
-    from latentdiff.convert.workdir import FORMAT as CONVERTED_FORMAT
-    from latentdiff.train.ldm import null_condition, restore_params
+    from latentdiff import workdir as workdir_lib
 
     config = config_utils.load_workdir_config(ldm_workdir)
     fs = first_stage.load_export(os.path.join(ldm_workdir, "first_stage"))
     from latentdiff.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(os.path.join(ldm_workdir, "tokenizer"), config.tokenizer.max_length)
-    restored = restore_params(ldm_workdir, config, fs, null_condition(config, tokenizer))
+    restored = workdir_lib.restore_stage2_params(ldm_workdir, config)
     staging = demo_dir.rstrip("/") + ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
@@ -229,7 +228,7 @@ def ship(ldm_workdir: str, demo_dir: str) -> None:
     tokenizer.save(os.path.join(staging, "tokenizer"))
     first_stage.save_export(fs.config, fs.variables, os.path.join(staging, "first_stage"))
     metadata = {
-        "format": CONVERTED_FORMAT,  # the layout of a converted workdir, which Pipeline.from_workdir reads
+        "format": workdir_lib.CONVERTED_FORMAT,  # the layout of a converted workdir, which Pipeline.from_workdir reads
         "step": str(restored["step"]),
         "scale_factor": repr(float(restored["scale_factor"])),
         "source": f"make demo-train ({ldm_workdir})",

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from latentdiff import conditioning, config_utils, first_stage, parallel, sampling
+from latentdiff import workdir as workdir_lib
 from latentdiff.diffusion.schedules import make_schedule
 from latentdiff.errors import UserError
 from latentdiff.imaging import to_uint8
@@ -59,8 +60,6 @@ class Pipeline:
     def from_workdir(cls, workdir: str, *, use_ema: bool = True) -> Pipeline:
         """Loads config.json, tokenizer/, first_stage/ and the weights (EMA params by default): the latest checkpoint,
         or, for a workdir written by `python -m latentdiff.convert` (no checkpoints/), params/ema.safetensors."""
-        from latentdiff.convert.workdir import has_converted_params, load_converted_params
-
         config = config_utils.load_workdir_config(workdir)
         if config.stage != "ldm":
             raise UserError(f"{workdir!r} is a {config.stage!r} workdir; sampling needs a stage-2 (ldm) workdir")
@@ -70,13 +69,11 @@ class Pipeline:
             from latentdiff.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"), config.tokenizer.max_length)
-        if not _has_checkpoints(workdir) and has_converted_params(workdir):
-            loaded = load_converted_params(workdir, config, use_ema=use_ema)
+        if not workdir_lib.has_checkpoints(workdir) and workdir_lib.has_converted_params(workdir):
+            loaded = workdir_lib.load_converted_params(workdir, config, use_ema=use_ema)
             params, scale_factor, step = loaded["params"], loaded["scale_factor"], loaded["step"]
         else:
-            from latentdiff.train.ldm import null_condition, restore_params
-
-            restored = restore_params(workdir, config, fs, null_condition(config, tokenizer))
+            restored = workdir_lib.restore_stage2_params(workdir, config)
             params = restored["ema_params" if use_ema else "params"]
             scale_factor, step = float(restored["scale_factor"]), int(restored["step"])
         return cls(
@@ -314,12 +311,6 @@ def keep_unmasked_pixels(generated: np.ndarray, image: np.ndarray, mask: np.ndar
     """generated, image [N, H, W, 3] in [-1, 1], mask [N, H, W, 1] in [0, 1] (1 = repaint) ->
     mask·generated + (1 − mask)·image: the kept region is the input image itself."""
     return (mask * generated + (1.0 - mask) * image).astype(generated.dtype)
-
-
-def _has_checkpoints(workdir: str) -> bool:
-    """True when workdir/checkpoints holds at least one entry (a training run saved something)."""
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and bool(os.listdir(directory))
 
 
 def _pad(x: np.ndarray, pad: int) -> np.ndarray:

@@ -5,6 +5,11 @@ history. The first run's config.json is never rewritten; a resume with a changed
   workdir/train.lock           held (fcntl.flock) by process 0 of the run for its whole life; holds "pid host time"
   workdir/config.json          the config of the first run (what sampling and conversion read)
   workdir/config_history.jsonl one line per run whose config differed from the previous one (the first run too)
+
+And the stage-2 weights sampling reads, without building an optimizer or a train state: the latest checkpoint's
+params / EMA params / scale factor (checkpoints/, subtree restore), or a converted workdir's
+  workdir/params/ema.safetensors    {'unet', 'cond'} (metadata: format, scale_factor, step, source)
+  workdir/params/params.safetensors the non-EMA weights, when the source held both
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -22,7 +28,7 @@ from typing import Any
 
 import ml_collections
 
-from latentdiff import atomic_files, config_utils
+from latentdiff import atomic_files, checkpoint, config_utils, params_io
 from latentdiff.errors import UserError
 
 log = logging.getLogger("latentdiff")
@@ -179,3 +185,84 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, step: int) ->
         log.warning("workdir %s: config changed on resume at step %d: %s", workdir, step, ", ".join(changes))
     with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------- stage-2 weights for sampling
+
+PARAMS_DIR = "params"
+EMA_FILE = "ema.safetensors"
+LIVE_FILE = "params.safetensors"
+CONVERTED_FORMAT = "latentdiff-converted-1"
+
+
+def abstract_stage2(config: ml_collections.ConfigDict) -> dict:
+    """{'unet': ..., 'cond': ...} abstract params (jax.eval_shape) of a stage-2 config (cached per model config)."""
+    return _abstract_stage2(json.dumps({"unet": dict(config.unet), "text": dict(config.text_encoder)}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_stage2(frozen: str) -> dict:
+    import jax
+
+    from latentdiff.nn.text_encoder import build_text_encoder, init_tokens
+    from latentdiff.nn.unet import build_unet, init_inputs
+
+    c = config_utils.from_json(frozen)
+    encoder = build_text_encoder(c.text)
+    unet = build_unet({**dict(c.unet), "attention_impl": "xla"})
+    size = 2 ** (len(c.unet.channel_mult) - 1)
+
+    def init() -> dict:
+        tokens = init_tokens(c.text, 1)
+        cond = encoder.init(jax.random.key(0), tokens).get("params", {})  # kind "none": no params
+        inputs = init_inputs(c.unet, batch=1, size=size, context_len=1)
+        if inputs["context"] is not None:
+            inputs["context"] = encoder.apply({"params": cond}, tokens)[:, :1]
+        return {"unet": unet.init(jax.random.key(0), **inputs)["params"], "cond": cond}
+
+    return jax.eval_shape(init)
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """True when workdir/checkpoints holds at least one entry (a training run saved something)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and bool(os.listdir(directory))
+
+
+def has_converted_params(workdir: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, PARAMS_DIR, EMA_FILE))
+
+
+def load_converted_params(workdir: str, config: ml_collections.ConfigDict, *, use_ema: bool) -> dict:
+    """{'params': {'unet', 'cond'}, 'scale_factor': float, 'step': int} of a converted workdir (shape-checked)."""
+    path = os.path.join(workdir, PARAMS_DIR, EMA_FILE if use_ema else LIVE_FILE)
+    if not os.path.isfile(path):
+        if not use_ema:
+            raise FileNotFoundError(
+                f"{workdir!r} holds only one set of weights ({PARAMS_DIR}/{EMA_FILE}; the source had no separate "
+                "EMA copy): sample with --ema"
+            )
+        raise FileNotFoundError(f"{path!r} not found; convert the model with `python -m latentdiff.convert`")
+    meta = params_io.read_metadata(path)
+    if meta.get("format") != CONVERTED_FORMAT or "scale_factor" not in meta:
+        raise UserError(f"{path!r} is not a converted-params file of this version (format {CONVERTED_FORMAT!r})")
+    params = params_io.load_params(path, abstract_stage2(config))
+    return {"params": params, "scale_factor": float(meta["scale_factor"]), "step": int(meta.get("step", "0"))}
+
+
+def restore_stage2_params(workdir: str, config: ml_collections.ConfigDict) -> dict:
+    """{'params', 'ema_params', 'scale_factor', 'step'} of the newest readable checkpoint of a stage-2 workdir (host
+    arrays): a subtree restore against the model's abstract params; no optimizer or train state is built."""
+    import jax
+    import jax.numpy as jnp
+
+    abstract = abstract_stage2(config)
+    subset = {"params": abstract, "ema_params": abstract, "scale_factor": jax.ShapeDtypeStruct((), jnp.float32)}
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
+    try:
+        step, restored = ckpt.restore_latest_subtree(subset)  # a damaged newest checkpoint falls back to the previous
+    finally:
+        ckpt.close()
+    if step is None:
+        raise FileNotFoundError(f"{workdir!r} has no checkpoint yet; train it first (train.py --workdir {workdir})")
+    return {**jax.device_get(restored), "step": step}

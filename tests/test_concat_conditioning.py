@@ -172,14 +172,8 @@ def test_three_training_steps_of_the_tiny_config(ae_workdir, spec):
     assert kernel.shape[2] == config.unet.in_channels  # the UNet takes z_t and the concat input
 
     # the checkpoint restores (the empty 'cond' params of text_encoder.kind 'none' included)
-    from latentdiff.train.ldm import null_condition, restore_params
+    from latentdiff import workdir as workdir_lib
 
-    fs = first_stage.load_export(str(work / "first_stage"))
-    tok = None
-    if config.text_encoder.kind == "bert":
-        from latentdiff.data.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(str(work / "tokenizer"), config.tokenizer.max_length)
-    restored = restore_params(str(work), config, fs, null_condition(config, tok))
+    restored = workdir_lib.restore_stage2_params(str(work), config)
     assert restored["step"] == 3
     np.testing.assert_array_equal(restored["params"]["unet"]["conv_in"]["kernel"], np.asarray(kernel))

@@ -22,8 +22,8 @@ import pytest
 
 from latentdiff import checkpoint, config_utils, parallel
 from latentdiff import workdir as workdir_lib
+from latentdiff.config_blocks import run_block
 from latentdiff.train import loop
-from latentdiff.train.config_blocks import run_block
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

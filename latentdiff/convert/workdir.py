@@ -17,7 +17,6 @@ files with torch.load(weights_only=True). `export_diffusers` writes a workdir ba
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -28,15 +27,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from latentdiff import config_utils, first_stage, params_io
+from latentdiff import config_blocks, config_utils, first_stage, params_io
+from latentdiff import workdir as workdir_lib
 from latentdiff.convert.common import HF_GENERIC_INERT, ConversionError, field_problems
 from latentdiff.errors import UserError
-from latentdiff.train import config_blocks
 
-PARAMS_DIR = "params"
-EMA_FILE = "ema.safetensors"
-LIVE_FILE = "params.safetensors"
-FORMAT = "latentdiff-converted-1"
+PARAMS_DIR, EMA_FILE, LIVE_FILE, FORMAT = (  # the format is latentdiff.workdir's; conversion writes it
+    workdir_lib.PARAMS_DIR,
+    workdir_lib.EMA_FILE,
+    workdir_lib.LIVE_FILE,
+    workdir_lib.CONVERTED_FORMAT,
+)
+abstract_stage2 = workdir_lib.abstract_stage2
 # diffusers' AutoencoderKL / VQModel class default, used when a vae config.json has no `scaling_factor` (older files).
 DIFFUSERS_DEFAULT_SCALING = 0.18215
 # LDMTextToImagePipeline tokenizes to this fixed length (padding "max_length", max_length=77).
@@ -174,53 +176,6 @@ def check_stage2(config: ml_collections.ConfigDict, params: Mapping) -> None:
             f"tokenizer.max_length {config.tokenizer.max_length} exceeds the text encoder's "
             f"{config.text_encoder.max_length} positions"
         )
-
-
-def abstract_stage2(config: ml_collections.ConfigDict) -> dict:
-    """{'unet': ..., 'cond': ...} abstract params (jax.eval_shape) of a stage-2 config (cached per model config)."""
-    return _abstract_stage2(json.dumps({"unet": dict(config.unet), "text": dict(config.text_encoder)}, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=8)
-def _abstract_stage2(frozen: str) -> dict:
-    from latentdiff.nn.text_encoder import build_text_encoder, init_tokens
-    from latentdiff.nn.unet import build_unet, init_inputs
-
-    c = config_utils.from_json(frozen)
-    encoder = build_text_encoder(c.text)
-    unet = build_unet({**dict(c.unet), "attention_impl": "xla"})
-    size = 2 ** (len(c.unet.channel_mult) - 1)
-
-    def init() -> dict:
-        tokens = init_tokens(c.text, 1)
-        cond = encoder.init(jax.random.key(0), tokens).get("params", {})  # kind "none": no params
-        inputs = init_inputs(c.unet, batch=1, size=size, context_len=1)
-        if inputs["context"] is not None:
-            inputs["context"] = encoder.apply({"params": cond}, tokens)[:, :1]
-        return {"unet": unet.init(jax.random.key(0), **inputs)["params"], "cond": cond}
-
-    return jax.eval_shape(init)
-
-
-def has_converted_params(workdir: str) -> bool:
-    return os.path.isfile(os.path.join(workdir, PARAMS_DIR, EMA_FILE))
-
-
-def load_converted_params(workdir: str, config: ml_collections.ConfigDict, *, use_ema: bool) -> dict:
-    """{'params': {'unet', 'cond'}, 'scale_factor': float, 'step': int} of a converted workdir (shape-checked)."""
-    path = os.path.join(workdir, PARAMS_DIR, EMA_FILE if use_ema else LIVE_FILE)
-    if not os.path.isfile(path):
-        if not use_ema:
-            raise FileNotFoundError(
-                f"{workdir!r} holds only one set of weights ({PARAMS_DIR}/{EMA_FILE}; the source had no separate "
-                "EMA copy): sample with --ema"
-            )
-        raise FileNotFoundError(f"{path!r} not found; convert the model with `python -m latentdiff.convert`")
-    meta = params_io.read_metadata(path)
-    if meta.get("format") != FORMAT or "scale_factor" not in meta:
-        raise UserError(f"{path!r} is not a converted-params file of this version (metadata format {FORMAT!r})")
-    params = params_io.load_params(path, abstract_stage2(config))
-    return {"params": params, "scale_factor": float(meta["scale_factor"]), "step": int(meta.get("step", "0"))}
 
 
 # ------------------------------------------------------------------------------------------ diffusers config maps

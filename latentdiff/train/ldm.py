@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from latentdiff import checkpoint, conditioning, config_utils, first_stage, parallel, sampling
+from latentdiff import conditioning, config_utils, first_stage, parallel, sampling
 from latentdiff.diffusion import losses as diffusion_losses
 from latentdiff.diffusion.schedules import make_schedule, q_sample
 from latentdiff.errors import UserError
@@ -483,18 +483,3 @@ def make_image_writer(
             save_png(grid(to_uint8(images), captions, columns=8, scale=2), os.path.join(out_dir, f"{step:07d}.png"))
 
     return write
-
-
-def restore_params(workdir: str, config: ml_collections.ConfigDict, fs: first_stage.FirstStage, null_cond: Any) -> dict:
-    """{'params', 'ema_params', 'scale_factor', 'step'} of the latest checkpoint of a stage-2 workdir (host arrays)."""
-    task = LDMTask(config, fs, null_cond, 1.0)
-    abstract = jax.eval_shape(task.init_state, jax.random.key(0))
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
-    subset = {"params": abstract.params, "ema_params": abstract.ema_params, "scale_factor": abstract.scale_factor}
-    try:
-        step, restored = ckpt.restore_latest_subtree(subset)  # a damaged newest checkpoint falls back to the previous
-    finally:
-        ckpt.close()
-    if step is None:
-        raise FileNotFoundError(f"{workdir!r} has no checkpoint yet; train it first (train.py --workdir {workdir})")
-    return {**jax.device_get(restored), "step": step}
