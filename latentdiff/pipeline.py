@@ -127,13 +127,41 @@ class Pipeline:
 
     @property
     def low_res_shape(self) -> tuple[int, int, int]:
-        """[h, w, 3] of the low-resolution input of a super-resolution model: resolution / conditioning.sr_factor."""
+        """[h, w, 3] of the low-resolution input of a super-resolution model at the training resolution."""
+        return self.low_res_shape_for((self.resolution, self.resolution))
+
+    def low_res_shape_for(self, size: tuple[int, int]) -> tuple[int, int, int]:
+        """[H/k, W/k, 3] of the low-resolution input for an output of `size` (H, W), k = conditioning.sr_factor."""
         if self.concat != "sr":
             raise UserError(
                 f"low_res is for super-resolution models; this model's concat conditioning is {self.concat!r}"
             )
-        side = self.resolution // int(self.config.conditioning.sr_factor)
-        return (side, side, 3)
+        k = int(self.config.conditioning.sr_factor)
+        return (size[0] // k, size[1] // k, 3)
+
+    @property
+    def size_stride(self) -> int:
+        """Output sides must be multiples of this: the first stage's factor f times the UNet's downsampling."""
+        return self.fs.downsample_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
+
+    def output_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(H, W) of the images to generate: the training resolution where not given. The model is convolutional,
+        so any multiple of size_stride works (the paper's sampling beyond the training size); UserError otherwise."""
+        size = (height or self.resolution, width or self.resolution)
+        stride = self.size_stride
+        for name, side in zip(("height", "width"), size, strict=True):
+            if side <= 0 or side % stride:
+                raise UserError(
+                    f"{name} {side} is not a positive multiple of {stride} (first-stage factor "
+                    f"{self.fs.downsample_factor} x UNet downsampling {stride // self.fs.downsample_factor}); "
+                    f"use e.g. {max(stride, side // stride * stride)}"
+                )
+        return size
+
+    def latent_shape_for(self, size: tuple[int, int]) -> tuple[int, int, int]:
+        """[H/f, W/f, c] of the latents of images of `size` (H, W)."""
+        f = self.fs.downsample_factor
+        return (size[0] // f, size[1] // f, self.latent_shape[2])
 
     def _generate_fn(self, sampler: str, steps: int, start_step: int = 0, blend: bool = False) -> Any:
         key = (sampler, steps, start_step, blend)
@@ -176,6 +204,7 @@ class Pipeline:
         mask: np.ndarray | None,
         low_res: np.ndarray | None,
         blend: bool | None,
+        size: tuple[int, int] | None = None,
     ) -> tuple[float, bool, dict[str, np.ndarray]]:
         """Checks the image-modification arguments against this model -> (strength, blend, inputs) where inputs holds
         the host arrays the jitted function needs: 'image' [N,H,W,3] and 'mask' [N,H,W,1] (1 = repaint) float32,
@@ -201,13 +230,13 @@ class Pipeline:
             raise UserError(f"strength must be in (0, 1], got {strength}")
         blend = (mask is not None and kind != "inpaint") if blend is None else bool(blend)
         inputs: dict[str, np.ndarray] = {}
-        size = (self.resolution, self.resolution)
+        size = size or (self.resolution, self.resolution)
         if init_image is not None:
             inputs["image"] = _image_array(init_image, "init_image", n, size)
         if mask is not None:
             inputs["mask"] = _mask_array(mask, n, size)
         if low_res is not None:
-            inputs["low_res"] = _image_array(low_res, "low_res", n, self.low_res_shape[:2])
+            inputs["low_res"] = _image_array(low_res, "low_res", n, self.low_res_shape_for(size)[:2])
         return (1.0 if strength is None else float(strength)), blend, inputs
 
     def __call__(
@@ -230,11 +259,16 @@ class Pipeline:
         low_res: np.ndarray | None = None,
         blend: bool | None = None,
         keep_unmasked: bool | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> np.ndarray:
         """Generates one image per prompt -> [N, H, W, 3]: uint8 (output 'uint8'), float32 in [0, 1] ('float',
         diffusers' output_type 'np'), or the final latents [N, h, w, c] ('latent', scaled as the UNet sees them).
         batch_size 0 = all at once (padded to the device count). Image i depends only on (seed, i, its prompt and
         inputs). `x_T` [N, h, w, c] overrides the initial noise (with init_image: the noise it is noised with).
+        height, width: the output size (default: the training resolution); any multiple of `size_stride`, non-square
+        and larger than the training size included (the UNet is convolutional); the image inputs below then have
+        that size (low_res a k-th of it).
 
         Image modification (arrays [H, W, C] are used for every prompt, [N, H, W, C] one per prompt):
           init_image [H, W, 3] uint8 or float in [-1, 1], at the model's resolution; strength in (0, 1]: img2img /
@@ -256,7 +290,9 @@ class Pipeline:
         if len(prompts) == 0:
             raise UserError("no prompts given")
         n = len(prompts)
-        strength, blend, inputs = self.modification_inputs(n, init_image, strength, mask, low_res, blend)
+        size = self.output_size(height, width)
+        latent_shape = self.latent_shape_for(size)
+        strength, blend, inputs = self.modification_inputs(n, init_image, strength, mask, low_res, blend, size)
         if keep_unmasked and mask is None:
             raise UserError("keep_unmasked needs a mask (the region to repaint; the rest is kept)")
         keep = (mask is not None) if keep_unmasked is None else bool(keep_unmasked)
@@ -270,9 +306,9 @@ class Pipeline:
         batch = batch_size or n
         batch = -(-batch // devices) * devices
         if x_T is None:
-            x_T = np.asarray(sampling.initial_noise(seed, jnp.arange(n), self.latent_shape))
-        elif tuple(x_T.shape) != (n, *self.latent_shape):
-            raise UserError(f"x_T must be [{n}, {', '.join(map(str, self.latent_shape))}], got {tuple(x_T.shape)}")
+            x_T = np.asarray(sampling.initial_noise(seed, jnp.arange(n), latent_shape))
+        elif tuple(x_T.shape) != (n, *latent_shape):
+            raise UserError(f"x_T must be [{n}, {', '.join(map(str, latent_shape))}], got {tuple(x_T.shape)}")
         generate = self._generate_fn(sampler, steps, start_step, blend)
         sharded = parallel.sampling_batch_sharding(self.mesh)
         out = []

@@ -70,6 +70,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="paste --init_image back outside the mask, so kept pixels are exactly the input's (default: on)",
     )
     parser.add_argument("--low_res", default="", help="low-resolution input of a super-resolution model")
+    parser.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="output height in pixels (default: the training resolution); any multiple of the model's stride, "
+        "larger than the training size included (convolutional sampling); image inputs then have this size",
+    )
+    parser.add_argument("--width", type=int, default=None, help="output width in pixels (as --height)")
     parser.add_argument("--resize", action="store_true", help="resize inputs to the model's sizes (bicubic)")
     return parser.parse_args(argv)
 
@@ -109,6 +117,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 0:
         raise UserError(f"--batch_size must be >= 0, got {args.batch_size}")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
     if not os.path.isdir(args.workdir):
         raise FileNotFoundError(f"--workdir {args.workdir!r} does not exist")
     check_output_dir(args.out, "--out")
@@ -164,9 +175,10 @@ def fit_inputs(args: argparse.Namespace, inputs: dict[str, np.ndarray], pipe: An
     if args.init_image and args.strength is None and not args.mask and kind != "inpaint":
         raise UserError("img2img needs --strength S in (0, 1] (e.g. 0.6: run the last 60 % of the steps)")
     files = {"init_image": args.init_image, "mask": args.mask, "low_res": args.low_res}
+    size = pipe.output_size(args.height, args.width)  # one line when not a multiple of the model's stride
     out = {}
     for name, value in inputs.items():
-        want = tuple(pipe.low_res_shape[:2]) if name == "low_res" else (pipe.resolution, pipe.resolution)
+        want = tuple(pipe.low_res_shape_for(size)[:2]) if name == "low_res" else size
         if tuple(value.shape[:2]) != want:
             if not args.resize:
                 raise UserError(
@@ -219,6 +231,8 @@ def run(args: argparse.Namespace) -> list[str]:
         strength=args.strength,
         blend=args.blend,
         keep_unmasked=args.keep_unmasked,
+        height=args.height,
+        width=args.width,
         **inputs,
     )
     elapsed = time.perf_counter() - start

@@ -25,6 +25,15 @@ from latentdiff import compile_cache  # noqa: E402
 
 compile_cache.enable()
 
+import jax  # noqa: E402
+
+# Synchronous dispatch in the test processes (not in the CLIs they start, which inherit no such setting). Pallas
+# interpret mode runs kernel grids through io_callbacks that dispatch JAX ops themselves; with asynchronous CPU
+# dispatch the main thread can queue its next eager op behind a running kernel whose callback then waits behind that
+# op: a deadlock (a clean-clone CI run hung in tests/test_attention_pallas.py with the main thread in jnp.pad and an
+# XLA thread's callback in lax.unstack, both idle; seen once before under load). Read when the CPU client starts.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+
 # The longest test files first (measured, `--durations`): xdist hands out whole files (--dist loadfile) in collection
 # order, so starting the long ones early keeps both workers busy to the end instead of one finishing a long file alone.
 LONGEST_FIRST = (

@@ -617,3 +617,21 @@ def test_bfloat16_safetensors_are_read(tmp_path):
     assert step == -1 and got["a"].dtype == np.float32
     for k, v in tensors.items():
         np.testing.assert_array_equal(got[k], v.float().numpy() if k != "c" else v.numpy())
+
+
+def test_ldm_pipeline_at_another_size_matches_diffusers(ldm_dir, ldm_workdir):
+    """Non-square and larger than the training size (the paper's convolutional sampling): height / width as
+    diffusers' LDMTextToImagePipeline takes them, from the same seed-0 noise (drawn at the new latent size)."""
+    from latentdiff.errors import UserError
+
+    _, pipe = ldm_dir
+    lh, lw = 6, 12  # latent sides; images 12 x 24 (f = 2), the training size is 16 x 16
+    x_T = np.array(sampling.initial_noise(0, jax.numpy.arange(len(PROMPTS)), (lh, lw, 4)))
+    want = diffusers_images(pipe, x_T.transpose(0, 3, 1, 2), height=8 * lh, width=8 * lw)  # its latents: h // 8
+    ours = Pipeline.from_workdir(ldm_workdir)
+    got = ours(PROMPTS, sampler="ddim", steps=STEPS, guidance=GUIDANCE, height=2 * lh, width=2 * lw, output="float")
+    assert got.shape == want.shape == (len(PROMPTS), 2 * lh, 2 * lw, 3)
+    assert np.abs(want[0] - want[1]).mean() > 0.01
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    with pytest.raises(UserError, match=r"height 10 is not a positive multiple of 4 .*use e.g. 8"):
+        ours(PROMPTS, sampler="ddim", steps=STEPS, guidance=GUIDANCE, height=10)
