@@ -455,3 +455,29 @@ def test_sampling_flags_default_to_the_models_config_sampling():
     given = sample_cli.parse_args(["--workdir", demo, "--guidance", "3.5", "--steps", "7", "--sampler", "dpmpp2m"])
     sample_cli.fill_sampling_defaults(given, sampling)
     assert (given.sampler, given.steps, given.eta, given.guidance) == ("dpmpp2m", 7, 0.0, 3.5)
+
+
+def test_img2img_inpainting_and_super_resolution_at_another_size(pipe, sr_pipe):
+    """height / width for every mode (the paper's convolutional sampling): the image inputs take the requested size
+    (low_res a k-th of it), the output has it, kept pixels stay the input's, and a wrong-size input is one line."""
+    from latentdiff.errors import UserError
+
+    height, width = RES, 2 * RES  # non-square, twice the training width
+    assert height % pipe.size_stride == 0 and width % pipe.size_stride == 0
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), np.float32)
+    mask[:, width // 2 :] = 1.0  # repaint the right half
+    size = dict(height=height, width=width)
+    img2img = run(pipe, init_image=image, strength=0.5, **size)
+    assert img2img.shape == (len(PROMPTS), height, width, 3)
+    inpainted = run(pipe, init_image=image, mask=mask, **size)
+    assert inpainted.shape == (len(PROMPTS), height, width, 3)
+    np.testing.assert_array_equal(
+        inpainted[:, :, : width // 2], np.broadcast_to(image[:, : width // 2], (4, height, width // 2, 3))
+    )
+    low_res = rng.integers(0, 256, (height // 2, width // 2, 3), dtype=np.uint8)  # the SR pipeline is x2
+    upscaled = sr_pipe(PROMPTS[:2], sampler="ddim", steps=2, guidance=1.0, low_res=low_res, **size)
+    assert upscaled.shape == (2, height, width, 3)
+    with pytest.raises(UserError, match=f"init_image is {RES}x{RES} but this model needs {height}x{width}"):
+        run(pipe, init_image=image[:, :RES], strength=0.5, **size)
