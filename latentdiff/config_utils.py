@@ -24,7 +24,8 @@ class ConfigError(UserError):
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """'configs/ldm_txt2img_kl8.py:tiny' -> the ConfigDict that file's get_config('tiny') returns."""
+    """'configs/ldm_txt2img_kl8.py:tiny' -> the ConfigDict that file's get_config('tiny') returns (without ':VARIANT',
+    get_config() with its own default)."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found; pass --config configs/NAME.py:VARIANT")
@@ -33,7 +34,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config(arg)")
-    return module.get_config(arg)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def check_variant(arg: str, variants: dict[str, Any], path: str) -> Any:

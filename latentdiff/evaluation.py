@@ -410,21 +410,21 @@ def generate_shards(
         raise EvalError(f"--shard_size must be >= 1, got {shard_size}")
     paths, generated = [], 0
     atomic_files.remove_stale(os.path.join(out, "shards"))  # half-written shards of a killed earlier run
-    num_shards = -(-len(captions) // shard_size)
+    num_shards, started, done_images = -(-len(captions) // shard_size), time.time(), 0
     for k in range(num_shards):
         start, stop = k * shard_size, min((k + 1) * shard_size, len(captions))
         path = shard_path(out, k)
         paths.append(path)
         if read_shard(path, captions[start:stop]) is not None:
             continue
-        t0 = time.time()
         # a fixed batch (the last, partial shard is padded by the pipeline): one compiled sampler for every shard
         batch = min(batch_size or shard_size, shard_size)
         with progress.phase(f"shard {k + 1}/{num_shards}: generating {stop - start} images"):
             images = generate_with_global_noise(pipe, captions[start:stop], start, settings, batch)
         write_shard(path, images, captions[start:stop], start)
-        generated += 1
-        _log(f"shard {k + 1}/{num_shards}: {stop - start} images in {time.time() - t0:.1f}s -> {path}")
+        generated, done_images = generated + 1, done_images + stop - start
+        eta = (len(captions) - stop) * (time.time() - started) / done_images  # this run's rate, compile included
+        _log(f"shard {k + 1}/{num_shards}: {stop - start} images -> {path}; ETA {eta:.0f} s")  # time: the line above
     return paths, generated
 
 

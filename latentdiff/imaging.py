@@ -13,6 +13,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 from latentdiff import atomic_files
 from latentdiff.errors import UserError
 
+# Files an image set (sample.py's output, eval/fid.py's folders) is made of.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] float -> uint8 [0, 255] (rounded, clipped)."""

@@ -39,7 +39,6 @@ from latentdiff.errors import UserError
 from latentdiff.nn.inception import INPUT_SIZE, InceptionV3
 
 PREPROCESS_MODES = ("paper", "pytorch_fid", "clean")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 Stats = tuple[np.ndarray, np.ndarray]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,7 +436,7 @@ def load_image_dir(path: str, names: list[str] | None = None) -> tuple[list[np.n
     from PIL import Image
 
     if names is None:
-        names = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        names = sorted(f for f in os.listdir(path) if f.lower().endswith(imaging.IMAGE_EXTENSIONS))
     by_size: dict[tuple[int, ...], list[np.ndarray]] = {}
     skipped = 0
     for name in names:

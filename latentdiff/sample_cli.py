@@ -190,6 +190,32 @@ def fit_inputs(args: argparse.Namespace, inputs: dict[str, np.ndarray], pipe: An
     return out
 
 
+def run_text(args: argparse.Namespace, pipe: Any) -> dict[str, str]:
+    """The settings every image of this run shares: PNG text chunks of each image and the manifest's run settings."""
+    text = {
+        "seed": str(args.seed),
+        "sampler": args.sampler,
+        "steps": str(args.steps),
+        "eta": str(args.eta),
+        "guidance": str(args.guidance),
+        "negative_prompt": args.negative_prompt,
+        "ema": str(args.ema),
+        "checkpoint_step": str(pipe.step),
+        "workdir": os.path.abspath(args.workdir),
+    }
+    for flag in ("init_image", "mask", "low_res"):
+        if getattr(args, flag):
+            text[flag] = os.path.abspath(getattr(args, flag))
+    if args.init_image:
+        text["strength"] = str(1.0 if args.strength is None else args.strength)
+    if args.mask:
+        text["blend"] = str(pipe.concat != "inpaint" if args.blend is None else args.blend)
+        text["keep_unmasked"] = str(args.keep_unmasked is None or args.keep_unmasked)
+    if args.resize:
+        text["resize"] = "True"
+    return text
+
+
 def run(args: argparse.Namespace) -> list[str]:
     """Generates and writes the files; returns the written image paths."""
     from tqdm import tqdm
@@ -239,40 +265,18 @@ def run(args: argparse.Namespace) -> list[str]:
     bar.close()
     os.makedirs(args.out, exist_ok=True)
     removed = sample_set.clear_previous(args.out)
+    run_settings = run_text(args, pipe)
+    key = "prompt" if not pipe.class_conditional else "class_label"
     paths = []
     for i, (condition, image) in enumerate(zip(items, images)):
         path = os.path.join(args.out, sample_set.image_name(i))
-        text = {
-            "prompt" if not pipe.class_conditional else "class_label": str(condition),
-            "seed": str(args.seed),
-            "index": str(i),
-            "sampler": args.sampler,
-            "steps": str(args.steps),
-            "eta": str(args.eta),
-            "guidance": str(args.guidance),
-            "negative_prompt": args.negative_prompt,
-            "ema": str(args.ema),
-            "checkpoint_step": str(pipe.step),
-            "workdir": os.path.abspath(args.workdir),
-        }
-        for flag in ("init_image", "mask", "low_res"):
-            if getattr(args, flag):
-                text[flag] = os.path.abspath(getattr(args, flag))
-        if args.init_image:
-            text["strength"] = str(1.0 if args.strength is None else args.strength)
-        if args.mask:
-            text["blend"] = str(pipe.concat != "inpaint" if args.blend is None else args.blend)
-            text["keep_unmasked"] = str(args.keep_unmasked is None or args.keep_unmasked)
-        if args.resize:
-            text["resize"] = "True"
-        save_png(image, path, text)
+        save_png(image, path, {key: str(condition), "index": str(i), **run_settings})
         paths.append(path)
     captions = [str(c) for c in items]
     scale = max(1, 128 // images.shape[1])
     grid_path = os.path.join(args.out, sample_set.GRID)
     os.makedirs(os.path.dirname(grid_path), exist_ok=True)
     save_png(grid(np.asarray(images), captions, columns=min(8, len(items)), scale=scale), grid_path)
-    run_settings = {k: v for k, v in text.items() if k not in ("prompt", "class_label", "index")}
     sample_set.write_manifest(args.out, [os.path.basename(p) for p in paths], captions, run_settings)
     replaced = f" (replacing the previous run's {len(removed)})" if removed else ""
     print(

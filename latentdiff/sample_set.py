@@ -21,7 +21,7 @@ from typing import Any
 from latentdiff import atomic_files
 from latentdiff.config_utils import atomic_write_text, read_json_file
 from latentdiff.errors import UserError
-from latentdiff.metrics import IMAGE_EXTENSIONS
+from latentdiff.imaging import IMAGE_EXTENSIONS
 
 MANIFEST = "samples.json"
 FORMAT = "latentdiff-samples-1"

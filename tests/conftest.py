@@ -37,6 +37,7 @@ jax.config.update("jax_cpu_enable_async_dispatch", False)
 # The longest test files first (measured, `--durations`): xdist hands out whole files (--dist loadfile) in collection
 # order, so starting the long ones early keeps both workers busy to the end instead of one finishing a long file alone.
 LONGEST_FIRST = (
+    "test_readme_commands.py",
     "test_train_scale.py",
     "test_train_smoke.py",
     "test_image_modification.py",

@@ -174,7 +174,6 @@ def test_latent_iterator_epochs_resume_and_process_shards(tmp_path):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.extended  # ~2 minutes: make test-extended (the latents step itself: test_precomputed_step_...)
 def test_train_from_latents_writes_a_checkpoint(root):
     """A text-conditioned run on precomputed latents (tokenizer built from captions.jsonl) trains and checkpoints."""
     from latentdiff.train import train_and_evaluate

@@ -4,8 +4,8 @@ would type them, so the README cannot drift from what runs.
 Every command of every ```bash block is matched by exactly one rule of RULES: either it runs (with overrides only
 for step counts and sizes, appended to the command as a user would) or the rule says why it cannot run here (a TPU
 pod, a Slurm cluster, a hub download). A new README command without a rule, or a rule that no longer matches a
-command, fails `test_every_readme_command_has_a_rule` (make test, fast); `test_readme_commands_run_in_order`
-(make test-extended: ~6 minutes on 2 cores) runs them.
+command, fails `test_every_readme_command_has_a_rule` (fast); `test_readme_commands_run_in_order` (~5 minutes on
+one core) runs them. Both are part of make test.
 """
 
 import dataclasses
@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,7 +172,7 @@ def _run(command: str, cwd: str, env: dict[str, str], log: list[str]) -> None:
     assert result.returncode == 0, "\n".join(log[-6:])
 
 
-@pytest.mark.extended  # ~6 minutes on 2 cores: make test-extended
+# ~5 minutes on 2 cores (one xdist worker), the longest test of make test
 def test_readme_commands_run_in_order(tmp_path):
     cwd, env, log = _scratch(tmp_path), _environment(), []
     ran = []

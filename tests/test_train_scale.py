@@ -387,7 +387,6 @@ MP_MESH = "data"  # data-parallel across the 2 processes: on CPU every collectiv
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.extended  # ~3 minutes: make test-extended
 def test_two_processes_match_one_process_and_survive_preemption(tmp_root, tmp_path):
     """2 processes x 4 devices (jax.distributed, CPU collectives): same losses and params as 1 process x 8 devices on
     the same mesh. On the way, SIGTERM to process 1 only: both processes save the same step and exit 0; the relaunch

@@ -9,7 +9,6 @@ The config file's get_config(VARIANT) (get_config() without ':VARIANT') must ret
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from latentdiff import config_utils
 from latentdiff.config_utils import apply_overrides
 from latentdiff.data.errors import DataError
 from latentdiff.errors import UserError
@@ -28,24 +28,6 @@ MIN_CELL = 128  # images are enlarged by an integer factor to at least this many
 PAD = 6  # pixels between cells and around the grid
 TEXT_LINES = 6  # caption lines under each image (longer captions end with "...")
 MAX_COLUMNS = 8
-
-
-def load_config(spec: str):
-    """get_config(arg) of 'path/to/config.py:arg' (get_config() without ':arg')."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise DataError(f"config file {path} not found")
-    module_spec = importlib.util.spec_from_file_location("_latentdiff_preview_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise DataError(f"config file {path} has no get_config()")
-        return module.get_config(arg) if arg else module.get_config()
-    except DataError:
-        raise
-    except Exception as err:  # the user's config file: report it in one line
-        raise DataError(f"config {spec} failed: {type(err).__name__}: {err}") from None
 
 
 def cell_side(resolution: int) -> int:
@@ -82,7 +64,7 @@ def preview(config_spec: str, out: str, split: str, num: int, seed: int, augment
     ("FIELD=VALUE", as train.py's --config.FIELD=VALUE) applied; returns the path."""
     from latentdiff.data.pipeline import make_dataset
 
-    config = load_config(config_spec)
+    config = config_utils.load_config(config_spec)
     apply_overrides(config, overrides)
     if "data" not in config:
         raise DataError(f"config {config_spec} has no .data")
