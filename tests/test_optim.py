@@ -130,3 +130,30 @@ def test_single_pass_equals_three_passes_jitted_with_donation() -> None:
         outputs[tx.single_pass] = jax.tree.leaves(state)
     for a, b in zip(outputs[False], outputs[True]):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_gradient_norm_guard_covers_the_new_state(dtype) -> None:
+    """The non-finite guard checks the loss and the global gradient norm the step computes anyway; that is enough for
+    the new state too (issue 24 #2). A finite norm bounds every |g| and Σg², so μ and ν (its squares) stay finite;
+    Adam's step is at most lr·(1-β1)/√(1-β2) per element and the config checks hold lr in (0, 1], so the new
+    params and EMA stay finite. At the edge: the largest gradient whose square is still finite passes with a finite
+    state (no clipping, the worst case); one element larger makes the norm inf, and the step is skipped."""
+    from latentdiff.train import common
+
+    cfg = optim_config("adamw", 0.0)
+    cfg.lr, cfg.warmup_steps = 1.0, 0  # the largest learning rate the config checks allow
+    tx = optim.make_optimizer(cfg, 10)
+    params = jax.tree.map(lambda x: x.astype(dtype), random_tree(np.random.default_rng(2), 1.0))
+    edge = float(np.sqrt(np.finfo(np.float32).max)) / 4  # four such entries: Σg² just below the float32 maximum
+    for scale, passes in ((edge, True), (edge * 4, False)):
+        grads = jax.tree.map(lambda p, s=scale: jnp.full_like(p, 0.0).at[(0,) * p.ndim].set(s), params)
+        grads["conv"]["kernel"] = grads["conv"]["kernel"].at[1, 1, 1, 1].set(scale)
+        norm = optax.tree.norm(grads)
+        finite = common.all_finite(jnp.float32(1.0), norm)
+        assert bool(finite) == passes, (scale, norm)
+        new_params, state, ema = jax.jit(tx.apply)(grads, tx.init(params), params, norm, finite, params, 0.9)
+        for tree in (new_params, state.mu, state.nu, ema):
+            assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(tree)), (scale, tree)
+        if not passes:  # skipped: everything unchanged
+            assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)))
