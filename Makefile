@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-PYTEST_ARGS ?= -n 2 --dist loadfile -q
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder -q
 # make test (what CI runs) leaves out the `extended` tier: the longest end-to-end runs, ~4 more minutes on 2 cores.
 TEST_TIER  ?= not extended
 

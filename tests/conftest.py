@@ -35,7 +35,9 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 # The longest test files first (measured, `--durations`): xdist hands out whole files (--dist loadfile) in collection
-# order, so starting the long ones early keeps both workers busy to the end instead of one finishing a long file alone.
+# order when given --no-loadscope-reorder, as the Makefile does (by default it orders files by their test count, which
+# put the 5-minute README run last), so starting the long ones early keeps both workers busy to the end instead of
+# one finishing a long file alone.
 LONGEST_FIRST = (
     "test_readme_commands.py",
     "test_train_scale.py",
