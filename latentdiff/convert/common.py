@@ -135,6 +135,11 @@ HF_GENERIC_INERT = {
 }
 
 
+def field_table(fixed: Iterable[str], mapped: Iterable[str], inert: Iterable[str]) -> dict[str, str]:
+    """Every config field a converter knows -> 'fixed' | 'mapped' | 'inert' (field_problems refuses the others)."""
+    return dict.fromkeys(fixed, "fixed") | dict.fromkeys(mapped, "mapped") | dict.fromkeys(inert, "inert")
+
+
 def field_problems(config: Mapping, fixed: Mapping[str, object], known: Iterable[str]) -> list[str]:
     """What of a model's config.json the converter does not reproduce: each `fixed` field present with another value
     (`fixed[f]` is the value latentdiff implements), and every field outside `known` (a newer library may add fields

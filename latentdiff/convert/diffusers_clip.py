@@ -32,6 +32,7 @@ from latentdiff.convert.common import (
     apply_table,
     dense_kernel,
     field_problems,
+    field_table,
     identity,
     invert_table,
 )
@@ -168,8 +169,7 @@ CLIP_INERT = {
 
 def clip_field_table() -> dict[str, str]:
     """Every CLIPTextConfig field latentdiff knows -> 'mapped' | 'fixed' | 'inert'; any other field is refused."""
-    table = {field: "fixed" for field in CLIP_FIXED} | {field: "mapped" for field in CLIP_MAPPED}
-    return table | {field: "inert" for field in CLIP_INERT}
+    return field_table(CLIP_FIXED, CLIP_MAPPED, CLIP_INERT)
 
 
 def clip_config(hf: Mapping) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 
 from latentdiff import config_blocks, config_utils, first_stage, params_io
 from latentdiff import workdir as workdir_lib
-from latentdiff.convert.common import HF_GENERIC_INERT, ConversionError, field_problems
+from latentdiff.convert.common import HF_GENERIC_INERT, ConversionError, field_problems, field_table
 from latentdiff.errors import UserError
 
 PARAMS_DIR, EMA_FILE, LIVE_FILE, FORMAT = (  # the format is latentdiff.workdir's; conversion writes it
@@ -256,9 +256,7 @@ _UNET_INERT = {
 def unet_field_table() -> dict[str, str]:
     """Every UNet2DConditionModel config field latentdiff knows -> 'mapped' | 'fixed' | 'inert'. A field outside it
     is refused by unet_config_from_diffusers (a newer diffusers may add fields that change the forward pass)."""
-    table = {field: "fixed" for field in _UNET_FIXED}
-    table |= {field: "mapped" for field in _UNET_MAPPED}
-    return table | {field: "inert" for field in _UNET_INERT}
+    return field_table(_UNET_FIXED, _UNET_MAPPED, _UNET_INERT)
 
 
 def _holds(got: object, want: object) -> bool:
@@ -397,8 +395,7 @@ _VAE_INERT = {
 def vae_field_table() -> dict[str, str]:
     """Every AutoencoderKL / VQModel config field latentdiff knows -> 'mapped' | 'fixed' | 'inert'; any other field is
     refused by vae_config_from_diffusers."""
-    table = {field: "fixed" for field in _VAE_FIXED} | {field: "mapped" for field in _VAE_MAPPED}
-    return table | {field: "inert" for field in _VAE_INERT}
+    return field_table(_VAE_FIXED, _VAE_MAPPED, _VAE_INERT)
 
 
 def vae_config_from_diffusers(d: Mapping, kind: str) -> dict:
@@ -474,8 +471,7 @@ _BERT_INERT = {
 
 def bert_field_table() -> dict[str, str]:
     """Every LDMBertConfig field latentdiff knows -> 'mapped' | 'fixed' | 'inert'; any other field is refused."""
-    table = {field: "fixed" for field in _BERT_FIXED} | {field: "mapped" for field in _BERT_MAPPED}
-    return table | {field: "inert" for field in _BERT_INERT}
+    return field_table(_BERT_FIXED, _BERT_MAPPED, _BERT_INERT)
 
 
 def bert_config_from_diffusers(d: Mapping) -> dict:
