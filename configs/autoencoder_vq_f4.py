@@ -13,7 +13,7 @@ import ml_collections
 
 from latentdiff.config_blocks import run_block
 from latentdiff.config_utils import check_variant
-from latentdiff.data.pipeline import default_data_config
+from latentdiff.data.input_pipeline import default_data_config
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

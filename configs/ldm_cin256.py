@@ -25,7 +25,7 @@ from latentdiff.config_blocks import (
     unet_block,
 )
 from latentdiff.config_utils import check_variant
-from latentdiff.data.pipeline import default_data_config
+from latentdiff.data.input_pipeline import default_data_config
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -45,7 +45,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             scale_factor=1.0 if paper else 0.0,
             sample_posterior=False,
             dtype="",  # frozen model's dtype in the train step + preview grids: '' = as trained; "bfloat16" on GPU/TPU
-            latents="",  # a directory written by `python -m latentdiff.encode` ('' = encode images on the fly)
+            latents="",  # a directory written by `latentdiff encode` ('' = encode images on the fly)
         )
     )
     # concat conditioning (latentdiff/conditioning.py): none / inpaint / sr (configs/ldm_inpaint.py, ldm_sr4.py)

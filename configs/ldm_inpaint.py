@@ -32,9 +32,9 @@ from latentdiff.config_blocks import (
     unet_block,
 )
 from latentdiff.config_utils import check_variant
-from latentdiff.data.pipeline import default_data_config
+from latentdiff.data.input_pipeline import default_data_config
 
-#                      tiny       paper
+# One row per variant; each short key and the config field it sets: latentdiff.config_blocks.VARIANT_KEYS.
 VARIANTS = {
     "tiny": dict(batch=32, steps=2_000, res=32, latent_ch=4, mc=32, mult=(1, 2), nrb=1, attn=(2, 1), heads=4,
                  width=64, depth=2, theads=4, hdim=16, vocab=512, length=32, start=0.00085, end=0.012, lr=1e-3,

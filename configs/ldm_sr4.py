@@ -34,9 +34,9 @@ from latentdiff.config_blocks import (
     unet_block,
 )
 from latentdiff.config_utils import check_variant
-from latentdiff.data.pipeline import default_data_config
+from latentdiff.data.input_pipeline import default_data_config
 
-#                      tiny       paper
+# One row per variant; each short key and the config field it sets: latentdiff.config_blocks.VARIANT_KEYS.
 VARIANTS = {
     "tiny": dict(batch=32, steps=4_000, res=32, latent_ch=4, mc=64, mult=(1, 2), nrb=1, attn=(2,), heads=4,
                  head_ch=-1, start=0.0015, end=0.0155, lr=1e-3, warmup=100, ema=0.999),

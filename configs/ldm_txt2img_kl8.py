@@ -33,9 +33,9 @@ from latentdiff.config_blocks import (
     unet_block,
 )
 from latentdiff.config_utils import check_variant
-from latentdiff.data.pipeline import default_data_config
+from latentdiff.data.input_pipeline import default_data_config
 
-#                      tiny       demo       paper
+# One row per variant; each short key and the config field it sets: latentdiff.config_blocks.VARIANT_KEYS.
 VARIANTS = {
     "tiny": dict(batch=32, steps=2_000, res=64, mc=32, mult=(1, 2), nrb=1, attn=(2, 1), heads=4, width=64,
                  depth=2, theads=4, hdim=16, vocab=512, length=32, lr=1e-3, warmup=100, ema=0.999, guidance=3.0,
@@ -65,7 +65,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             scale_factor=0.18215 if paper else 0.0,  # 0: 1/std of the first batch's latents, stored in the checkpoint
             sample_posterior=True,
             dtype="",  # frozen model's dtype in the train step + preview grids: '' = as trained; "bfloat16" on GPU/TPU
-            latents="",  # a directory written by `python -m latentdiff.encode` ('' = encode images on the fly)
+            latents="",  # a directory written by `latentdiff encode` ('' = encode images on the fly)
         )
     )
     # concat conditioning (latentdiff/conditioning.py): none / inpaint / sr (configs/ldm_inpaint.py, ldm_sr4.py)

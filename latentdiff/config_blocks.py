@@ -7,6 +7,37 @@ from __future__ import annotations
 
 import ml_collections
 
+# The short keys of the configs' VARIANTS tables (one row per variant, so the variants read side by side) and the
+# config field each one sets. tests/test_configs.py checks that every table uses only these keys.
+VARIANT_KEYS = {
+    "batch": "batch_size (global, per optimizer step)",
+    "steps": "num_train_steps",
+    "seed": "seed",
+    "batch_size": "batch_size",
+    "num_train_steps": "num_train_steps",
+    "res": "data.resolution (image side, px)",
+    "latent_ch": "unet.in_channels / out_channels: the stage-1 latent channels",
+    "mc": "unet.model_channels",
+    "mult": "unet.channel_mult",
+    "nrb": "unet.num_res_blocks",
+    "attn": "unet.attention_resolutions (downsampling factors with attention)",
+    "heads": "unet.num_heads",
+    "head_ch": "unet.num_head_channels (-1: from num_heads)",
+    "width": "text_encoder.width (and unet.context_dim)",
+    "depth": "text_encoder.depth",
+    "theads": "text_encoder.num_heads",
+    "hdim": "text_encoder.head_dim",
+    "vocab": "tokenizer / text_encoder.vocab_size",
+    "length": "tokenizer / text_encoder.max_length",
+    "start": "diffusion.linear_start (β_1 of the linear schedule)",
+    "end": "diffusion.linear_end (β_T)",
+    "param": "diffusion.parameterization (eps / v / x0)",
+    "lr": "optim.lr (peak)",
+    "warmup": "optim.warmup_steps",
+    "ema": "ema.decay",
+    "guidance": "sampling.guidance",
+}
+
 # Sample-grid prompts (config.sampling.prompts) of the shapes text-to-image models and of the paper's text-to-image
 # models (the captions of the paper's Figure 5), shared by configs/ and the converters.
 SHAPES_PROMPTS = (

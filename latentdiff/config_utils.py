@@ -164,13 +164,30 @@ def read_json_file(path: str, what: str) -> Any:
         ) from None
 
 
+# Config fields added after workdirs were first written, with the value every older workdir ran with: the one
+# migration of old config.json files. load_workdir_config fills them in, so no other module needs a fallback.
+ADDED_FIELDS = {
+    ("text_encoder", "attention_impl"): "xla",  # the attention kernels came later; XLA's is what older runs used
+    ("first_stage", "latents"): "",  # precomputed latents came later: older stage-2 runs encoded on the fly
+    ("first_stage", "dtype"): "",  # '' = the frozen stage-1 model's own dtype, as before the field existed
+}
+
+
+def migrate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds ADDED_FIELDS that an older config lacks (in sections it has), in place; returns it."""
+    for (section, field), value in ADDED_FIELDS.items():
+        if section in config and field not in config[section]:
+            config[section][field] = value
+    return config
+
+
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with."""
+    """The config a workdir was trained with (older ones migrated: ADDED_FIELDS)."""
     require_local_path(workdir, "workdir")
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{workdir!r} has no config.json; is it a latentdiff workdir (train.py --workdir)?")
-    return ml_collections.ConfigDict(_tuplify(read_json_file(path, "the workdir's config")))
+    return migrate_config(ml_collections.ConfigDict(_tuplify(read_json_file(path, "the workdir's config"))))
 
 
 def atomic_write_text(path: str, text: str) -> None:

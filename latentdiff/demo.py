@@ -1,10 +1,10 @@
 """The embedded default: a shipped text-to-image model on the shapes dataset, sampled and scored.
 
-    python -m latentdiff.demo run --demo_dir demo --out demo_out        (make demo)
-    python -m latentdiff.demo train --workdir workdirs/demo --demo_dir demo   (make demo-train)
+    latentdiff demo run --demo_dir demo --out demo_out        (make demo)
+    latentdiff demo train --workdir workdirs/demo --demo_dir demo   (make demo-train)
 
 `train` runs the project's own recipe through the same code as train.py (configs/autoencoder_kl_f4.py:demo, the
-train split's latents precomputed as `python -m latentdiff.encode` does, then configs/ldm_txt2img_kl8.py:demo with
+train split's latents precomputed as `latentdiff encode` does, then configs/ldm_txt2img_kl8.py:demo with
 --config.first_stage.latents), resumably (Ctrl-C and run again continues), then writes the shipped files into
 --demo_dir (config, tokenizer, first stage, EMA params, report of the run) and scores them like `run`.
 `run` loads --demo_dir through latentdiff.pipeline (as sample.py does), writes a captioned grid for fixed prompts
@@ -69,6 +69,7 @@ def git_commit() -> str:
 def score(pipe: Any, *, guidance: float, steps: int, sampler: str, num: int, resolution: int) -> dict[str, Any]:
     """Alignment of generated images with seen (validation) and novel captions, at `guidance` and at 1."""
     from latentdiff.data import shapes
+    from latentdiff.evaluation import shapes_grader
 
     report: dict[str, Any] = {}
     batch = min(128, num)  # the pipeline pads a batch to batch_size: a small `num` must not sample 128
@@ -79,7 +80,7 @@ def score(pipe: Any, *, guidance: float, steps: int, sampler: str, num: int, res
             key = f"{'seen' if split == 'validation' else 'novel'}@{scale:g}"
             with progress.phase(f"scoring {key}: {num} images, {steps} {sampler} steps, graded from pixels"):
                 images = pipe(captions, sampler=sampler, steps=steps, guidance=scale, seed=SCORE_SEED, batch_size=batch)
-                grades = shapes.grade(images, captions)
+                grades = shapes_grader.grade(images, captions)
             report[key] = {k: float(v) for k, v in grades.items()} | {"seconds": time.perf_counter() - start}
     return report
 
@@ -240,7 +241,7 @@ def ship(ldm_workdir: str, demo_dir: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m latentdiff.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="latentdiff demo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="sample and score the shipped demo model (make demo)")
     p_run.add_argument("--demo_dir", default="demo")

@@ -1,6 +1,6 @@
 """Precompute stage-1 latents of a dataset split (a stage-2 data source) and report the latent scale factor (1 / std).
 
-    python -m latentdiff.encode --workdir workdirs/ae --out latents/ [--split train] [--num 0] [--batch_size 64]
+    latentdiff encode --workdir workdirs/ae --out latents/ [--split train] [--num 0] [--batch_size 64]
     python train.py --config configs/ldm_txt2img_kl8.py:tiny --workdir workdirs/ldm \
         --config.first_stage.workdir=workdirs/ae --config.first_stage.latents=latents/
 
@@ -36,9 +36,9 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
     import jax.numpy as jnp
 
     from latentdiff import config_utils
+    from latentdiff.data.input_pipeline import make_dataset
     from latentdiff.data.latents import ARRAYS, CAPTIONS, LABELS, META
-    from latentdiff.data.pipeline import make_dataset
-    from latentdiff.train.autoencoder import read_first_stage
+    from latentdiff.workdir import read_first_stage
 
     fs, fs_step = read_first_stage(workdir)  # read-only: nothing is written into the stage-1 workdir
     config = config_utils.load_workdir_config(workdir)
@@ -156,7 +156,7 @@ def _fill(
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m latentdiff.encode", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="latentdiff encode", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a trained stage-1 workdir")
     parser.add_argument("--out", required=True)
     parser.add_argument("--split", default="train")

@@ -97,7 +97,7 @@ def run_cli(main: Callable[[], Any]) -> Any:
             if is_out_of_memory(error):
                 print(
                     f"error: out of device memory ({one_line(error)[:200]}); lower the batch size or the resolution, "
-                    "or check the plan first with `python -m latentdiff.tools.preflight`",
+                    "or check the plan first with `latentdiff preflight`",
                     file=sys.stderr,
                 )
                 sys.exit(2)

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 from latentdiff import atomic_files
 from latentdiff.errors import UserError
 
-# Files an image set (sample.py's output, eval/fid.py's folders) is made of.
+# Files an image set (sample.py's output, `latentdiff eval fid`'s folders) is made of.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 

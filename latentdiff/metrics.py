@@ -2,8 +2,8 @@
 
 FID in two halves (edm style): `stats(features) -> (mu, sigma)` and `frechet_distance(stats_a, stats_b)`; features
 come from `inception_features` (the FID Inception-v3 of latentdiff.nn.inception, weights from
-latentdiff.convert.inception_weights). Reference statistics are `.npz` files with keys mu / sigma (pytorch-fid's
-format).
+latentdiff.convert.inception_weights). Maths only: the statistics files and image sets are read and written by
+latentdiff.evaluation.references.
 
 Preprocessing modes (uint8 images [N, H, W, 3] -> float32 [N, 299, 299, 3] in the network's range):
   'paper'        torch-fidelity, the protocol of the LDM paper's tables: uint8 -> float, TF1.x-compatible bilinear
@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,7 +33,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from latentdiff import imaging
 from latentdiff.errors import UserError
 from latentdiff.nn.inception import INPUT_SIZE, InceptionV3
 
@@ -278,7 +276,7 @@ def stats(features: np.ndarray) -> Stats:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def _check_stats(s: Stats, name: str) -> Stats:
+def check_stats(s: Stats, name: str) -> Stats:
     mu, sigma = np.asarray(s[0], np.float64), np.asarray(s[1], np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise UserError(f"{name}: expected mu [D] and sigma [D, D]; got {mu.shape} and {sigma.shape}")
@@ -334,8 +332,8 @@ def frechet_distance(stats1: Stats, stats2: Stats, eps: float = 1e-6) -> float:
     If the eigen-decomposition fails, retries with eps·I added to both covariances (as pytorch-fid does when
     sqrtm is singular), with a warning.
     """
-    mu1, s1 = _check_stats(stats1, "stats1")
-    mu2, s2 = _check_stats(stats2, "stats2")
+    mu1, s1 = check_stats(stats1, "stats1")
+    mu2, s2 = check_stats(stats2, "stats2")
     if mu1.shape != mu2.shape:
         raise UserError(f"stats have different dimensions: {mu1.shape[0]} vs {mu2.shape[0]}")
     diff = mu1 - mu2
@@ -357,7 +355,7 @@ def frechet_distance_lowrank(features1: np.ndarray, stats2: Stats) -> float:
     f = np.asarray(features1, np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise UserError(f"features1 must be [N, D] with N >= 2; got shape {f.shape}")
-    mu2, s2 = _check_stats(stats2, "stats2")
+    mu2, s2 = check_stats(stats2, "stats2")
     if mu2.shape[0] != f.shape[1]:
         raise UserError(f"stats have different dimensions: {f.shape[1]} vs {mu2.shape[0]}")
     n = f.shape[0]
@@ -370,22 +368,6 @@ def frechet_distance_lowrank(features1: np.ndarray, stats2: Stats) -> float:
     diff = mu1 - mu2
     tr1 = float(np.sum(x * x)) / (n - 1)
     return float(diff @ diff + tr1 + np.trace(s2) - 2.0 * np.sqrt(np.clip(w, 0.0, None)).sum())
-
-
-def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Writes pytorch-fid-compatible statistics: .npz with keys 'mu' [D] and 'sigma' [D, D]."""
-    mu, sigma = _check_stats((mu, sigma), path)
-    np.savez(path, mu=mu, sigma=sigma)
-
-
-def load_stats(path: str) -> Stats:
-    """Reads an .npz with keys 'mu' and 'sigma' (pytorch-fid / ours) -> (mu float64 [D], sigma float64 [D, D])."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such statistics file")
-    with np.load(path, allow_pickle=False) as f:
-        if "mu" not in f.files or "sigma" not in f.files:
-            raise UserError(f"{path}: expected an .npz with keys 'mu' and 'sigma'; found {sorted(f.files)}")
-        return _check_stats((f["mu"], f["sigma"]), path)
 
 
 def inception_score(logits: np.ndarray, splits: int = 10, shuffle_seed: int | None = 2020) -> tuple[float, float]:
@@ -423,45 +405,3 @@ def psnr(a: jax.Array, b: jax.Array, data_range: float) -> jax.Array:
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     mse = jnp.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
     return 10.0 * jnp.log10(data_range**2 / mse)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def load_image_dir(path: str, names: list[str] | None = None) -> tuple[list[np.ndarray], int]:
-    """PNG/JPEG files directly in `path` (sorted, not recursive; only `names` when given) -> (uint8 arrays
-    [n_i, H_i, W_i, 3] grouped by size, number of unreadable files skipped). Images are converted to RGB as
-    pytorch-fid / torch-fidelity do."""
-    from PIL import Image
-
-    if names is None:
-        names = sorted(f for f in os.listdir(path) if f.lower().endswith(imaging.IMAGE_EXTENSIONS))
-    by_size: dict[tuple[int, ...], list[np.ndarray]] = {}
-    skipped = 0
-    for name in names:
-        try:
-            with Image.open(os.path.join(path, name)) as im:
-                arr = imaging.to_rgb8(im)[0]  # plain 8-bit RGB files: exactly PIL's convert('RGB'), as pytorch-fid
-        except (OSError, ValueError):  # unreadable, or a mode to_rgb8 refuses (UserError is a ValueError)
-            skipped += 1
-            continue
-        by_size.setdefault(arr.shape, []).append(arr)
-    if skipped:
-        warnings.warn(f"{path}: skipped {skipped} unreadable image file(s)", stacklevel=2)
-    return [np.stack(v) for v in by_size.values()], skipped
-
-
-def read_npz(path: str) -> tuple[str, Any]:
-    """An .npz of statistics (keys mu, sigma) -> ('stats', (mu, sigma)); of images (key 'images', uint8
-    [N, H, W, 3]) -> ('images', [images])."""
-    with np.load(path, allow_pickle=False) as f:
-        files = set(f.files)
-        if {"mu", "sigma"} <= files:
-            return "stats", _check_stats((f["mu"], f["sigma"]), path)
-        if "images" in files:
-            images = f["images"]
-            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-                raise UserError(f"{path}: 'images' must be uint8 [N, H, W, 3]; got {images.dtype} {images.shape}")
-            return "images", [images]
-    raise UserError(f"{path}: expected an .npz with keys mu/sigma (statistics) or 'images'; found {sorted(files)}")

@@ -59,7 +59,7 @@ class Pipeline:
     @classmethod
     def from_workdir(cls, workdir: str, *, use_ema: bool = True) -> Pipeline:
         """Loads config.json, tokenizer/, first_stage/ and the weights (EMA params by default): the latest checkpoint,
-        or, for a workdir written by `python -m latentdiff.convert` (no checkpoints/), params/ema.safetensors."""
+        or, for a workdir written by `latentdiff convert` (no checkpoints/), params/ema.safetensors."""
         config = config_utils.load_workdir_config(workdir)
         if config.stage != "ldm":
             raise UserError(f"{workdir!r} is a {config.stage!r} workdir; sampling needs a stage-2 (ldm) workdir")

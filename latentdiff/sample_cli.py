@@ -19,29 +19,23 @@ from typing import Any
 
 import numpy as np
 
-from latentdiff import config_utils, sample_set
+from latentdiff import cli_flags, config_utils, errors, sample_set
 from latentdiff.errors import UserError
 from latentdiff.output_paths import check_output_dir
-from latentdiff.sampling import SAMPLERS, check_sampling_args
+from latentdiff.sampling import check_sampling_args
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sample.py", description="Generate images with a trained latentdiff model.")
+    parser = argparse.ArgumentParser(
+        prog="latentdiff sample", description="Generate images with a trained latentdiff model."
+    )
     parser.add_argument("--workdir", required=True, help="a stage-2 (ldm) workdir")
     parser.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
     parser.add_argument("--prompt_file", default="", help="UTF-8 text file, one caption per line")
     parser.add_argument("--class_label", action="append", type=int, default=[], help="class-conditional models")
     parser.add_argument("--negative_prompt", default="", help='replaces the empty caption "" in guidance')
     parser.add_argument("--n", type=int, default=1, help="images per prompt")
-    from_config = "default: the model's config.sampling"
-    parser.add_argument("--steps", type=int, default=None, help=f"sampling steps ({from_config})")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None, help=f"({from_config})")
-    parser.add_argument(
-        "--eta", type=float, default=None, help=f"DDIM eta, 0 deterministic, 1 ancestral ({from_config})"
-    )
-    parser.add_argument(
-        "--guidance", type=float, default=None, help=f"classifier-free guidance scale, 1 = off ({from_config})"
-    )
+    cli_flags.add_sampling_flags(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
     parser.add_argument("--batch_size", type=int, default=0, help="images per device batch (0 = all at once)")
@@ -125,19 +119,8 @@ def validate(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "--out")
     sample_set.check_directory(args.out)
     config = config_utils.load_workdir_config(args.workdir)
-    fill_sampling_defaults(args, config.sampling)
+    cli_flags.fill_sampling_defaults(args, config.sampling)
     check_sampling_args(args.sampler, args.steps, config.diffusion.timesteps, args.guidance, args.eta)
-
-
-SAMPLING_FIELDS = ("sampler", "steps", "eta", "guidance")
-
-
-def fill_sampling_defaults(args: argparse.Namespace, sampling: Any) -> None:
-    """Every sampling flag not given takes the model's tuned value from its config.sampling (the demo model's
-    guidance is 2, a converted SD model's 7.5): one source of defaults, the model's own."""
-    for field in SAMPLING_FIELDS:
-        if getattr(args, field) is None:
-            setattr(args, field, sampling[field])
 
 
 def read_inputs(args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -284,3 +267,8 @@ def run(args: argparse.Namespace) -> list[str]:
         f"{args.out}{replaced}; grid: {grid_path}"
     )
     return paths
+
+
+def main(argv: list[str]) -> None:
+    arguments = parse_args(argv)
+    errors.run_cli(lambda: run(arguments))

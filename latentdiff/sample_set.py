@@ -4,9 +4,9 @@
     DIR/samples.json    the manifest: {"format", "images": [file names], "conditions": [...], "run": {settings}}
     DIR/grid/grid.png   a captioned overview, in a subfolder so that no directory reader counts it as a sample
 
-The manifest says which files are the set: `eval/fid.py --generated DIR` scores exactly those (other image files in
-DIR are reported and left out), and a second `sample.py` run into DIR first removes the files the previous manifest
-lists, so a folder never mixes two runs. Image files in DIR that no manifest lists are never deleted: sample.py
+The manifest says which files are the set: `latentdiff eval fid --generated DIR` scores exactly those (other image
+files in DIR are reported and left out), and a second `sample.py` run into DIR first removes the files the previous
+manifest lists, so a folder never mixes two runs. Image files in DIR that no manifest lists are never deleted: sample.py
 refuses such a folder instead.
 """
 

@@ -6,8 +6,10 @@ history. The first run's config.json is never rewritten; a resume with a changed
   workdir/config.json          the config of the first run (what sampling and conversion read)
   workdir/config_history.jsonl one line per run whose config differed from the previous one (the first run too)
 
-And the stage-2 weights sampling reads, without building an optimizer or a train state: the latest checkpoint's
-params / EMA params / scale factor (checkpoints/, subtree restore), or a converted workdir's
+And the weights others read, without building an optimizer or a train state: a stage-1 workdir's autoencoder (its
+latest checkpoint's generator params and model state, for stage 2 and `latentdiff encode`), and the stage-2 weights
+sampling reads: the latest checkpoint's params / EMA params / scale factor (checkpoints/, subtree restore), or a
+converted workdir's
   workdir/params/ema.safetensors    {'unet', 'cond'} (metadata: format, scale_factor, step, source)
   workdir/params/params.safetensors the non-EMA weights, when the source held both
 """
@@ -242,7 +244,7 @@ def load_converted_params(workdir: str, config: ml_collections.ConfigDict, *, us
                 f"{workdir!r} holds only one set of weights ({PARAMS_DIR}/{EMA_FILE}; the source had no separate "
                 "EMA copy): sample with --ema"
             )
-        raise FileNotFoundError(f"{path!r} not found; convert the model with `python -m latentdiff.convert`")
+        raise FileNotFoundError(f"{path!r} not found; convert the model with `latentdiff convert`")
     meta = params_io.read_metadata(path)
     if meta.get("format") != CONVERTED_FORMAT or "scale_factor" not in meta:
         raise UserError(f"{path!r} is not a converted-params file of this version (format {CONVERTED_FORMAT!r})")
@@ -266,3 +268,31 @@ def restore_stage2_params(workdir: str, config: ml_collections.ConfigDict) -> di
     if step is None:
         raise FileNotFoundError(f"{workdir!r} has no checkpoint yet; train it first (train.py --workdir {workdir})")
     return {**jax.device_get(restored), "step": step}
+
+
+def read_first_stage(workdir: str) -> tuple[Any, int]:
+    """(FirstStage with host variables, step) of the newest readable checkpoint of a stage-1 workdir, read-only: the
+    stage-1 workdir is an input and nothing is written into it. A subtree restore of the generator params and model
+    state against the autoencoder's abstract variables (no optimizer, discriminator or train state is built). Used
+    by stage 2 (which copies it into its own workdir) and `latentdiff encode`."""
+    import jax
+    import jax.numpy as jnp
+
+    from latentdiff import first_stage
+
+    config = config_utils.load_workdir_config(workdir)
+    if config.stage != "autoencoder":
+        raise UserError(f"{workdir!r} is a {config.stage!r} workdir, not a stage-1 autoencoder workdir")
+    abstract = first_stage.abstract_variables(config.autoencoder)
+    model_state = {name: tree for name, tree in abstract.items() if name != "params"}
+    generator = {"autoencoder": abstract["params"], "logvar": jax.ShapeDtypeStruct((), jnp.float32)}
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
+    try:
+        step, restored = ckpt.restore_latest_subtree({"gen_params": generator, "model_state": model_state})
+    finally:
+        ckpt.close()
+    if step is None:
+        raise FileNotFoundError(f"stage-1 workdir {workdir!r} has no checkpoint; train it first")
+    variables = {"params": restored["gen_params"]["autoencoder"], **dict(restored["model_state"] or {})}
+    module = first_stage.build_autoencoder(config.autoencoder)
+    return first_stage.FirstStage(config=config.autoencoder, module=module, variables=variables), step

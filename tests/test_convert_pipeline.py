@@ -1,4 +1,4 @@
-"""Whole-model conversion (`python -m latentdiff.convert`) against diffusers as the oracle.
+"""Whole-model conversion (`latentdiff convert`) against diffusers as the oracle.
 
 Tiny random pipelines (LDMTextToImagePipeline; Stable-Diffusion-style with a CLIP text encoder) are saved to disk,
 converted, and sampled with our Pipeline / sample.py from the same initial latents, prompts, DDIM 10 steps and
@@ -27,16 +27,10 @@ from transformers import BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPToken
 from latentdiff import config_utils, params_io, sampling
 from latentdiff.convert import __main__ as cli
 from latentdiff.convert import compvis, from_diffusers
-from latentdiff.convert.common import ConversionError, to_numpy_state_dict
+from latentdiff.convert.common import ConversionError, read_weights, to_numpy_state_dict
+from latentdiff.convert.diffusers_unet import diffusers_unet_config, unet_config_from_diffusers
 from latentdiff.convert.diffusers_vae import diffusers_config
-from latentdiff.convert.workdir import (
-    EMA_FILE,
-    LIVE_FILE,
-    PARAMS_DIR,
-    diffusers_unet_config,
-    read_weights,
-    unet_config_from_diffusers,
-)
+from latentdiff.convert.workdir import EMA_FILE, LIVE_FILE, PARAMS_DIR
 from latentdiff.diffusion.schedules import make_betas
 from latentdiff.pipeline import Pipeline
 from latentdiff.sample_cli import parse_args
@@ -635,3 +629,27 @@ def test_ldm_pipeline_at_another_size_matches_diffusers(ldm_dir, ldm_workdir):
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
     with pytest.raises(UserError, match=r"height 10 is not a positive multiple of 4 .*use e.g. 8"):
         ours(PROMPTS, sampler="ddim", steps=STEPS, guidance=GUIDANCE, height=10)
+
+
+def test_compvis_presets_are_yaml_files_with_the_papers_architectures():
+    """The presets are CompVis YAMLs read at run time (latentdiff/convert/compvis_presets/): the paper's LDM-KL-8-G
+    is exactly configs/ldm_txt2img_kl8.py:paper's architecture; cin256-v2 is the VQ-f4 class-conditional model."""
+    from latentdiff.errors import UserError
+
+    assert compvis.preset_names() == ["cin256-v2", "sd-v1", "txt2img-f8-large"]
+    paper = compvis.architecture(compvis.load_preset("txt2img-f8-large"))
+    ours = config_utils.load_config("configs/ldm_txt2img_kl8.py:paper")
+    unet = ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads", "context_dim")
+    text = ("vocab_size", "max_length", "width", "depth", "num_heads", "head_dim")
+    for block, fields in (("unet", unet), ("text_encoder", text)):
+        for field in fields:
+            value = ours[block][field]
+            assert paper[block][field] == (tuple(value) if isinstance(value, (list, tuple)) else value), field
+    assert paper["scale_factor"] == ours.first_stage.scale_factor and paper["cond_target"] == "BERTEmbedder"
+    cin = compvis.architecture(compvis.load_preset("cin256-v2"))
+    assert (cin["first_stage"]["kind"], cin["first_stage"]["n_embed"]) == ("vq", 8192)
+    assert cin["cond_target"] == "ClassEmbedder"
+    sd = compvis.architecture(compvis.load_preset("sd-v1"))
+    assert (sd["unet"]["context_dim"], sd["cond_target"]) == (768, "FrozenCLIPEmbedder")
+    with pytest.raises(UserError, match="unknown preset 'nope'"):
+        compvis.load_preset("nope")

@@ -8,6 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+from latentdiff.convert import diffusers_text, diffusers_unet, diffusers_vae
 from latentdiff.convert.common import ConversionError, to_numpy_state_dict
 from latentdiff.convert.diffusers_unet import (
     convert_unet,
@@ -211,10 +212,8 @@ def test_every_diffusers_unet_config_field_is_reproduced_or_refused():
 
     from diffusers import UNet2DConditionModel
 
-    from latentdiff.convert import workdir as convert_workdir
-
     fields = [n for n in inspect.signature(UNet2DConditionModel.__init__).parameters if n not in ("self", "kwargs")]
-    table = convert_workdir.unet_field_table()
+    table = diffusers_unet.unet_field_table()
     assert sorted(set(fields) - set(table)) == []  # a new diffusers field must be classified before it converts
     base = {
         "in_channels": 4,
@@ -226,13 +225,13 @@ def test_every_diffusers_unet_config_field_is_reproduced_or_refused():
         "cross_attention_dim": 16,
         "attention_head_dim": 2,
     }
-    assert convert_workdir.unet_config_from_diffusers(base)["model_channels"] == 32
+    assert diffusers_unet.unet_config_from_diffusers(base)["model_channels"] == 32
     silu = dict(base, time_embedding_act_fn="silu")  # changes the time embedding: was ignored (outputs 5% off)
     with pytest.raises(ConversionError, match=r"time_embedding_act_fn='silu' \(latentdiff implements None\)"):
-        convert_workdir.unet_config_from_diffusers(silu)
+        diffusers_unet.unet_config_from_diffusers(silu)
     with pytest.raises(ConversionError, match="fields latentdiff does not reproduce: a_future_field"):
-        convert_workdir.unet_config_from_diffusers(dict(base, a_future_field=1))
-    assert convert_workdir.unet_config_from_diffusers(dict(base, sample_size=64, _diffusers_version="0.30"))
+        diffusers_unet.unet_config_from_diffusers(dict(base, a_future_field=1))
+    assert diffusers_unet.unet_config_from_diffusers(dict(base, sample_size=64, _diffusers_version="0.30"))
 
 
 def test_every_diffusers_autoencoder_config_field_is_reproduced_or_refused():
@@ -241,9 +240,7 @@ def test_every_diffusers_autoencoder_config_field_is_reproduced_or_refused():
 
     from diffusers import AutoencoderKL, VQModel
 
-    from latentdiff.convert import workdir as convert_workdir
-
-    table = convert_workdir.vae_field_table()
+    table = diffusers_vae.vae_field_table()
     for cls in (AutoencoderKL, VQModel):
         fields = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs")]
         assert sorted(set(fields) - set(table)) == [], cls.__name__
@@ -257,11 +254,11 @@ def test_every_diffusers_autoencoder_config_field_is_reproduced_or_refused():
         "latent_channels": 4,
         "sample_size": 32,
     }
-    assert convert_workdir.vae_config_from_diffusers(dict(base, force_upcast=True), "kl")["ch"] == 32
+    assert diffusers_vae.vae_config_from_diffusers(dict(base, force_upcast=True), "kl")["ch"] == 32
     with pytest.raises(ConversionError, match="fields latentdiff does not reproduce: a_future_field"):
-        convert_workdir.vae_config_from_diffusers(dict(base, a_future_field=1), "kl")
+        diffusers_vae.vae_config_from_diffusers(dict(base, a_future_field=1), "kl")
     with pytest.raises(ConversionError, match=r"shift_factor=0.1 \(latentdiff implements None\)"):
-        convert_workdir.vae_config_from_diffusers(dict(base, shift_factor=0.1), "kl")
+        diffusers_vae.vae_config_from_diffusers(dict(base, shift_factor=0.1), "kl")
 
 
 def test_every_text_encoder_config_field_is_reproduced_or_refused():
@@ -272,10 +269,9 @@ def test_every_text_encoder_config_field_is_reproduced_or_refused():
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
     from transformers import CLIPTextConfig
 
-    from latentdiff.convert import workdir as convert_workdir
     from latentdiff.convert.diffusers_clip import clip_config, clip_field_table
 
-    for cls, table in ((CLIPTextConfig, clip_field_table()), (LDMBertConfig, convert_workdir.bert_field_table())):
+    for cls, table in ((CLIPTextConfig, clip_field_table()), (LDMBertConfig, diffusers_text.bert_field_table())):
         fields = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs")]
         written = [k for k in cls().to_dict() if not k.startswith("_")]
         assert sorted(set(fields + written) - set(table)) == [], cls.__name__
@@ -309,8 +305,8 @@ def test_every_text_encoder_config_field_is_reproduced_or_refused():
     with pytest.raises(ConversionError, match=r"pruned_heads=\{0: \[1\]\}"):
         clip_config(dict(sd15, pruned_heads={0: [1]}))
     bert = LDMBertConfig(encoder_layers=2, d_model=64, encoder_ffn_dim=256, head_dim=16).to_dict()
-    assert convert_workdir.bert_config_from_diffusers(bert)["depth"] == 2
+    assert diffusers_text.bert_config_from_diffusers(bert)["depth"] == 2
     with pytest.raises(ConversionError, match="fields latentdiff does not reproduce: a_future_field"):
-        convert_workdir.bert_config_from_diffusers(dict(bert, a_future_field=1))
+        diffusers_text.bert_config_from_diffusers(dict(bert, a_future_field=1))
     with pytest.raises(ConversionError, match=r"activation_function='relu' \(latentdiff implements 'gelu'\)"):
-        convert_workdir.bert_config_from_diffusers(dict(bert, activation_function="relu"))
+        diffusers_text.bert_config_from_diffusers(dict(bert, activation_function="relu"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentdiff.data import pipeline
+from latentdiff.data import input_pipeline
 from latentdiff.data.errors import DataError, DataWarning
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20)}
@@ -27,7 +27,7 @@ def _jpeg_bytes(size, colour):
 
 
 def _config(folder, data_dir, **overrides):
-    c = pipeline.default_data_config()
+    c = input_pipeline.default_data_config()
     c.name = "folder"
     c.folder = str(folder)
     c.data_dir = str(data_dir)
@@ -39,7 +39,7 @@ def _config(folder, data_dir, **overrides):
 
 
 def _one_pass(cfg, batch, split="train"):
-    it = pipeline.make_dataset(
+    it = input_pipeline.make_dataset(
         cfg, split=split, tokenizer=None, global_batch_size=batch, process_index=0, process_count=1, seed=0, train=False
     )
     return list(it)
@@ -71,7 +71,7 @@ def photo_folder(tmp_path):
 def test_jsonl_folder_skips_corrupt_files_and_upscales_small_ones(photo_folder, tmp_path):
     cfg = _config(photo_folder, tmp_path / "tfds")
     with pytest.warns(DataWarning) as record:
-        pipeline.prepare(cfg)
+        input_pipeline.prepare(cfg)
     messages = [str(w.message) for w in record]
     assert any("bad.png" in m and "skipping unreadable image" in m for m in messages)
     assert any("trunc.jpg" in m and "skipping unreadable image" in m for m in messages)
@@ -83,7 +83,7 @@ def test_jsonl_folder_skips_corrupt_files_and_upscales_small_ones(photo_folder, 
     batch = batches[0]
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["label"].dtype == np.int32
-    names = pipeline.prepare(cfg).info.features["label"].names
+    names = input_pipeline.prepare(cfg).info.features["label"].names
     assert names == ["cat", "dog"]
     by_caption = {c: (img, names[label]) for c, img, label in zip(batch["caption"], batch["image"], batch["label"])}
     assert set(by_caption) == {"a red image", "a green image", "a blue image", "a yellow image"}
@@ -96,7 +96,7 @@ def test_jsonl_folder_skips_corrupt_files_and_upscales_small_ones(photo_folder, 
         "cat",
         "dog",
     ]
-    pipeline.prepare(cfg)  # idempotent: prepared data is reused
+    input_pipeline.prepare(cfg)  # idempotent: prepared data is reused
 
 
 def test_csv_manifest_without_labels_and_validation_split(tmp_path):
@@ -142,7 +142,7 @@ def test_sidecar_captions_with_subfolder_labels(tmp_path):
     cfg = _config(root, tmp_path / "tfds")
     with pytest.warns(DataWarning, match="nocaption.png"):
         batch = _one_pass(cfg, 4)[0]
-    names = pipeline.prepare(cfg).info.features["label"].names
+    names = input_pipeline.prepare(cfg).info.features["label"].names
     assert names == ["cats", "dogs"]
     for caption, label in zip(batch["caption"], batch["label"]):
         assert caption.split()[1] == names[label]
@@ -152,22 +152,22 @@ def test_folder_user_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="holds no images"):
-        pipeline.prepare(_config(empty, tmp_path / "tfds"))
+        input_pipeline.prepare(_config(empty, tmp_path / "tfds"))
     with pytest.raises(DataError, match="does not exist"):
-        pipeline.prepare(_config(tmp_path / "nope", tmp_path / "tfds"))
+        input_pipeline.prepare(_config(tmp_path / "nope", tmp_path / "tfds"))
     uncaptioned = tmp_path / "uncaptioned"
     _save(str(uncaptioned / "x.png"), (32, 32), COLOURS["red"])
     with pytest.raises(DataError, match=r"no captions in .*captions\.jsonl or captions\.csv") as err:
-        pipeline.prepare(_config(uncaptioned, tmp_path / "tfds"))
+        input_pipeline.prepare(_config(uncaptioned, tmp_path / "tfds"))
     assert "\n" not in str(err.value)
     (uncaptioned / "captions.jsonl").write_text('{"file": "x.png", "caption": "ok"}\n{not json\n')
     with pytest.raises(DataError, match=r"captions\.jsonl:2: not valid JSON"):
-        pipeline.prepare(_config(uncaptioned, tmp_path / "tfds"))
+        input_pipeline.prepare(_config(uncaptioned, tmp_path / "tfds"))
     (uncaptioned / "captions.jsonl").write_text('{"file": "x.png", "words": "no caption field"}\n')
     with pytest.raises(DataError, match="no caption / text field"):
-        pipeline.prepare(_config(uncaptioned, tmp_path / "tfds"))
+        input_pipeline.prepare(_config(uncaptioned, tmp_path / "tfds"))
     with pytest.raises(DataError, match=r"data\.folder is empty"):
-        pipeline.prepare(_config("", tmp_path / "tfds"))
+        input_pipeline.prepare(_config("", tmp_path / "tfds"))
 
 
 def test_preprocess_crops_and_flips():
@@ -178,14 +178,17 @@ def test_preprocess_crops_and_flips():
     stripes[:, 64:, 2] = 255
     img = Image.fromarray(stripes)
     rng = np.random.default_rng(0)
-    centre = pipeline.preprocess_image(img, 32, False, False, rng, "stripes")
+    centre = input_pipeline.preprocess_image(img, 32, False, False, rng, "stripes")
     assert centre.shape == (32, 32, 3) and np.array_equal(centre, stripes[:, 32:64] / 127.5 - 1.0)
     ramp = Image.fromarray(np.broadcast_to(np.arange(96, dtype=np.uint8)[None, :, None], (32, 96, 3)).copy())
     offsets = {
-        round((pipeline.preprocess_image(ramp, 32, True, False, rng, "r")[0, 0, 0] + 1) * 127.5) for _ in range(20)
+        round((input_pipeline.preprocess_image(ramp, 32, True, False, rng, "r")[0, 0, 0] + 1) * 127.5)
+        for _ in range(20)
     }
     assert len(offsets) > 5 and min(offsets) >= 0 and max(offsets) <= 64
     half = np.zeros((32, 32, 3), np.uint8)
     half[:, :16] = 255
-    flips = [pipeline.preprocess_image(Image.fromarray(half), 32, False, True, rng, "h")[0, 0, 0] for _ in range(20)]
+    flips = [
+        input_pipeline.preprocess_image(Image.fromarray(half), 32, False, True, rng, "h")[0, 0, 0] for _ in range(20)
+    ]
     assert {float(v) for v in flips} == {1.0, -1.0}

@@ -9,9 +9,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from latentdiff.data import named, pipeline, preview, shapes
+from latentdiff.data import input_pipeline, named, preview, shapes
 from latentdiff.data.errors import DataError, DataWarning
 from latentdiff.data.tokenizer import train_wordpiece
+from latentdiff.evaluation import shapes_grader
 
 
 @pytest.fixture(scope="module")
@@ -21,22 +22,22 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg(data_dir):
-    c = pipeline.default_data_config()
+    c = input_pipeline.default_data_config()
     c.data_dir = data_dir
     c.shapes_num_train = 96
     c.shapes_num_validation = 64
     c.shapes_num_novel = 16
-    pipeline.prepare(c)
+    input_pipeline.prepare(c)
     return c
 
 
 @pytest.fixture(scope="module")
 def tok(cfg):
-    return train_wordpiece(pipeline.caption_corpus(cfg, "train", 1000), 200, 24)
+    return train_wordpiece(input_pipeline.caption_corpus(cfg, "train", 1000), 200, 24)
 
 
 def _iter(cfg, *, split="train", tokenizer=None, batch=16, index=0, count=1, seed=0, train=True):
-    return pipeline.make_dataset(
+    return input_pipeline.make_dataset(
         cfg,
         split=split,
         tokenizer=tokenizer,
@@ -63,7 +64,7 @@ def test_batch_layout(cfg, tok):
     assert np.array_equal(batch["tokens"], tok.encode(list(batch["caption"])))
     # Images arrive unchanged (PNG, native resolution) and still agree with their captions.
     pixels = np.rint((batch["image"] + 1.0) * 127.5).astype(np.uint8)
-    assert shapes.grade(pixels, list(batch["caption"]))["all"] == 1.0
+    assert shapes_grader.grade(pixels, list(batch["caption"]))["all"] == 1.0
     # label = the object's "colour shape" class, which the caption names
     names = shapes.class_names()
     for label, caption in zip(batch["label"], batch["caption"]):
@@ -76,7 +77,7 @@ def test_eval_shards_are_disjoint_and_cover_the_split(cfg, data_dir):
     assert [len(s) for s in shards] == [4, 4]  # 64 examples / 2 processes / 8 per process-batch
     keys = [_keys(s) for s in shards]
     assert not set(keys[0]) & set(keys[1])
-    builder = pipeline.prepare(cfg)
+    builder = input_pipeline.prepare(cfg)
     reference = {  # every record of the split, decoded independently by TFDS
         (np.asarray(r["image"], np.float32) / 127.5 - 1.0).tobytes() for r in builder.as_data_source(split="validation")
     }
@@ -122,11 +123,11 @@ def test_config_errors_are_one_line(cfg):
     bad = ml_collections.ConfigDict(cfg.to_dict())
     bad.name = "imagenet"
     with pytest.raises(DataError, match=r"unknown dataset 'imagenet'; available: shapes, folder, coco_captions"):
-        pipeline.prepare(bad)
+        input_pipeline.prepare(bad)
     bad.name = "shapes"
     bad.random_flip = True
     with pytest.raises(DataError, match="random_flip"):
-        pipeline.prepare(bad)
+        input_pipeline.prepare(bad)
     with pytest.raises(DataError, match="not a multiple of process_count=2"):
         _iter(cfg, batch=15, count=2)
     with pytest.raises(DataError, match="has no split 'test'; available: train, validation, novel"):
@@ -134,7 +135,7 @@ def test_config_errors_are_one_line(cfg):
     with pytest.raises(DataError, match="fewer than one batch"):
         _iter(cfg, split="novel", batch=32, train=False)
     with pytest.raises(DataError, match="lacks"):
-        pipeline.prepare(ml_collections.ConfigDict({"name": "shapes"}))
+        input_pipeline.prepare(ml_collections.ConfigDict({"name": "shapes"}))
 
 
 # ----------------------------------------------------------------------------------------- named TFDS datasets
@@ -201,7 +202,7 @@ class FakeCoco(tfds.core.GeneratorBasedBuilder):
 
 def test_named_dataset_read_through_the_pipeline(tmp_path):
     FakeCoco(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(file_format="array_record")
-    c = pipeline.default_data_config()
+    c = input_pipeline.default_data_config()
     c.name, c.data_dir = "fake_coco", str(tmp_path)
     c.image_key, c.caption_key, c.label_key = "image", "captions/text", "label"
     c.random_crop, c.random_flip = True, True
@@ -213,12 +214,12 @@ def test_named_dataset_read_through_the_pipeline(tmp_path):
         i = int(caption.split()[1])
         assert caption in (f"photo {i} first", f"photo {i} second") and label == i % 2
         assert np.allclose(img, 20 * i / 127.5 - 1.0, atol=1e-6)  # resized (bicubic) solid grey stays exact
-    assert sorted(pipeline.caption_corpus(c, "train", 100)) == sorted(
+    assert sorted(input_pipeline.caption_corpus(c, "train", 100)) == sorted(
         f"photo {i} {w}" for i in range(8) for w in ("first", "second")
     )
     c.name = "coco_captions"
     with pytest.raises(DataError, match=r"not prepared in .*tfds build coco_captions .*--file_format=array_record"):
-        pipeline.prepare(c)
+        input_pipeline.prepare(c)
 
 
 # ----------------------------------------------------------------------------------------- tokenizer and preview
@@ -227,16 +228,16 @@ def test_named_dataset_read_through_the_pipeline(tmp_path):
 def test_make_tokenizer_trains_saves_and_reloads(cfg, tmp_path):
     tcfg = ml_collections.ConfigDict({"name_or_path": "", "vocab_size": 300, "max_length": 20})
     save = str(tmp_path / "tokenizer")
-    tok = pipeline.make_tokenizer(tcfg, cfg, save_dir=save)
+    tok = input_pipeline.make_tokenizer(tcfg, cfg, save_dir=save)
     captions = shapes.make_examples(96, 8, "train", 0)[1]
     assert (tok.encode(captions) != tok.hf.convert_tokens_to_ids("[UNK]")).all()
     tcfg.vocab_size = 100  # ignored now: the saved tokenizer wins, so sampling sees the training vocabulary
-    again = pipeline.make_tokenizer(tcfg, cfg, save_dir=save)
+    again = input_pipeline.make_tokenizer(tcfg, cfg, save_dir=save)
     assert again.hf.get_vocab() == tok.hf.get_vocab()
 
 
 CONFIG_FILE = """
-from latentdiff.data.pipeline import default_data_config
+from latentdiff.data.input_pipeline import default_data_config
 import ml_collections
 
 def get_config(arg=None):

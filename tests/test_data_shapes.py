@@ -8,6 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from latentdiff.data import shapes
+from latentdiff.evaluation import shapes_grader
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def _noise(shape, seed):
 def test_grader_scores_dataset_images(resolution, train32):
     images, captions = train32 if resolution == 32 else shapes.make_examples(512, resolution, "train", 0)
     assert images.shape == (512, resolution, resolution, 3) and images.dtype == np.uint8
-    scores = shapes.grade(images, captions)
+    scores = shapes_grader.grade(images, captions)
     for attr in ("colour", "shape", "size", "position", "background", "all"):
         assert scores[attr] >= 0.99, (attr, scores)
     assert scores["num_parsed"] == 512
@@ -35,33 +36,33 @@ def test_grader_shape_is_robust_to_faint_pixel_noise(train32):
     multi_object = shapes.make_examples(128, 64, "train", 2, max_objects=3)
     for seed, (images, captions) in ((3, train32), (4, multi_object)):
         noisy = images.astype(np.float32) + np.random.default_rng(seed).normal(0.0, 4.0, images.shape)
-        scores = shapes.grade(np.clip(noisy, 0, 255) / 127.5 - 1.0, captions)
+        scores = shapes_grader.grade(np.clip(noisy, 0, 255) / 127.5 - 1.0, captions)
         assert min(scores[a] for a in ("colour", "shape", "size", "position", "all")) >= 0.99, scores
 
 
 def test_grader_on_novel_and_multi_object_images():
     images, captions = shapes.make_examples(256, 32, "novel", 1)
-    scores = shapes.grade(images, captions)
+    scores = shapes_grader.grade(images, captions)
     assert min(scores[a] for a in ("colour", "shape", "size", "position", "all")) >= 0.99, scores
     images, captions = shapes.make_examples(128, 64, "train", 2, max_objects=3)
     assert any(" and " in c for c in captions)
-    scores = shapes.grade(images, captions)
+    scores = shapes_grader.grade(images, captions)
     assert min(scores[a] for a in ("colour", "shape", "size", "position", "all")) >= 0.99, scores
 
 
 def test_grader_near_chance_on_noise_and_shuffled_captions(train32):
     images, captions = train32
-    noise = shapes.grade(_noise(images.shape, 1), captions)
+    noise = shapes_grader.grade(_noise(images.shape, 1), captions)
     assert noise["all"] <= 0.6
     # Chance: 8 colours, 3 shapes, 9 positions, 2 sizes.
     assert noise["colour"] <= 0.25 and noise["shape"] <= 0.55 and noise["position"] <= 0.25 and noise["size"] <= 0.65
     perm = np.random.default_rng(2).permutation(len(captions))
-    shuffled = shapes.grade(images, [captions[i] for i in perm])
+    shuffled = shapes_grader.grade(images, [captions[i] for i in perm])
     assert shuffled["all"] <= 0.6
     assert shuffled["colour"] <= 0.25 and shuffled["shape"] <= 0.55 and shuffled["position"] <= 0.25
     # Float images in [-1, 1] (the pipeline's range) grade like their uint8 originals.
     as_float = images[:64].astype(np.float32) / 127.5 - 1.0
-    assert shapes.grade(as_float, captions[:64])["all"] == 1.0
+    assert shapes_grader.grade(as_float, captions[:64])["all"] == 1.0
 
 
 def _pil_scene(shape: str, colour: str, box: tuple[int, int, int, int], bg: str, size: int = 64) -> np.ndarray:
@@ -118,26 +119,26 @@ def _pil_scene(shape: str, colour: str, box: tuple[int, int, int, int], bg: str,
 )
 def test_grader_on_independently_drawn_images(shape, colour, box, bg, right, wrong):
     image = _pil_scene(shape, colour, box, bg)[None]
-    scores = shapes.grade(image, [right])
+    scores = shapes_grader.grade(image, [right])
     assert scores["all"] == 1.0, scores
-    scores = shapes.grade(image, [wrong])
+    scores = shapes_grader.grade(image, [wrong])
     for attr in ("colour", "shape", "size", "position", "background"):
         assert scores.get(attr, 0.0) == 0.0, (attr, scores)
     assert scores["all"] == 0.0
 
 
 def test_parse_caption_hand_written():
-    spec = shapes.parse_caption("In the upper right: a TINY pink triangle against a grey background")
+    spec = shapes_grader.parse_caption("In the upper right: a TINY pink triangle against a grey background")
     assert spec.background == "gray"
-    assert spec.objects == (shapes.ObjectSpec(colour="pink", shape="triangle", size="small", position=(0, 2)),)
-    spec = shapes.parse_caption("a big square in cyan in the lower middle and a small red circle on the left")
+    assert spec.objects == (shapes_grader.ObjectSpec(colour="pink", shape="triangle", size="small", position=(0, 2)),)
+    spec = shapes_grader.parse_caption("a big square in cyan in the lower middle and a small red circle on the left")
     assert [o.colour for o in spec.objects] == ["cyan", "red"]
     assert [o.position for o in spec.objects] == [(2, 1), (1, 0)]
     assert [o.size for o in spec.objects] == ["large", "small"]
-    spec = shapes.parse_caption("a blue circle")  # position and size not mentioned: not graded
+    spec = shapes_grader.parse_caption("a blue circle")  # position and size not mentioned: not graded
     assert spec.objects[0].position is None and spec.objects[0].size is None
     image = _pil_scene("circle", "blue", (3, 3, 23, 23), "white")[None]
-    scores = shapes.grade(image, ["a blue circle"])
+    scores = shapes_grader.grade(image, ["a blue circle"])
     assert set(scores) == {"colour", "shape", "all", "num_images", "num_parsed"} and scores["all"] == 1.0
 
 
@@ -145,7 +146,7 @@ def test_captions_state_every_attribute(train32):
     _, captions = train32
     assert len(set(captions)) > 300  # varied wording
     for caption in captions:
-        (obj,) = shapes.parse_caption(caption).objects
+        (obj,) = shapes_grader.parse_caption(caption).objects
         assert None not in (obj.colour, obj.shape, obj.size, obj.position), caption
     assert sum("background" in c for c in captions) > 50
 
@@ -155,13 +156,13 @@ def test_novel_split_holds_out_colour_shape_pairs():
     for split in ("train", "validation"):
         layout = shapes.sample_layout(1000, split, 0, 2)
         seen = {
-            (shapes._COLOUR_NAMES[c], shapes.SHAPES[s])
+            (shapes.COLOUR_NAMES[c], shapes.SHAPES[s])
             for c, s, p in zip(layout.colour.ravel(), layout.shape.ravel(), layout.present.ravel())
             if p
         }
         assert not seen & novel and len(seen) == 8 * 3 - len(novel)
     _, captions = shapes.make_examples(300, 32, "novel", 0)
-    pairs = {(o.colour, o.shape) for c in captions for o in shapes.parse_caption(c).objects}
+    pairs = {(o.colour, o.shape) for c in captions for o in shapes_grader.parse_caption(c).objects}
     assert pairs == novel
 
 
@@ -185,10 +186,10 @@ def test_rendered_pixels_match_layout_geometry():
     images = shapes.render(layout, 64, 0, 200)
     for i in range(200):
         corner = images[i, 0, 0]
-        assert tuple(corner) == shapes.BACKGROUND_COLOURS[shapes._BG_NAMES[layout.background[i]]]
+        assert tuple(corner) == shapes.BACKGROUND_COLOURS[shapes.BACKGROUND_NAMES[layout.background[i]]]
         y, x = int(layout.cy[i, 0] * 64), int(layout.cx[i, 0] * 64)
         if layout.shape[i, 0] != 2:
-            assert tuple(images[i, y, x]) == shapes.OBJECT_COLOURS[shapes._COLOUR_NAMES[layout.colour[i, 0]]]
+            assert tuple(images[i, y, x]) == shapes.OBJECT_COLOURS[shapes.COLOUR_NAMES[layout.colour[i, 0]]]
 
 
 def test_tfds_builder_matches_make_examples(tmp_path, capfd):

@@ -10,6 +10,7 @@ import pytest
 
 from latentdiff import demo
 from latentdiff.data import shapes
+from latentdiff.evaluation import shapes_grader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "demo")
@@ -29,7 +30,7 @@ def test_shipped_demo_model_follows_caption_colour_position_and_size():
     _, captions = shapes.make_examples(64, pipe.resolution, "validation", 4321)
     images = pipe(list(captions), sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=4321, batch_size=64)
     assert images.shape == (64, pipe.resolution, pipe.resolution, 3)
-    grades = shapes.grade(images, captions)
+    grades = shapes_grader.grade(images, captions)
     assert grades["num_parsed"] == 64
     assert grades["colour"] >= 0.95, grades
     assert grades["position"] >= 0.90, grades
@@ -38,18 +39,21 @@ def test_shipped_demo_model_follows_caption_colour_position_and_size():
     assert report["command"] == "make demo-train" and report["overrides"] == []
 
 
-def test_configs_saved_before_first_stage_dtype_read_as_trained():
-    """demo/config.json predates config.first_stage.dtype: it passes check_config and reads '' (the stage-1 model's
-    own dtype), as every config file sets it; a set value is read as set."""
-    from latentdiff.config_utils import load_workdir_config
-    from latentdiff.train.ldm import check_config, first_stage_dtype
+def test_configs_saved_before_later_fields_are_migrated_when_read():
+    """demo/config.json predates config.first_stage.dtype and text_encoder.attention_impl: reading it fills them with
+    what the run used (config_utils.ADDED_FIELDS, the one migration), and it passes check_config; a field a config
+    has is kept as it is."""
+    from latentdiff.config_utils import load_workdir_config, migrate_config
+    from latentdiff.train.ldm import check_config
 
-    assert "dtype" not in json.load(open(os.path.join(SHIPPED, "config.json")))["first_stage"]
+    stored = json.load(open(os.path.join(SHIPPED, "config.json")))
+    assert "dtype" not in stored["first_stage"] and "attention_impl" not in stored["text_encoder"]
     config = load_workdir_config(SHIPPED)
     check_config(config)
-    assert first_stage_dtype(config) == ""
+    assert (config.first_stage.dtype, config.text_encoder.attention_impl) == ("", "xla")
+    assert config.first_stage.latents == stored["first_stage"]["latents"]  # present: kept
     config.first_stage.dtype = "bfloat16"
-    assert first_stage_dtype(config) == "bfloat16"
+    assert migrate_config(config).first_stage.dtype == "bfloat16"
 
 
 def demo_guidance() -> float:
@@ -133,10 +137,12 @@ def test_make_demo_prints_a_progress_line_at_least_every_10_seconds(tmp_path):
     import time
 
     recipe = re.search(r"^demo:.*\n\t(.+)$", open(os.path.join(REPO, "Makefile")).read(), flags=re.M).group(1)
-    assert recipe == "$(PY) -m latentdiff.demo run --demo_dir demo --out demo_out"  # what runs below, as make runs it
-    command = [sys.executable, "-u", "-m", "latentdiff.demo", "run", "--demo_dir", SHIPPED, "--out", str(tmp_path)]
+    assert recipe == "$(VENV)/bin/latentdiff demo run --demo_dir demo --out demo_out"  # what runs below, as make does
+    latentdiff = os.path.join(os.path.dirname(sys.executable), "latentdiff")  # the install's console script
+    command = [latentdiff, "demo", "run", "--demo_dir", SHIPPED, "--out", str(tmp_path), "--num", "4"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
-    run = subprocess.Popen([*command, "--num", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     arrivals, lines = [], []
     for line in run.stdout:
         arrivals.append(time.monotonic())

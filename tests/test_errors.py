@@ -6,7 +6,7 @@ from latentdiff import errors
 from latentdiff.config_utils import ConfigError
 from latentdiff.convert.common import ConversionError
 from latentdiff.data.errors import DataError
-from latentdiff.evaluation import EvalError
+from latentdiff.evaluation.references import EvalError
 from latentdiff.train.loop import NonFiniteError
 
 

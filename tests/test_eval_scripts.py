@@ -1,4 +1,4 @@
-"""eval/fid.py, eval/txt2img.py, eval/alignment.py and latentdiff.evaluation.
+"""latentdiff.evaluation (references, fid, txt2img, alignment) and its commands (eval/*.py, `latentdiff eval ...`).
 
 Oracles: pytorch-fid's own directory pipeline (calculate_fid_given_paths with the same random weights), the shapes
 generator (latentdiff.data.shapes.make_examples renders exactly what the prepared split holds), the grader's ceiling
@@ -8,7 +8,6 @@ the whole file: every image is 32 px, every feature batch is 8, preprocessing 'p
 
 import functools
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,10 +22,14 @@ from PIL import Image
 from pytorch_fid import fid_score
 from pytorch_fid import inception as pfi
 
-from latentdiff import evaluation, metrics
+from latentdiff import metrics
 from latentdiff.convert import inception_weights as iw
 from latentdiff.data import shapes
-from latentdiff.data.pipeline import default_data_config
+from latentdiff.data.input_pipeline import default_data_config
+from latentdiff.evaluation import alignment as alignment_protocol
+from latentdiff.evaluation import fid as fid_cli
+from latentdiff.evaluation import references
+from latentdiff.evaluation import txt2img as txt2img_protocol
 from latentdiff.sampling import initial_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,16 +37,6 @@ RES = 32
 BATCH = 8
 PRE = "pytorch_fid"
 SPLIT_SIZE = 8  # examples per shapes split in the test dataset
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"eval_{name}", os.path.join(ROOT, "eval", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fid_cli = load_script("fid")
 
 
 def fid_architecture():
@@ -193,7 +186,7 @@ def test_fid_dirs_match_pytorch_fid(tmp_path, weights, monkeypatch):
     args = ["--generated", dirs[0], "--reference", dirs[1], "--inception_weights", wpath]
     result = fid_main([*args, "--json", out, "--save_stats", saved])
     assert result["fid"] == pytest.approx(fid_by_cross_gram(*acts), rel=1e-3)
-    mu, sigma = metrics.load_stats(saved)
+    mu, sigma = references.load_stats(saved)
     scale = np.abs(acts[0]).max()
     np.testing.assert_allclose(mu, acts[0].mean(0), rtol=0, atol=2e-4 * scale)
     np.testing.assert_allclose(sigma, np.cov(acts[0], rowvar=False), rtol=0, atol=2e-4 * scale**2)
@@ -203,7 +196,7 @@ def test_fid_dirs_match_pytorch_fid(tmp_path, weights, monkeypatch):
     # an unreadable file is skipped (with a warning) and counted
     (tmp_path / "train" / "broken.png").write_bytes(b"not a png")
     with pytest.warns(UserWarning, match="skipped 1"):
-        image_set = evaluation.load_image_set(dirs[0])
+        image_set = references.load_image_set(dirs[0])
     assert image_set.skipped == 1 and sum(len(c) for c in image_set.chunks()) == SPLIT_SIZE
 
 
@@ -211,7 +204,7 @@ def test_fid_tfds_shapes_reference_is_the_split(tmp_path, weights, data_cfg, dat
     """tfds:shapes/validation through the data loader = the split's images rendered directly (as a set)."""
     _, wpath = weights
     direct = str(tmp_path / "val_stats.npz")
-    metrics.save_stats(direct, *metrics.stats(val_pool))
+    references.save_stats(direct, *metrics.stats(val_pool))
     saved = str(tmp_path / "loader_stats.npz")
     spec = "tfds:shapes/validation"
     args = ["--generated", spec, "--reference", direct, "--workdir", data_workdir, "--save_stats", saved]
@@ -219,11 +212,11 @@ def test_fid_tfds_shapes_reference_is_the_split(tmp_path, weights, data_cfg, dat
     assert result["n_generated"] == SPLIT_SIZE
     trace = np.trace(metrics.stats(val_pool)[1])
     assert abs(result["fid"]) < 1e-5 * trace  # the same images
-    np.testing.assert_allclose(metrics.load_stats(saved)[0], val_pool.mean(0), rtol=0, atol=1e-5 * trace)
+    np.testing.assert_allclose(references.load_stats(saved)[0], val_pool.mean(0), rtol=0, atol=1e-5 * trace)
     # --num_reference: the first examples only; another split gives other images
-    four = evaluation.load_image_set(spec, data_base=data_cfg, num=4)
+    four = references.load_image_set(spec, data_base=data_cfg, num=4)
     assert sum(len(c) for c in four.chunks()) == 4
-    novel = evaluation.load_image_set("tfds:shapes/novel", data_base=data_cfg)
+    novel = references.load_image_set("tfds:shapes/novel", data_base=data_cfg)
     novel_images = np.concatenate(list(novel.chunks()))
     expected = split_images("novel")[0]
     assert sorted(map(bytes, novel_images)) == sorted(map(bytes, expected))  # same set, storage order aside
@@ -239,8 +232,8 @@ def test_fid_bad_inputs(tmp_path, weights):
     msg = error_of(["--generated", str(one), "--reference", two, "--inception_weights", wpath])
     assert str(one) in msg and "at least 2 images" in msg
     s64, s2048 = str(tmp_path / "s64.npz"), str(tmp_path / "s2048.npz")
-    metrics.save_stats(s64, np.zeros(64), np.eye(64))
-    metrics.save_stats(s2048, np.zeros(2048), np.eye(2048))
+    references.save_stats(s64, np.zeros(64), np.eye(64))
+    references.save_stats(s2048, np.zeros(2048), np.eye(2048))
     msg = error_of(["--generated", s64, "--reference", s2048])
     assert s64 in msg and s2048 in msg and "64-d" in msg
     wrong = str(tmp_path / "wrong.safetensors")
@@ -295,8 +288,8 @@ class StubPipeline:
 
 
 def txt2img(pipe, out, params, *, shard_size=3, guidance=1.5, num=SPLIT_SIZE):
-    settings = evaluation.SampleSettings("ddim", 5, guidance, 0.0, 0)
-    return evaluation.run_txt2img(
+    settings = txt2img_protocol.SampleSettings("ddim", 5, guidance, 0.0, 0)
+    return txt2img_protocol.run_txt2img(
         pipe,
         reference="tfds:shapes/validation",
         num=num,
@@ -328,7 +321,7 @@ def test_txt2img_resumes_and_scores(tmp_path, weights, data_cfg, val_pool):
     # captions: the validation split's, one per example; reference stats: that split's images
     captions = json.load(open(os.path.join(out, f"captions_n{SPLIT_SIZE}.json")))["captions"]
     assert sorted(captions) == sorted(split_images("validation")[1])
-    ref_mu, _ = metrics.load_stats(os.path.join(out, f"reference_stats_n{SPLIT_SIZE}_{PRE}.npz"))
+    ref_mu, _ = references.load_stats(os.path.join(out, f"reference_stats_n{SPLIT_SIZE}_{PRE}.npz"))
     np.testing.assert_allclose(ref_mu, val_pool.mean(0), rtol=0, atol=1e-5 * np.abs(val_pool).max())
     # second run: nothing regenerated
     again = txt2img(pipe, out, None)
@@ -348,7 +341,7 @@ def test_txt2img_resumes_and_scores(tmp_path, weights, data_cfg, val_pool):
     colours = ((expected_noise[:, :3] * 40 + 128) * 1.5).clip(0, 255).astype(np.uint8)
     np.testing.assert_array_equal(after[:, 0, 0], colours)
     # other settings in the same directory: refused
-    with pytest.raises(evaluation.EvalError, match="other settings"):
+    with pytest.raises(references.EvalError, match="other settings"):
         txt2img(pipe, out, None, guidance=3.0)
 
 
@@ -359,18 +352,18 @@ def test_an_unprepared_reference_fails_first_and_leaves_nothing_behind(tmp_path,
     unprepared.name = "cifar10"
     pipe = StubPipeline(unprepared)
     out = tmp_path / "run"
-    settings = evaluation.SampleSettings("ddim", 5, 1.5, 0.0, 0)
+    settings = txt2img_protocol.SampleSettings("ddim", 5, 1.5, 0.0, 0)
     kwargs = dict(num=4, shard_size=2, batch_size=0, params=None, inception_batch_size=BATCH, preprocess=PRE)
     for _ in range(2):
         with pytest.raises(Exception, match="is not prepared") as err:
-            evaluation.run_txt2img(pipe, reference="tfds:cifar10/test", out=str(out),
-                                   settings=settings, data_dir=str(tmp_path / "tfds"), **kwargs)  # fmt: skip
+            txt2img_protocol.run_txt2img(pipe, reference="tfds:cifar10/test", out=str(out),
+                                            settings=settings, data_dir=str(tmp_path / "tfds"), **kwargs)  # fmt: skip
         assert "\n" not in str(err.value) and "--config.data.download=True" in str(err.value)
         assert pipe.calls == 0 and not out.exists()
-        settings = evaluation.SampleSettings("ddim", 7, 3.0, 0.0, 0)  # other settings: still the same error
+        settings = txt2img_protocol.SampleSettings("ddim", 7, 3.0, 0.0, 0)  # other settings: still the same error
 
     computed = []
-    monkeypatch.setattr(evaluation, "features", lambda *a, **k: computed.append(1))
+    monkeypatch.setattr(fid_cli, "features", lambda *a, **k: computed.append(1))
     two = str(tmp_path / "two.npz")
     np.savez(two, images=split_images("train")[0][:2])
     _, wpath = weights
@@ -382,7 +375,7 @@ def test_an_unprepared_reference_fails_first_and_leaves_nothing_behind(tmp_path,
 def test_txt2img_without_weights_skips_fid(tmp_path, data_cfg):
     result = txt2img(StubPipeline(data_cfg), str(tmp_path / "r"), None, num=4)
     assert result["fid_skipped"] == "no --inception_weights given" and "fid" not in result
-    with pytest.raises(evaluation.EvalError, match="has 8 examples"):
+    with pytest.raises(references.EvalError, match="has 8 examples"):
         txt2img(StubPipeline(data_cfg), str(tmp_path / "r2"), None, num=9)
 
 
@@ -390,8 +383,8 @@ def test_txt2img_without_weights_skips_fid(tmp_path, data_cfg):
 
 
 def alignment(pipe, params, num=16):
-    settings = evaluation.SampleSettings("ddim", 5, 3.0, 0.0, 0)
-    return evaluation.run_alignment(
+    settings = txt2img_protocol.SampleSettings("ddim", 5, 3.0, 0.0, 0)
+    return alignment_protocol.run_alignment(
         pipe,
         split="novel",
         num=num,
@@ -416,7 +409,7 @@ def test_alignment_on_ground_truth_and_shuffled(weights, data_cfg):
         assert report["alignment"][k] >= 0.9, (k, report["alignment"])  # the data itself: the grader's ceiling
         assert report["alignment"][k] == report["reference_alignment"][k]
     assert report["alignment"]["num_images"] == 16 and report["fid_skipped"] == "no --inception_weights given"
-    assert "FID skipped" in evaluation.format_alignment(report)
+    assert "FID skipped" in alignment_protocol.format_alignment(report)
     # each caption paired with another caption's image: accuracy falls
     rolled = StubPipeline(data_cfg, lookup=dict(zip(captions, np.roll(images, 1, axis=0))))
     bad, _, _ = alignment(rolled, None)
@@ -425,13 +418,13 @@ def test_alignment_on_ground_truth_and_shuffled(weights, data_cfg):
     eight, eight_captions = shapes.make_examples(8, RES, "novel", 0)
     scored, _, _ = alignment(StubPipeline(data_cfg, lookup=dict(zip(eight_captions, eight))), params, num=8)
     assert abs(scored["fid"]) < 1e-3 and scored["preprocess"] == PRE
-    assert "FID vs shapes/novel" in evaluation.format_alignment(scored)
+    assert "FID vs shapes/novel" in alignment_protocol.format_alignment(scored)
 
 
 def test_alignment_needs_shapes_model(data_cfg):
     cfg = data_cfg.copy_and_resolve_references()
     cfg.name = "coco_captions"
-    with pytest.raises(evaluation.EvalError, match="trained on 'coco_captions'"):
+    with pytest.raises(references.EvalError, match="trained on 'coco_captions'"):
         alignment(StubPipeline(cfg), None)
 
 
@@ -449,7 +442,7 @@ def test_a_sample_set_is_what_its_manifest_lists(tmp_path, capsys):
     sample_set.write_manifest(str(out), [sample_set.image_name(i) for i in range(3)], ["a", "b", "c"], {"steps": "5"})
     Image.fromarray(images[0]).save(out / "stray.png")
     capsys.readouterr()
-    loaded = evaluation.load_image_set(str(out))
+    loaded = references.load_image_set(str(out))
     assert sum(len(g) for g in loaded.chunks()) == 3
     assert "1 image file(s) not in its samples.json left out (e.g. stray.png)" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"already holds 1 image file\(s\) that no sample.py run made .*stray.png"):
@@ -459,4 +452,4 @@ def test_a_sample_set_is_what_its_manifest_lists(tmp_path, capsys):
     assert os.listdir(out) == []
     (out / sample_set.MANIFEST).write_text('{"images": 3}')
     with pytest.raises(UserError, match="is not a latentdiff-samples-1 manifest"):
-        evaluation.load_image_set(str(out))
+        references.load_image_set(str(out))

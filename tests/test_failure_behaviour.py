@@ -388,19 +388,9 @@ def test_sampling_flags_and_outputs_are_checked_before_the_model_loads(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-def eval_script(name: str):
-    """The module of eval/<name>.py (the eval scripts are files, not a package)."""
-    import importlib
-
-    sys.path.insert(0, os.path.join(ROOT, "eval"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_fid_outputs_are_checked_before_reading_images(tmp_path):
-    fid = eval_script("fid")
+    from latentdiff.evaluation import fid
+
     a_file = tmp_path / "f"
     a_file.write_text("x")
     with pytest.raises(SystemExit) as stop:
@@ -409,7 +399,8 @@ def test_fid_outputs_are_checked_before_reading_images(tmp_path):
 
 
 def test_eval_numbers_are_checked_before_the_model_loads(tmp_path):
-    alignment, txt2img = eval_script("alignment"), eval_script("txt2img")
+    from latentdiff.evaluation import alignment, txt2img
+
     work = tmp_path / "w"
     workdir_lib.record_config(
         config_utils.load_config(os.path.join(ROOT, "configs/ldm_txt2img_kl8.py:tiny")), str(work), 0
@@ -431,8 +422,7 @@ def test_pytorch_files_without_pytorch_are_one_line(tmp_path, monkeypatch, capsy
     """Reading a .pth needs torch (never needed to train or sample): without it, one line naming the fix, for every
     reader of PyTorch files (they share convert.common.import_torch)."""
     from latentdiff.convert import inception_weights, lpips_weights
-    from latentdiff.convert.common import ConversionError
-    from latentdiff.convert.workdir import read_weights
+    from latentdiff.convert.common import ConversionError, read_weights
 
     pth = tmp_path / "weights.pth"
     pth.write_bytes(b"not a zip: a pickle would follow")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentdiff import imaging, metrics
-from latentdiff.data import pipeline
+from latentdiff import imaging
+from latentdiff.data import input_pipeline
 from latentdiff.data.errors import DataError, DataWarning
 from latentdiff.errors import UserError
+from latentdiff.evaluation import references
 
 RAMP = np.arange(64, dtype=np.float64).reshape(8, 8) / 63.0  # 0..1 greyscale ramp [8, 8]
 
@@ -93,12 +94,12 @@ def test_sampling_input_reads_16bit_correctly(tmp_path):
 
 def test_fid_image_dir_uses_the_same_conversion(tmp_path):
     Image.fromarray(np.round(RAMP * 65535).astype(np.uint16)).save(tmp_path / "a.png")
-    groups, skipped = metrics.load_image_dir(str(tmp_path))
+    groups, skipped = references.load_image_dir(str(tmp_path))
     assert skipped == 0 and np.array_equal(groups[0][0], grey8(RAMP))
 
 
 def _folder_config(folder, data_dir):
-    c = pipeline.default_data_config()
+    c = input_pipeline.default_data_config()
     c.name, c.folder, c.data_dir, c.resolution, c.eval_split = "folder", str(folder), str(data_dir), 8, "train"
     return c
 
@@ -116,7 +117,7 @@ def test_folder_dataset_converts_with_a_count_and_refuses_an_unreadable_folder(t
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(
-            pipeline.make_dataset(
+            input_pipeline.make_dataset(
                 _folder_config(root, tmp_path / "tfds"),
                 split="train",
                 tokenizer=None,
@@ -139,5 +140,5 @@ def test_folder_dataset_converts_with_a_count_and_refuses_an_unreadable_folder(t
         (bad / f"x{i}.png").write_bytes(b"not a png")
         (bad / f"x{i}.txt").write_text("caption")
     with pytest.raises(DataError, match=r"none of the 3 images of split 'train' .* is readable"):
-        pipeline.prepare(_folder_config(bad, tmp_path / "tfds_bad"))
+        input_pipeline.prepare(_folder_config(bad, tmp_path / "tfds_bad"))
     assert os.listdir(tmp_path / "tfds_bad") == [] if (tmp_path / "tfds_bad").exists() else True

@@ -19,7 +19,7 @@ from PIL import Image
 
 from latentdiff import conditioning, errors, first_stage, sampling
 from latentdiff.config_utils import load_config
-from latentdiff.convert.workdir import abstract_stage2, write_workdir
+from latentdiff.convert.workdir import write_workdir
 from latentdiff.data import shapes
 from latentdiff.data.tokenizer import train_wordpiece
 from latentdiff.diffusion import samplers
@@ -30,6 +30,7 @@ from latentdiff.nn.unet import build_unet, init_inputs
 from latentdiff.pipeline import Pipeline
 from latentdiff.sample_cli import parse_args
 from latentdiff.sample_cli import run as sample_run
+from latentdiff.workdir import abstract_stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES, STEPS, GUIDANCE, SEED = 16, 4, 2.0, 3
@@ -445,15 +446,15 @@ def test_demo_inpainting_repaints_shapes_in_the_prompted_colour():
 def test_sampling_flags_default_to_the_models_config_sampling():
     """`sample.py --workdir demo` used guidance 5 (a fixed CLI default) although the demo model is tuned for 2: every
     sampling flag not given now comes from the model's config.sampling; a given flag wins."""
-    from latentdiff import config_utils, sample_cli
+    from latentdiff import cli_flags, config_utils, sample_cli
 
     demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
     sampling = config_utils.load_workdir_config(demo).sampling
     args = sample_cli.parse_args(["--workdir", demo, "--prompt", "a red circle"])
-    sample_cli.fill_sampling_defaults(args, sampling)
+    cli_flags.fill_sampling_defaults(args, sampling)
     assert (args.sampler, args.steps, args.eta, args.guidance) == ("ddim", 50, 0.0, 2.0)
     given = sample_cli.parse_args(["--workdir", demo, "--guidance", "3.5", "--steps", "7", "--sampler", "dpmpp2m"])
-    sample_cli.fill_sampling_defaults(given, sampling)
+    cli_flags.fill_sampling_defaults(given, sampling)
     assert (given.sampler, given.steps, given.eta, given.guidance) == ("dpmpp2m", 7, 0.0, 3.5)
 
 

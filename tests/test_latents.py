@@ -1,4 +1,4 @@
-"""Stage 2 from precomputed latents (`python -m latentdiff.encode` -> first_stage.latents): the step equals the
+"""Stage 2 from precomputed latents (`latentdiff encode` -> first_stage.latents): the step equals the
 on-the-fly step, the memory-mapped iterator resumes exactly and shards per process, a run trains and checkpoints, and
 latents of another first stage are a one-line error."""
 
@@ -69,8 +69,8 @@ def test_encode_writes_memory_mappable_arrays(root):
 
 def test_precomputed_step_equals_on_the_fly_step(root):
     """Same images, same rng -> same posterior noise -> same loss and grads (within 1e-5)."""
+    from latentdiff.data.input_pipeline import make_dataset
     from latentdiff.data.latents import LatentIterator
-    from latentdiff.data.pipeline import make_dataset
     from latentdiff.train.ldm import LDMTask, null_condition, prepare_first_stage
 
     cfg_img = tiny_ldm_config(root)

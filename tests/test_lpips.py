@@ -243,7 +243,7 @@ def test_require_lpips_params_explains_how_to_fetch(tmp_path):
         with pytest.raises(lw.LPIPSWeightsMissing) as info:
             lw.require_lpips_params(path)
         message = str(info.value)
-        assert "\n" not in message and "python -m latentdiff.tools.fetch_lpips_weights --out DIR" in message
+        assert "\n" not in message and "latentdiff fetch-lpips-weights --out DIR" in message
         assert "VGG16+LPIPS" in message or "directory" in message
 
 

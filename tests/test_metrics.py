@@ -2,7 +2,6 @@
 batched / sharded Inception features and the eval/fid.py CLI."""
 
 import functools
-import importlib.util
 import json
 import os
 
@@ -17,6 +16,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics
 
 from latentdiff import metrics
 from latentdiff.convert import inception_weights as iw
+from latentdiff.evaluation import references
 from latentdiff.nn.inception import abstract_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,8 +73,8 @@ def test_stats_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"(negative eigenvalue|positive semi-definite)"):
         metrics.frechet_distance((mu, -np.eye(8)), (mu, sigma))
     path = str(tmp_path / "stats.npz")
-    metrics.save_stats(path, mu, sigma)
-    mu2, sigma2 = metrics.load_stats(path)
+    references.save_stats(path, mu, sigma)
+    mu2, sigma2 = references.load_stats(path)
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     m_ref, s_ref = compute_statistics_of_path(path, None, 1, 8, "cpu")  # pytorch-fid reads our file
@@ -82,7 +82,7 @@ def test_stats_and_errors(tmp_path):
     np.testing.assert_array_equal(s_ref, sigma)
     np.savez(str(tmp_path / "bad.npz"), m=mu)
     with pytest.raises(ValueError, match="keys 'mu' and 'sigma'"):
-        metrics.load_stats(str(tmp_path / "bad.npz"))
+        references.load_stats(str(tmp_path / "bad.npz"))
 
 
 # ------------------------------------------------------------------------------------------------------ resizes
@@ -203,17 +203,16 @@ def test_inception_features_padding_and_mesh(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         metrics.inception_features(params, images.astype(np.float32), batch_size=2, preprocess="paper")
 
-    # eval/fid.py: images npz + weights vs reference stats (mu + 1, I). Closed form with Σ1 = XᵀX/(N−1) (X centred
-    # features): FID = D + Tr Σ1 + D − 2 Σ √eig(X Xᵀ/(N−1)) (Σ1's nonzero eigenvalues are those of the Gram matrix)
-    spec = importlib.util.spec_from_file_location("eval_fid", os.path.join(ROOT, "eval", "fid.py"))
-    fid_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fid_cli)
+    # `latentdiff eval fid`: images npz + weights vs reference stats (mu + 1, I). Closed form with Σ1 = XᵀX/(N−1)
+    # (X centred features): FID = D + Tr Σ1 + D − 2 Σ √eig(X Xᵀ/(N−1)) (Σ1 nonzero eigenvalues: the Gram matrix's)
+    from latentdiff.evaluation import fid as fid_cli
+
     weights = str(tmp_path / "w.safetensors")
     iw.save_params(params, weights, "random")
     np.savez(str(tmp_path / "gen.npz"), images=images)
     ref = str(tmp_path / "ref.npz")
     feats = pool.astype(np.float64)
-    metrics.save_stats(ref, feats.mean(0) + 1.0, np.eye(2048))
+    references.save_stats(ref, feats.mean(0) + 1.0, np.eye(2048))
     xc = feats - feats.mean(0)
     gram_eig = np.clip(np.linalg.eigvalsh(xc @ xc.T / 2), 0, None)
     expected = 2048 + np.sum(xc**2) / 2 + 2048 - 2 * np.sqrt(gram_eig).sum()
@@ -223,7 +222,7 @@ def test_inception_features_padding_and_mesh(tmp_path):
     assert result["fid"] == pytest.approx(expected, rel=1e-6)
     saved = json.load(open(out_json))
     assert saved["n_generated"] == 3 and saved["fid"] == result["fid"] and "inception_score_mean" in saved
-    np.testing.assert_allclose(metrics.load_stats(str(tmp_path / "g.npz"))[0], pool.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(references.load_stats(str(tmp_path / "g.npz"))[0], pool.mean(0), rtol=1e-5, atol=1e-6)
     # a directory of the same images plus an unreadable file: skipped with a warning and counted
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()

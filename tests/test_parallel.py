@@ -135,15 +135,15 @@ def test_each_process_gets_its_own_data_position_back(tmp_path):
     """Two processes read different shards; a checkpoint keeps both positions and gives each process its own. (Grain's
     state names the shard: process 0's position is refused by process 1's iterator.)"""
     from latentdiff import checkpoint
-    from latentdiff.data import pipeline
+    from latentdiff.data import input_pipeline
     from latentdiff.data.errors import DataError
 
-    cfg = pipeline.default_data_config()
+    cfg = input_pipeline.default_data_config()
     cfg.data_dir, cfg.resolution = str(tmp_path / "tfds"), 8
     cfg.shapes_num_train, cfg.shapes_num_validation, cfg.shapes_num_novel = 64, 8, 8
 
     def make(process_index):
-        return pipeline.make_dataset(
+        return input_pipeline.make_dataset(
             cfg,
             split="train",
             tokenizer=None,

@@ -91,6 +91,24 @@ def test_stage2_train_step_and_sampler_compile_for_tpu_with_pallas_attention():
     assert "FITS" in text and "roofline on TPU v5e" in text
 
 
+def test_stage2_train_batch_is_what_training_reads_images_or_precomputed_latents():
+    """The train program's batch field is the one LDMTask reads z0 from: images encoded in the step, or with
+    first_stage.latents (as `latentdiff encode` writes them) KL moments [h, w, 2c]; the frozen encoder then
+    leaves the step, and its FLOPs with it."""
+    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    flops = {}
+    for latents, field, shape in (("", "image", (4, 16, 16, 3)), ("/data/latents", "moments", (4, 8, 8, 8))):
+        config = load_config("configs/ldm_txt2img_kl8.py:tiny")
+        config.data.resolution = 16
+        config.first_stage.latents = latents
+        (program,) = preflight.ldm_programs(config, micro_autoencoder(), mesh, mesh, 4, 4, 3, ("train",))
+        batch = program.args[1]
+        assert set(batch) == {field, "tokens"}
+        assert batch[field].shape == shape and batch[field].dtype == jnp.float32
+        flops[field] = program.model_flops_fn()
+    assert flops["moments"] < flops["image"]  # no encoder in the step
+
+
 @pytest.mark.slow
 @pytest.mark.extended
 def test_stage1_rec_and_gan_steps_compile_for_tpu():
@@ -158,9 +176,12 @@ def test_missing_libtpu_names_the_install(monkeypatch, capsys):
     assert 'pip install "jax[tpu]' in capsys.readouterr().err
 
 
-def test_v4_devices_are_tensorcores_with_half_a_chip_each():
+def test_v4_devices_are_megacore_chips_as_on_a_v4_vm():
+    """JAX on a v4-8 VM sees 4 devices (megacore: both TensorCores of a chip as one device); libtpu's compile-only
+    topology shows 8 single-core devices unless asked for the megacore chip config."""
     devices, chip = preflight.topology_devices("v4:2x2x1", "")
-    assert len(devices) == 8 and chip.hbm_gib == 16.0 and chip.bf16_tflops == 137.5
+    assert len(devices) == 4 and {d.num_cores for d in devices} == {2}
+    assert chip.hbm_gib == 32.0 and chip.bf16_tflops == 275.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

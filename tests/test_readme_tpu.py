@@ -38,9 +38,9 @@ def worker_commands() -> list[str]:
 
 
 def local_commands() -> list[str]:
-    """The section's commands that run on the user's machine (python -m ..., one per line after joining)."""
+    """The section's commands that run on the user's machine (latentdiff ..., one per line after joining)."""
     joined = "\n".join(bash_blocks()).replace("\\\n", " ")
-    return [line.strip() for line in joined.splitlines() if line.strip().startswith("python -m")]
+    return [line.strip() for line in joined.splitlines() if line.strip().startswith("latentdiff ")]
 
 
 def test_shell_blocks_and_worker_commands_parse():
@@ -57,7 +57,7 @@ def test_shell_blocks_and_worker_commands_parse():
 
 
 def test_preflight_command_runs_up_to_the_compiler(monkeypatch, capsys):
-    cmds = [c for c in local_commands() if c.startswith("python -m latentdiff.tools.preflight")]
+    cmds = [c for c in local_commands() if c.startswith("latentdiff preflight ")]
     assert cmds
     compiled = []
 
@@ -69,7 +69,7 @@ def test_preflight_command_runs_up_to_the_compiler(monkeypatch, capsys):
     monkeypatch.setattr(preflight, "compile_program", no_compile)
     monkeypatch.chdir(ROOT)
     for cmd in cmds:
-        argv = shlex.split(cmd)[3:]
+        argv = shlex.split(cmd)[2:]
         assert preflight.run(preflight.parse_args(argv)) == 0
     assert compiled == ["train"] * len(cmds)
     assert "v5p:4x4x4 (64 devices" in capsys.readouterr().out
@@ -99,10 +99,9 @@ def test_train_commands_parse_and_fit_the_slice(index, monkeypatch):
 
 
 def test_fetch_lpips_weights_takes_out():
-    assert "python -m latentdiff.tools.fetch_lpips_weights --out weights" in worker_commands()
-    out = subprocess.run(
-        [sys.executable, "-m", "latentdiff.tools.fetch_lpips_weights", "--help"], capture_output=True, text=True
-    )
+    assert "latentdiff fetch-lpips-weights --out weights" in worker_commands()
+    latentdiff = os.path.join(os.path.dirname(sys.executable), "latentdiff")  # the console script of the install
+    out = subprocess.run([latentdiff, "fetch-lpips-weights", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--out" in out.stdout
 
 

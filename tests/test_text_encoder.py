@@ -30,6 +30,7 @@ def text_cfg(**overrides) -> ml_collections.ConfigDict:
         num_classes=0,
         dtype="float32",
         remat=False,
+        attention_impl="xla",
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
@@ -206,14 +207,16 @@ def test_class_embedder_and_errors():
         jax.eval_shape(bert.init, jax.random.key(0), jnp.zeros((1, 17), jnp.int32))
 
 
+@pytest.mark.parametrize("kind", ["bert", "clip"])
 @pytest.mark.parametrize("remat", [False, True])
-def test_scanned_blocks_equal_the_blocks_applied_one_by_one(remat):
-    """The encoder runs its identical blocks as one lax.scan over stacked params; values and gradients must equal
-    applying block_0 .. block_{depth-1} in turn (the param tree keeps one entry per block)."""
+def test_scanned_blocks_equal_the_blocks_applied_one_by_one(remat, kind):
+    """The encoder (both variants: the paper's BERT-style and SD's CLIP) runs its identical blocks as one lax.scan
+    over stacked params; values and gradients must equal applying block_0 .. block_{depth-1} in turn (the param tree
+    keeps one entry per block)."""
     from latentdiff.nn.attention import layer_norm
     from latentdiff.nn.text_encoder import TextBlock
 
-    cfg = text_cfg(depth=3, remat=remat)
+    cfg = text_cfg(depth=3, remat=remat, kind=kind, width=16)  # CLIP: num_heads · head_dim = width
     enc = build_text_encoder(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 100)
     params = enc.init(jax.random.key(0), tokens)["params"]
@@ -222,7 +225,7 @@ def test_scanned_blocks_equal_the_blocks_applied_one_by_one(remat):
     def one_by_one(p):
         x = p["token_emb"]["embedding"][tokens] + p["pos_emb"]["embedding"][None, :16]
         for i in range(3):
-            x = TextBlock(2, 8, 4, jnp.float32).apply({"params": p[f"block_{i}"]}, x)
+            x = TextBlock(kind, 2, 8, 4, jnp.float32).apply({"params": p[f"block_{i}"]}, x)
         return nn_layer_norm(p["final_norm"], x)
 
     def nn_layer_norm(norm_params, x):

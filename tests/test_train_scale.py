@@ -439,5 +439,4 @@ def worker_main(argv: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] != ["worker"]:
         raise SystemExit("usage: python tests/test_train_scale.py worker PROCESS_ID PORT WORKDIR MESH STEPS DELAY")
-    sys.path.insert(0, ROOT)
     worker_main(sys.argv[2:])

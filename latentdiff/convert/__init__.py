@@ -3,10 +3,10 @@
     module, variables = from_diffusers("unet", state_dict, unet_cfg)     # one component, numpy state dict
     state_dict = to_diffusers("unet", variables, unet_cfg)               # and back (bit-exact round trip)
 
-Whole models (CLI: `python -m latentdiff.convert --help`):
-    latentdiff.convert.workdir.convert_diffusers_pipeline(src_dir, workdir)   diffusers pipeline dir -> workdir
+Whole models (CLI: `latentdiff convert --help`):
+    latentdiff.convert.diffusers_pipeline.convert_diffusers_pipeline(src, workdir)  diffusers pipeline -> workdir
     latentdiff.convert.compvis.convert_compvis_checkpoint(ckpt, workdir, ...)  CompVis .ckpt -> workdir
-    latentdiff.convert.workdir.export_diffusers(workdir, out_dir)              workdir -> diffusers pipeline dir
+    latentdiff.convert.diffusers_pipeline.export_diffusers(workdir, out)         workdir -> diffusers pipeline
 
 Components (diffusers pipeline attribute names): 'unet' (UNet2DConditionModel), 'vae' / 'vqvae' (AutoencoderKL or
 VQModel, by the config's kind), 'bert' (LDMBertModel), 'text_encoder' (transformers CLIPTextModel). Every converter

@@ -1,9 +1,9 @@
 """Convert released models into latentdiff workdirs (then `python sample.py --workdir WORKDIR ...`), and back.
 
-python -m latentdiff.convert diffusers PIPELINE_DIR WORKDIR            # LDMTextToImagePipeline / SD v1 dirs
-python -m latentdiff.convert compvis MODEL.ckpt WORKDIR --preset txt2img-f8-large --tokenizer bert-base-uncased
-python -m latentdiff.convert compvis MODEL.ckpt WORKDIR --compvis_config cin256-v2.yaml
-python -m latentdiff.convert export WORKDIR OUT_PIPELINE_DIR           # back to a diffusers pipeline directory
+latentdiff convert diffusers PIPELINE_DIR WORKDIR            # LDMTextToImagePipeline / SD v1 dirs
+latentdiff convert compvis MODEL.ckpt WORKDIR --preset txt2img-f8-large --tokenizer bert-base-uncased
+latentdiff convert compvis MODEL.ckpt WORKDIR --compvis_config cin256-v2.yaml
+latentdiff convert export WORKDIR OUT_PIPELINE_DIR           # back to a diffusers pipeline directory
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from latentdiff import errors
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from latentdiff.convert.compvis import PRESETS
+    from latentdiff.convert.compvis import preset_names
 
-    parser = argparse.ArgumentParser(prog="python -m latentdiff.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="latentdiff convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("diffusers", help="a diffusers pipeline directory -> a workdir")
@@ -33,7 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     c.add_argument("ckpt", help="the checkpoint; .ckpt files are read with torch.load(weights_only=True)")
     c.add_argument("workdir")
     arch = c.add_mutually_exclusive_group(required=True)
-    arch.add_argument("--preset", choices=sorted(PRESETS), help="a known architecture")
+    arch.add_argument("--preset", choices=preset_names(), help="a known architecture")
     arch.add_argument("--compvis_config", help="the model's CompVis YAML config (e.g. txt2img-1p4B-eval.yaml)")
     c.add_argument(
         "--tokenizer",
@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> str:
     """Runs one command; returns a one-line summary."""
     if args.command == "diffusers":
-        from latentdiff.convert.workdir import convert_diffusers_pipeline
+        from latentdiff.convert.diffusers_pipeline import convert_diffusers_pipeline
 
         config = convert_diffusers_pipeline(
             args.src, args.workdir, scale_factor=args.scale_factor, variant=args.variant, overwrite=args.overwrite
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> str:
             overwrite=args.overwrite,
         )
         return f"converted {args.ckpt} -> {args.workdir} ({config.text_encoder.kind} conditioning)"
-    from latentdiff.convert.workdir import export_diffusers
+    from latentdiff.convert.diffusers_pipeline import export_diffusers
 
     name = export_diffusers(args.workdir, args.out, use_ema=args.ema, overwrite=args.overwrite)
     return f"exported {args.workdir} -> {args.out} ({name})"

@@ -12,10 +12,11 @@ Key groups of a CompVis `LatentDiffusion` state dict, and where each goes:
   scale_factor               present when the model was trained with scale_by_std
 Every key is accounted for: anything else raises ConversionError listing it.
 
-The architecture comes from the model's CompVis YAML config (`--compvis_config`) or from a preset holding the same
-fields as the public YAMLs: 'txt2img-f8-large' (configs/latent-diffusion/txt2img-1p4B-eval.yaml, the paper's
-LDM-KL-8-G), 'cin256-v2' (configs/latent-diffusion/cin256-v2.yaml, class-conditional ImageNet, VQ-f4) and 'sd-v1'
-(configs/stable-diffusion/v1-inference.yaml). Fields a YAML omits take the CompVis class defaults in COMPVIS_DEFAULTS.
+The architecture comes from the model's CompVis YAML config (`--compvis_config`) or from a preset, a YAML file in
+compvis_presets/ with the fields of the public YAMLs: 'txt2img-f8-large' (configs/latent-diffusion/
+txt2img-1p4B-eval.yaml, the paper's LDM-KL-8-G), 'cin256-v2' (configs/latent-diffusion/cin256-v2.yaml,
+class-conditional ImageNet, VQ-f4) and 'sd-v1' (configs/stable-diffusion/v1-inference.yaml). Fields a YAML omits
+take the CompVis class defaults in COMPVIS_DEFAULTS.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from collections.abc import Mapping
 import ml_collections
 import numpy as np
 
+from latentdiff.convert import scheduler
 from latentdiff.convert import workdir as wd
-from latentdiff.convert.common import ConversionError, Rule, apply_table
+from latentdiff.convert.common import ConversionError, Rule, apply_table, read_json, read_weights
 from latentdiff.errors import UserError
 
 # Constructor defaults of the CompVis classes, applied where a YAML leaves a field out.
@@ -64,142 +66,20 @@ BERT_HEADS, BERT_HEAD_DIM, BERT_FF_MULT = 8, 64, 4
 CLIP_L14_NAME = "openai/clip-vit-large-patch14"
 CLIP_L14 = dict(vocab_size=49408, width=768, depth=12, num_heads=12, head_dim=64, mlp_ratio=4)
 
-_KL_F8 = dict(
-    target="ldm.models.autoencoder.AutoencoderKL",
-    params=dict(
-        embed_dim=4,
-        ddconfig=dict(
-            double_z=True,
-            z_channels=4,
-            resolution=256,
-            in_channels=3,
-            out_ch=3,
-            ch=128,
-            ch_mult=[1, 2, 4, 4],
-            num_res_blocks=2,
-            attn_resolutions=[],
-            dropout=0.0,
-        ),
-    ),
-)
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compvis_presets")
 
-PRESETS: dict[str, dict] = {
-    "txt2img-f8-large": dict(
-        model=dict(
-            target="ldm.models.diffusion.ddpm.LatentDiffusion",
-            params=dict(
-                linear_start=0.00085,
-                linear_end=0.012,
-                timesteps=1000,
-                image_size=32,
-                channels=4,
-                conditioning_key="crossattn",
-                scale_factor=0.18215,
-                unet_config=dict(
-                    target="ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                    params=dict(
-                        in_channels=4,
-                        out_channels=4,
-                        model_channels=320,
-                        attention_resolutions=[4, 2, 1],
-                        num_res_blocks=2,
-                        channel_mult=[1, 2, 4, 4],
-                        num_heads=8,
-                        use_spatial_transformer=True,
-                        transformer_depth=1,
-                        context_dim=1280,
-                    ),
-                ),
-                first_stage_config=_KL_F8,
-                cond_stage_config=dict(
-                    target="ldm.modules.encoders.modules.BERTEmbedder", params=dict(n_embed=1280, n_layer=32)
-                ),
-            ),
-        )
-    ),
-    "cin256-v2": dict(
-        model=dict(
-            target="ldm.models.diffusion.ddpm.LatentDiffusion",
-            params=dict(
-                linear_start=0.0015,
-                linear_end=0.0195,
-                timesteps=1000,
-                image_size=64,
-                channels=3,
-                conditioning_key="crossattn",
-                unet_config=dict(
-                    target="ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                    params=dict(
-                        in_channels=3,
-                        out_channels=3,
-                        model_channels=192,
-                        attention_resolutions=[8, 4, 2],
-                        num_res_blocks=2,
-                        channel_mult=[1, 2, 3, 5],
-                        num_heads=1,
-                        use_spatial_transformer=True,
-                        transformer_depth=1,
-                        context_dim=512,
-                    ),
-                ),
-                first_stage_config=dict(
-                    target="ldm.models.autoencoder.VQModelInterface",
-                    params=dict(
-                        embed_dim=3,
-                        n_embed=8192,
-                        ddconfig=dict(
-                            double_z=False,
-                            z_channels=3,
-                            resolution=256,
-                            in_channels=3,
-                            out_ch=3,
-                            ch=128,
-                            ch_mult=[1, 2, 4],
-                            num_res_blocks=2,
-                            attn_resolutions=[],
-                            dropout=0.0,
-                        ),
-                    ),
-                ),
-                cond_stage_config=dict(
-                    target="ldm.modules.encoders.modules.ClassEmbedder",
-                    params=dict(n_classes=1001, embed_dim=512, key="class_label"),
-                ),
-            ),
-        )
-    ),
-    "sd-v1": dict(
-        model=dict(
-            target="ldm.models.diffusion.ddpm.LatentDiffusion",
-            params=dict(
-                linear_start=0.00085,
-                linear_end=0.012,
-                timesteps=1000,
-                image_size=64,
-                channels=4,
-                conditioning_key="crossattn",
-                scale_factor=0.18215,
-                unet_config=dict(
-                    target="ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                    params=dict(
-                        in_channels=4,
-                        out_channels=4,
-                        model_channels=320,
-                        attention_resolutions=[4, 2, 1],
-                        num_res_blocks=2,
-                        channel_mult=[1, 2, 4, 4],
-                        num_heads=8,
-                        use_spatial_transformer=True,
-                        transformer_depth=1,
-                        context_dim=768,
-                    ),
-                ),
-                first_stage_config=_KL_F8,
-                cond_stage_config=dict(target="ldm.modules.encoders.modules.FrozenCLIPEmbedder"),
-            ),
-        )
-    ),
-}
+
+def preset_names() -> list[str]:
+    """The presets shipped in PRESET_DIR: one CompVis YAML each, named after the file."""
+    return sorted(name[: -len(".yaml")] for name in os.listdir(PRESET_DIR) if name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict:
+    """A preset's CompVis YAML (read at run time, as --compvis_config would read the file)."""
+    if name not in preset_names():
+        raise UserError(f"unknown preset {name!r}; one of {preset_names()} (or pass --compvis_config)")
+    return load_compvis_yaml(os.path.join(PRESET_DIR, f"{name}.yaml"))
+
 
 SCHEDULE_BUFFERS = (
     "betas",
@@ -340,7 +220,7 @@ def architecture(compvis: Mapping) -> dict:
     if unet["num_head_channels"] != -1:  # openaimodel: num_head_channels wins, heads = channels // it
         unet["num_heads"] = -1
     schedule = "linear" if p["beta_schedule"] == "linear" else "cosine"
-    diffusion = wd.schedule_fields(
+    diffusion = scheduler.schedule_fields(
         schedule, p["timesteps"], p["linear_start"], p["linear_end"], str(p["parameterization"])
     )
     return dict(
@@ -365,7 +245,7 @@ def _clip_architecture(version: str) -> dict:
         raise ConversionError(
             f"FrozenCLIPEmbedder version {version!r}: {CLIP_L14_NAME!r} or a local CLIPTextModel directory expected"
         )
-    c = clip_config(wd.read_json(config_path))
+    c = clip_config(read_json(config_path))
     return {k: c[k] for k in ("kind", "vocab_size", "width", "depth", "num_heads", "head_dim", "mlp_ratio")}
 
 
@@ -516,9 +396,7 @@ def convert_compvis_checkpoint(
     from latentdiff.data.tokenizer import load_tokenizer
 
     if isinstance(arch, str):
-        if arch not in PRESETS:
-            raise UserError(f"unknown preset {arch!r}; one of {sorted(PRESETS)} (or pass --compvis_config)")
-        arch = PRESETS[arch]
+        arch = load_preset(arch)
     wd.check_target(workdir, overwrite)
     a = architecture(arch)
     text = a["text_encoder"]
@@ -528,7 +406,7 @@ def convert_compvis_checkpoint(
         tok = load_tokenizer(tokenizer, text["max_length"])
         if tok.vocab_size > text["vocab_size"]:
             raise ConversionError(f"tokenizer has {tok.vocab_size} ids, the text encoder {text['vocab_size']}")
-    state_dict, step = wd.read_weights(path)
+    state_dict, step = read_weights(path)
     converted = convert_state_dict(state_dict, a)
     scale = scale_factor if scale_factor > 0 else converted["scale_factor"] or a["scale_factor"]
     f = 2 ** (len(a["first_stage"]["ch_mult"]) - 1)

@@ -1,5 +1,5 @@
 """CLIP text model weights: Hugging Face `CLIPTextModel` (Stable Diffusion's `text_encoder/`) and CompVis
-`FrozenCLIPEmbedder` checkpoints <-> our `CLIPTextEncoder` (latentdiff/nn/clip_text.py).
+`FrozenCLIPEmbedder` checkpoints <-> our `TextEncoder` (variant "clip", latentdiff/nn/text_encoder.py).
 
   ours                    HF CLIPTextModel (under the layout's prefix)
   token_emb/embedding     embeddings.token_embedding.weight
@@ -38,8 +38,7 @@ from latentdiff.convert.common import (
 )
 from latentdiff.convert.diffusers_unet import export_table, freeze_config
 from latentdiff.errors import UserError
-from latentdiff.nn.clip_text import CLIPTextEncoder
-from latentdiff.nn.text_encoder import build_text_encoder, init_tokens, text_encoder_fields
+from latentdiff.nn.text_encoder import TextEncoder, build_text_encoder, init_tokens, text_encoder_fields
 
 HF_PREFIX = "text_model."
 COMPVIS_PREFIX = "cond_stage_model.transformer.text_model."
@@ -72,8 +71,8 @@ def _abstract_params(frozen: tuple) -> dict:
     return jax.eval_shape(lambda: module.init(jax.random.key(0), init_tokens(c, 1)))["params"]
 
 
-def abstract_clip(cfg: Mapping) -> tuple[CLIPTextEncoder, dict]:
-    """(CLIPTextEncoder, abstract params) via jax.eval_shape (cached per config); cfg.kind must be 'clip'."""
+def abstract_clip(cfg: Mapping) -> tuple[TextEncoder, dict]:
+    """(TextEncoder, abstract params) via jax.eval_shape (cached per config); cfg.kind must be 'clip'."""
     c = text_encoder_fields(cfg)
     if c["kind"] != "clip":
         raise UserError(f"the CLIP converters need text_encoder.kind='clip', got {c['kind']!r}")
@@ -81,7 +80,7 @@ def abstract_clip(cfg: Mapping) -> tuple[CLIPTextEncoder, dict]:
 
 
 def clip_table(cfg: Mapping, prefix: str = "") -> list[Rule]:
-    """The explicit key table: one Rule per param of our CLIPTextEncoder, source keys under `prefix`."""
+    """The explicit key table: one Rule per param of our TextEncoder, source keys under `prefix`."""
     _, abstract = abstract_clip(cfg)
     rules = []
     for path in traverse_util.flatten_dict(abstract):
@@ -103,7 +102,7 @@ def hf_prefix(state_dict: Mapping[str, np.ndarray]) -> str:
     return HF_PREFIX if f"{HF_PREFIX}{_TOP['token_emb']}.weight" in state_dict else ""
 
 
-def convert_clip(state_dict: Mapping[str, np.ndarray], cfg: Mapping) -> tuple[CLIPTextEncoder, dict]:
+def convert_clip(state_dict: Mapping[str, np.ndarray], cfg: Mapping) -> tuple[TextEncoder, dict]:
     """HF CLIPTextModel state dict (numpy; with or without the 'text_model.' prefix) -> (module, {'params': ...})."""
     prefix = hf_prefix(state_dict)
     module, abstract = abstract_clip(cfg)
@@ -120,7 +119,7 @@ def convert_clip(state_dict: Mapping[str, np.ndarray], cfg: Mapping) -> tuple[CL
 
 def convert_clip_compvis(
     state_dict: Mapping[str, np.ndarray], cfg: Mapping, prefix: str = COMPVIS_PREFIX
-) -> tuple[CLIPTextEncoder, dict]:
+) -> tuple[TextEncoder, dict]:
     """CompVis FrozenCLIPEmbedder weights (keys under `prefix`; other keys are skipped) -> (module, variables)."""
     sub = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not sub:
@@ -138,7 +137,7 @@ def convert_clip_compvis(
 
 
 def export_clip(params: Mapping, cfg: Mapping, prefix: str = HF_PREFIX) -> dict[str, np.ndarray]:
-    """Our CLIPTextEncoder params -> CLIPTextModel state dict (numpy, keys under `prefix`, no position_ids)."""
+    """Our TextEncoder params -> CLIPTextModel state dict (numpy, keys under `prefix`, no position_ids)."""
     params = params.get("params", params)
     return export_table(invert_table(clip_table(cfg, prefix), INVERSES), params)
 

@@ -24,7 +24,18 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from latentdiff.convert.common import INVERSES, ConversionError, Rule, apply_table, dense_kernel, identity, invert_table
+from latentdiff.convert.common import (
+    HF_GENERIC_INERT,
+    INVERSES,
+    ConversionError,
+    Rule,
+    apply_table,
+    dense_kernel,
+    field_problems,
+    field_table,
+    identity,
+    invert_table,
+)
 from latentdiff.convert.diffusers_unet import export_table, freeze_config
 from latentdiff.errors import UserError
 from latentdiff.nn.text_encoder import TextEncoder, build_text_encoder, init_tokens, text_encoder_fields
@@ -134,3 +145,84 @@ def export_bert_compvis(params: Mapping, cfg: Mapping, prefix: str = "cond_stage
     params = params.get("params", params)
     out = export_table(invert_table(bert_table(cfg, "compvis"), INVERSES), params)
     return {prefix + k: v for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------- LDMBertConfig <-> ours
+
+
+# LDMBertConfig fields read into our config, by bert_config_from_diffusers.
+_BERT_MAPPED = (
+    "vocab_size",
+    "max_position_embeddings",
+    "encoder_layers",
+    "encoder_ffn_dim",
+    "encoder_attention_heads",
+    "head_dim",
+    "d_model",
+)
+
+
+# Fields whose only implemented value is given (the CompVis BERTEmbedder that LDMBert reproduces).
+_BERT_FIXED = {"activation_function": "gelu", "scale_embedding": False, "pruned_heads": {}}
+
+
+# Fields that leave the encoder's output unchanged at inference, with the reason.
+_BERT_INERT = {
+    "dropout": "training only: the converted encoder runs without dropout",
+    "attention_dropout": "training only",
+    "activation_dropout": "training only",
+    "encoder_layerdrop": "training only (skips whole layers at random while training)",
+    "classifier_dropout": "no classifier head",
+    "init_std": "initialisation only",
+    "use_cache": "decoder key/value caching; the encoder has no cache",
+    "num_hidden_layers": "a copy of encoder_layers that LDMBertConfig writes; the model builds encoder_layers layers",
+    "pad_token_id": "the padding row of the embedding table: initialisation and gradients only, loaded as is",
+} | HF_GENERIC_INERT
+
+
+def bert_field_table() -> dict[str, str]:
+    """Every LDMBertConfig field latentdiff knows -> 'mapped' | 'fixed' | 'inert'; any other field is refused."""
+    return field_table(_BERT_FIXED, _BERT_MAPPED, _BERT_INERT)
+
+
+def bert_config_from_diffusers(d: Mapping) -> dict:
+    """LDMBertConfig config.json -> our text_encoder config (kind 'bert')."""
+    problems = field_problems(d, _BERT_FIXED, bert_field_table())
+    width, ffn = int(d["d_model"]), int(d["encoder_ffn_dim"])
+    if ffn % width:
+        problems.append(f"encoder_ffn_dim {ffn} is not a multiple of d_model {width}")
+    if problems:
+        raise ConversionError("unsupported LDMBert config: " + "; ".join(problems))
+    return dict(
+        kind="bert",
+        vocab_size=int(d["vocab_size"]),
+        max_length=int(d["max_position_embeddings"]),
+        width=width,
+        depth=int(d["encoder_layers"]),
+        num_heads=int(d["encoder_attention_heads"]),
+        head_dim=int(d["head_dim"]),
+        mlp_ratio=ffn // width,
+        num_classes=0,
+        dtype="float32",
+        remat=False,
+        attention_impl="xla",
+    )
+
+
+def diffusers_bert_config(text: Mapping) -> dict:
+    """Our text_encoder config (kind 'bert') -> LDMBertConfig config.json."""
+    return {
+        "architectures": ["LDMBertModel"],
+        "model_type": "ldmbert",
+        "vocab_size": int(text["vocab_size"]),
+        "max_position_embeddings": int(text["max_length"]),
+        "encoder_layers": int(text["depth"]),
+        "encoder_ffn_dim": int(text["width"]) * int(text["mlp_ratio"]),
+        "encoder_attention_heads": int(text["num_heads"]),
+        "head_dim": int(text["head_dim"]),
+        "d_model": int(text["width"]),
+        "activation_function": "gelu",
+        "scale_embedding": False,
+        "pad_token_id": 0,
+        "torch_dtype": "float32",
+    }

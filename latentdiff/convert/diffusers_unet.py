@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,6 +40,9 @@ from latentdiff.convert.common import (
     apply_table,
     conv_kernel,
     dense_kernel,
+    field_problem,
+    field_table,
+    holds,
     identity,
     inverse_dense_kernel,
     invert_table,
@@ -255,3 +259,178 @@ def export_unet_compvis(params: Mapping, cfg: Mapping, prefix: str = "model.diff
     params = params.get("params", params)
     out = export_table(invert_table(unet_table(cfg, "compvis"), _INVERSES), params)
     return {prefix + k: v for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------- UNet2DConditionModel config <-> ours
+
+
+def _uniform(value: Any, field: str) -> Any:
+    """An int, or a list/tuple whose entries are all equal -> that value; else ConversionError."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ConversionError(f"unet config {field}={list(value)} varies per block; latentdiff uses one value")
+        return value[0]
+    return value
+
+
+# Fields of UNet2DConditionModel's config that must hold the value our UNet implements; absent = diffusers default.
+_UNET_FIXED = {
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "center_input_sample": False,
+    "dual_cross_attention": False,
+    "only_cross_attention": False,
+    "resnet_time_scale_shift": "default",
+    "time_embedding_type": "positional",
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "mid_block_scale_factor": 1,
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
+    "class_embeddings_concat": False,
+    "attention_type": "default",
+    "reverse_transformer_layers_per_block": None,
+    "time_embedding_act_fn": None,
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "cross_attention_norm": None,
+    "mid_block_only_cross_attention": (None, False),  # None: follows only_cross_attention (False above)
+}
+
+
+# Fields read into our unet config by unet_config_from_diffusers.
+_UNET_MAPPED = (
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "layers_per_block",
+    "num_attention_heads",
+    "attention_head_dim",
+    "transformer_layers_per_block",
+    "cross_attention_dim",
+    "num_class_embeds",
+    "use_linear_projection",
+    "dropout",
+)
+
+
+# Fields that do not change the forward pass of a UNet whose _UNET_FIXED fields hold, with the reason.
+_UNET_INERT = {
+    "sample_size": "metadata: the UNet is fully convolutional",
+    "upcast_attention": "precision only: our attention computes its softmax in float32 always",
+    "encoder_hid_dim_type": "used only with encoder_hid_dim (must be None)",
+    "addition_time_embed_dim": "used only with addition_embed_type (must be None)",
+    "addition_embed_type_num_heads": "used only with addition_embed_type (must be None)",
+    "projection_class_embeddings_input_dim": "used only with class_embed_type 'projection' (must be None)",
+}
+
+
+def unet_field_table() -> dict[str, str]:
+    """Every UNet2DConditionModel config field latentdiff knows -> 'mapped' | 'fixed' | 'inert'. A field outside it
+    is refused by unet_config_from_diffusers (a newer diffusers may add fields that change the forward pass)."""
+    return field_table(_UNET_FIXED, _UNET_MAPPED, _UNET_INERT)
+
+
+def unet_config_from_diffusers(d: Mapping) -> dict:
+    """UNet2DConditionModel config.json -> our unet config. ConversionError lists every unsupported setting."""
+    problems = []
+    known = unet_field_table()
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
+    if unknown:
+        problems.append(f"fields latentdiff does not reproduce: {', '.join(unknown)}")
+    for field, want in _UNET_FIXED.items():
+        if field in d:
+            got = d[field]
+            got = next(iter(set(got))) if isinstance(got, (list, tuple)) and len(set(got)) == 1 else got
+            if not holds(got, want):
+                problems.append(field_problem(field, d[field], want[0] if isinstance(want, tuple) else want))
+    channels = [int(c) for c in d["block_out_channels"]]
+    mc = channels[0]
+    if any(c % mc for c in channels):
+        problems.append(f"block_out_channels={channels} are not multiples of the first")
+    down, up = list(d["down_block_types"]), list(d["up_block_types"])
+    levels = len(channels)
+    attn = []
+    for level in range(levels):
+        cross = down[level] == "CrossAttnDownBlock2D"
+        if down[level] not in ("CrossAttnDownBlock2D", "DownBlock2D"):
+            problems.append(f"down_block_types[{level}]={down[level]!r} (CrossAttnDownBlock2D or DownBlock2D)")
+        want_up = "CrossAttnUpBlock2D" if cross else "UpBlock2D"
+        if len(up) != levels or up[levels - 1 - level] != want_up:
+            problems.append(f"up_block_types {up} must mirror down_block_types {down}")
+        if cross:
+            attn.append(2**level)
+    if problems:
+        raise ConversionError("unsupported UNet2DConditionModel config: " + "; ".join(dict.fromkeys(problems)))
+    heads = d.get("num_attention_heads") or d["attention_head_dim"]  # diffusers: attention_head_dim = heads (legacy)
+    if isinstance(heads, (list, tuple)):
+        head_dims = {c // h for c, h in zip(channels, heads)}
+        if len(head_dims) != 1 or any(c % h for c, h in zip(channels, heads)):
+            raise ConversionError(f"per-block heads {list(heads)} with channels {channels} have no common head size")
+        num_heads, num_head_channels = -1, head_dims.pop()
+    else:
+        num_heads, num_head_channels = int(heads), -1
+    return dict(
+        in_channels=int(d["in_channels"]),
+        out_channels=int(d["out_channels"]),
+        model_channels=mc,
+        channel_mult=tuple(c // mc for c in channels),
+        num_res_blocks=int(_uniform(d["layers_per_block"], "layers_per_block")),
+        attention_resolutions=tuple(attn),
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        transformer_depth=int(_uniform(d.get("transformer_layers_per_block", 1), "transformer_layers_per_block")),
+        context_dim=int(_uniform(d["cross_attention_dim"], "cross_attention_dim")),
+        num_classes=int(d.get("num_class_embeds") or 0),
+        dropout=float(d.get("dropout", 0.0)),
+        use_linear_proj=bool(d.get("use_linear_projection", False)),
+        dtype="float32",
+        remat=False,
+        attention_impl="xla",
+    )
+
+
+def diffusers_unet_config(unet: Mapping, sample_size: int) -> dict:
+    """Our unet config -> UNet2DConditionModel constructor kwargs (config.json)."""
+    c = dict(unet)
+    if int(c["context_dim"]) == 0:
+        raise ConversionError("a UNet without cross-attention (context_dim 0) has no UNet2DConditionModel equivalent")
+    channels = [int(c["model_channels"]) * int(m) for m in c["channel_mult"]]
+    attn = [2**level in tuple(c["attention_resolutions"]) for level in range(len(channels))]
+    if int(c["num_head_channels"]) == -1:
+        heads: Any = int(c["num_heads"])
+    else:
+        heads = [ch // int(c["num_head_channels"]) for ch in channels]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": int(sample_size),
+        "in_channels": int(c["in_channels"]),
+        "out_channels": int(c["out_channels"]),
+        "block_out_channels": channels,
+        "layers_per_block": int(c["num_res_blocks"]),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "cross_attention_dim": int(c["context_dim"]),
+        "attention_head_dim": heads,
+        "transformer_layers_per_block": int(c["transformer_depth"]),
+        "use_linear_projection": bool(c["use_linear_proj"]),
+        "num_class_embeds": int(c["num_classes"]) or None,
+        "act_fn": "silu",
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+    }

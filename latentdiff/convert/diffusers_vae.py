@@ -43,6 +43,8 @@ from latentdiff.convert.common import (
     apply_table,
     conv_kernel,
     dense_kernel,
+    field_problems,
+    field_table,
     identity,
     invert_table,
 )
@@ -264,3 +266,92 @@ def diffusers_config(cfg: ml_collections.ConfigDict) -> dict:
     elif cfg.embed_dim != cfg.z_channels:
         raise UserError("diffusers AutoencoderKL has embed_dim == latent_channels == z_channels; set them equal")
     return out
+
+
+# ----------------------------------------------------------------------------- AutoencoderKL / VQModel config -> ours
+
+
+_VAE_FIXED = {
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+    "norm_type": "group",
+    "lookup_from_codebook": False,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+}
+
+
+# AutoencoderKL / VQModel fields read into our config (scaling_factor: by the stage-2 conversion, as scale_factor).
+_VAE_MAPPED = (
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "sample_size",
+    "num_vq_embeddings",
+    "vq_embed_dim",
+    "scaling_factor",
+)
+
+
+_VAE_INERT = {
+    "force_upcast": "precision only: diffusers' fp16 pipelines upcast the VAE; latentdiff runs it in its dtype"
+}
+
+
+def vae_field_table() -> dict[str, str]:
+    """Every AutoencoderKL / VQModel config field latentdiff knows -> 'mapped' | 'fixed' | 'inert'; any other field is
+    refused by vae_config_from_diffusers."""
+    return field_table(_VAE_FIXED, _VAE_MAPPED, _VAE_INERT)
+
+
+def vae_config_from_diffusers(d: Mapping, kind: str) -> dict:
+    """AutoencoderKL ('kl') / VQModel ('vq') config.json -> our autoencoder config."""
+    problems = field_problems(d, _VAE_FIXED, vae_field_table())
+    channels = [int(c) for c in d["block_out_channels"]]
+    ch = channels[0]
+    if any(c % ch for c in channels):
+        problems.append(f"block_out_channels={channels} are not multiples of the first")
+    down, up = list(d["down_block_types"]), list(d["up_block_types"])
+    n = len(channels)
+    res = int(d["sample_size"]) if not isinstance(d["sample_size"], (list, tuple)) else int(d["sample_size"][0])
+    attn = []
+    for level in range(n):
+        with_attn = down[level] == "AttnDownEncoderBlock2D"
+        if down[level] not in ("AttnDownEncoderBlock2D", "DownEncoderBlock2D"):
+            problems.append(f"down_block_types[{level}]={down[level]!r}")
+        want_up = "AttnUpDecoderBlock2D" if with_attn else "UpDecoderBlock2D"
+        if len(up) != n or up[n - 1 - level] != want_up:
+            problems.append(f"up_block_types {up} must mirror down_block_types {down}")
+        if with_attn:
+            attn.append(res // 2**level)
+    if problems:
+        raise ConversionError(f"unsupported diffusers autoencoder config: {'; '.join(dict.fromkeys(problems))}")
+    z = int(d["latent_channels"])
+    vq = kind == "vq"
+    return dict(
+        kind=kind,
+        in_channels=int(d["in_channels"]),
+        out_channels=int(d["out_channels"]),
+        resolution=res,
+        ch=ch,
+        ch_mult=tuple(c // ch for c in channels),
+        num_res_blocks=int(d["layers_per_block"]),
+        attn_resolutions=tuple(attn),
+        dropout=0.0,
+        z_channels=z,
+        double_z=not vq,
+        embed_dim=int(d.get("vq_embed_dim") or z) if vq else z,
+        n_embed=int(d["num_vq_embeddings"]) if vq else 0,
+        beta=0.25,
+        ema_codebook=False,
+        ema_decay=0.99,
+        dtype="float32",
+    )

@@ -15,7 +15,7 @@ Three source kinds, detected from the file's keys (never from its name):
   'cache'        our own .safetensors (keys are '/'-joined param paths, metadata format=FORMAT), written by
                  `save_params`; loaded back with a full shape check.
 
-CLI: python -m latentdiff.convert.inception_weights --src FILE --out weights.safetensors
+CLI: latentdiff convert-inception --src FILE --out weights.safetensors
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def num_classes_of(params: Mapping) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="latentdiff convert-inception", description=__doc__.split("\n")[0])
     parser.add_argument("--src", required=True, help="pytorch-fid .pth, fid-helper default_1.pt or .safetensors")
     parser.add_argument("--out", required=True, help="output .safetensors")
     args = parser.parse_args(argv)

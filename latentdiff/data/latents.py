@@ -1,4 +1,4 @@
-"""Precomputed stage-1 latents (written by `python -m latentdiff.encode`) as a stage-2 data source.
+"""Precomputed stage-1 latents (written by `latentdiff encode`) as a stage-2 data source.
 
 A latents directory holds memory-mappable arrays, one `.npy` file each (read with np.load(mmap_mode="r"), so a
 dataset of millions of examples is never loaded into RAM):
@@ -42,7 +42,7 @@ def read_meta(directory: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise DataError(
             f"no {META} in first_stage.latents={directory!r}; write it with "
-            f"python -m latentdiff.encode --workdir AE_WORKDIR --out {directory}"
+            f"latentdiff encode --workdir AE_WORKDIR --out {directory}"
         )
     meta = config_utils.read_json_file(path, "the latents' metadata")
     if meta.get("format") != "npy":  # a field of our own file: older versions wrote one latents.npz

@@ -1,9 +1,9 @@
 """Writes a grid of one batch with its captions underneath, to check the data by eye.
 
-    python -m latentdiff.data.preview --config configs/NAME.py:VARIANT --out preview.png
+    latentdiff preview --config configs/NAME.py:VARIANT --out preview.png
 
 The config file's get_config(VARIANT) (get_config() without ':VARIANT') must return a ConfigDict with `.data`
-(see latentdiff.data.pipeline.default_data_config). Data is prepared first if needed.
+(see latentdiff.data.input_pipeline.default_data_config). Data is prepared first if needed.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def render_grid(images: np.ndarray, captions: Sequence[str]) -> Image.Image:
 def preview(config_spec: str, out: str, split: str, num: int, seed: int, augment: bool, overrides: list[str]) -> str:
     """Writes the grid PNG for `num` examples of `split` ('' = data.train_split) of the config with `overrides`
     ("FIELD=VALUE", as train.py's --config.FIELD=VALUE) applied; returns the path."""
-    from latentdiff.data.pipeline import make_dataset
+    from latentdiff.data.input_pipeline import make_dataset
 
     config = config_utils.load_config(config_spec)
     apply_overrides(config, overrides)
@@ -87,7 +87,7 @@ def preview(config_spec: str, out: str, split: str, num: int, seed: int, augment
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="latentdiff preview", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/NAME.py[:VARIANT]")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--split", default="", help="split to show ('' = data.train_split)")

@@ -242,12 +242,9 @@ class DiagonalGaussian:
         return 0.5 * jnp.sum(terms, axis=tuple(range(1, self.mean.ndim)))
 
 
-class AutoencoderKL(nn.Module):
-    """KL-regularised autoencoder (LDM-KL-f). Use `encode`/`decode` via `module.apply(..., method=...)`.
-
-    encode: x [B,H,W,in] -> DiagonalGaussian over z [B,H/f,W/f,embed_dim]; decode: z -> x_rec [B,H,W,out_ch].
-    Dropout (when > 0 and train) needs rngs={'dropout': key}.
-    """
+class _Body(nn.Module):
+    """The body both autoencoders share (CompVis / diffusers layout): encoder -> quant_conv -> [regulariser] ->
+    post_quant_conv -> decoder. A subclass calls `make_body` in its setup and adds its regulariser."""
 
     in_channels: int
     out_channels: int
@@ -261,7 +258,8 @@ class AutoencoderKL(nn.Module):
     embed_dim: int
     dtype: Dtype
 
-    def setup(self) -> None:
+    def make_body(self, double_z: bool, quant_channels: int) -> None:
+        """Creates encoder, decoder, quant_conv (z_channels -> quant_channels, float32) and post_quant_conv."""
         common = dict(
             ch=self.ch,
             ch_mult=tuple(self.ch_mult),
@@ -271,21 +269,39 @@ class AutoencoderKL(nn.Module):
             resolution=self.resolution,
             dtype=self.dtype,
         )
-        self.encoder = Encoder(z_channels=self.z_channels, double_z=True, **common)
+        self.encoder = Encoder(z_channels=self.z_channels, double_z=double_z, **common)
         self.decoder = Decoder(out_ch=self.out_channels, **common)
-        self.quant_conv = _conv(2 * self.embed_dim, 1, jnp.float32, None)
+        self.quant_conv = _conv(quant_channels, 1, jnp.float32, None)
         self.post_quant_conv = _conv(self.z_channels, 1, self.dtype, None)
+
+    def encoded(self, x: jax.Array, train: bool) -> jax.Array:
+        """x [B,H,W,in_channels] in [-1, 1] -> quant_conv output [B,H/f,W/f,quant_channels] (float32)."""
+        _check_resolution(self.resolution, len(self.ch_mult))  # the config first, then the input
+        check_input(x, self.in_channels, len(self.ch_mult))
+        return self.quant_conv(self.encoder(x, train).astype(jnp.float32))
+
+    def decoded(self, z: jax.Array, train: bool) -> jax.Array:
+        """A latent [B,h,w,embed_dim] (quantised for VQ) -> image [B,h*f,w*f,out_channels] (float32)."""
+        return self.decoder(self.post_quant_conv(z), train).astype(jnp.float32)
+
+
+class AutoencoderKL(_Body):
+    """KL-regularised autoencoder (LDM-KL-f). Use `encode`/`decode` via `module.apply(..., method=...)`.
+
+    encode: x [B,H,W,in] -> DiagonalGaussian over z [B,H/f,W/f,embed_dim]; decode: z -> x_rec [B,H,W,out_ch].
+    Dropout (when > 0 and train) needs rngs={'dropout': key}.
+    """
+
+    def setup(self) -> None:
+        self.make_body(double_z=True, quant_channels=2 * self.embed_dim)
 
     def encode(self, x: jax.Array, train: bool = False) -> DiagonalGaussian:
         """x [B,H,W,in_channels] in [-1, 1] -> posterior over [B,H/f,W/f,embed_dim] (float32)."""
-        _check_resolution(self.resolution, len(self.ch_mult))  # the config first, then the input
-        check_input(x, self.in_channels, len(self.ch_mult))
-        moments = self.quant_conv(self.encoder(x, train).astype(jnp.float32))
-        return DiagonalGaussian.from_moments(moments)
+        return DiagonalGaussian.from_moments(self.encoded(x, train))
 
     def decode(self, z: jax.Array, train: bool = False) -> jax.Array:
         """z [B,h,w,embed_dim] -> reconstruction [B,h*f,w*f,out_channels] (float32)."""
-        return self.decoder(self.post_quant_conv(z), train).astype(jnp.float32)
+        return self.decoded(z, train)
 
     def __call__(
         self, x: jax.Array, rng: jax.Array | None, sample_posterior: bool, train: bool
@@ -301,7 +317,7 @@ class AutoencoderKL(nn.Module):
         return self.decode(z, train), posterior
 
 
-class VQAutoencoder(nn.Module):
+class VQAutoencoder(_Body):
     """Vector-quantised autoencoder (LDM-VQ-f), laid out as diffusers' VQModel / CompVis VQModel:
     encoder -> quant_conv -> quantize -> post_quant_conv -> decoder.
 
@@ -310,37 +326,15 @@ class VQAutoencoder(nn.Module):
     With ema_codebook the codebook and its EMA statistics live in the 'vq_stats' collection (see VectorQuantizer).
     """
 
-    in_channels: int
-    out_channels: int
-    resolution: int
-    ch: int
-    ch_mult: Sequence[int]
-    num_res_blocks: int
-    attn_resolutions: Sequence[int]
-    dropout: float
-    z_channels: int
-    embed_dim: int
     n_embed: int
     beta: float
     legacy_beta: bool
     ema_codebook: bool
     ema_decay: float
     ema_eps: float
-    dtype: Dtype
 
     def setup(self) -> None:
-        common = dict(
-            ch=self.ch,
-            ch_mult=tuple(self.ch_mult),
-            num_res_blocks=self.num_res_blocks,
-            attn_resolutions=tuple(self.attn_resolutions),
-            dropout=self.dropout,
-            resolution=self.resolution,
-            dtype=self.dtype,
-        )
-        self.encoder = Encoder(z_channels=self.z_channels, double_z=False, **common)
-        self.decoder = Decoder(out_ch=self.out_channels, **common)
-        self.quant_conv = _conv(self.embed_dim, 1, jnp.float32, None)
+        self.make_body(double_z=False, quant_channels=self.embed_dim)
         self.quantize = VectorQuantizer(
             n_embed=self.n_embed,
             embed_dim=self.embed_dim,
@@ -350,13 +344,10 @@ class VQAutoencoder(nn.Module):
             ema_decay=self.ema_decay,
             ema_eps=self.ema_eps,
         )
-        self.post_quant_conv = _conv(self.z_channels, 1, self.dtype, None)
 
     def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x [B,H,W,in] -> pre-quantisation latent h [B,H/f,W/f,embed_dim] (float32)."""
-        _check_resolution(self.resolution, len(self.ch_mult))  # the config first, then the input
-        check_input(x, self.in_channels, len(self.ch_mult))
-        return self.quant_conv(self.encoder(x, train).astype(jnp.float32))
+        return self.encoded(x, train)
 
     def quantize_latent(self, h: jax.Array, update_ema: bool = False) -> QuantizerOutput:
         """h [B,h,w,embed_dim] -> QuantizerOutput (straight-through quantised latent, loss, indices, usage...)."""
@@ -364,7 +355,7 @@ class VQAutoencoder(nn.Module):
 
     def decode_code(self, quant: jax.Array, train: bool = False) -> jax.Array:
         """Already-quantised latent [B,h,w,embed_dim] -> image [B,H,W,out] (float32)."""
-        return self.decoder(self.post_quant_conv(quant), train).astype(jnp.float32)
+        return self.decoded(quant, train)
 
     def decode(self, h: jax.Array, train: bool = False) -> jax.Array:
         """Pre-quantisation latent h -> quantise (no EMA update) -> image [B,H,W,out] (float32)."""

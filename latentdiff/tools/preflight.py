@@ -1,18 +1,19 @@
 """Pre-flight: compile training's and sampling's programs for a Cloud TPU topology on this host and say, per device,
 whether they fit, what they cost and how fast they could run. Nothing is allocated; no TPU is needed.
 
-    python -m latentdiff.tools.preflight --config configs/ldm_txt2img_kl8.py:paper --topology v5p:2x2x1 \
+    latentdiff preflight --config configs/ldm_txt2img_kl8.py:paper --topology v5p:2x2x1 \
         --mesh data=1,fsdp=4 --global_batch 64
-    python -m latentdiff.tools.preflight --config configs/autoencoder_kl_f8.py:paper --topology v5e:2x4 \
+    latentdiff preflight --config configs/autoencoder_kl_f8.py:paper --topology v5e:2x4 \
         --mesh data=8,fsdp=1 --global_batch 64 --find_max_batch
-    python -m latentdiff.tools.preflight --config configs/ldm_txt2img_kl8.py:paper --topology cpu:8 --hbm_gib 80 \
+    latentdiff preflight --config configs/ldm_txt2img_kl8.py:paper --topology cpu:8 --hbm_gib 80 \
         --mesh data=1,fsdp=8 --global_batch 64 --programs train     # fake CPU devices (e.g. to plan for GPUs)
 
 Programs, each compiled with exactly the shardings and donation training and sampling use (`loop.state_shardings`,
 `loop.jit_step`; the sampler as `Pipeline` runs it: params replicated, the batch split over every chip):
   stage 1 (stage 'autoencoder'): `ae_rec` (the step before disc_start) and `ae_gan` (generator + discriminator);
-  stage 2 (stage 'ldm'): `train` (one update of global_batch x grad_accum_steps examples) and `sample` (the config's
-  sampler, --sample_steps steps with classifier-free guidance, then the first-stage decoder).
+  stage 2 (stage 'ldm'): `train` (one update of global_batch x grad_accum_steps examples; images encoded by the frozen
+  first stage in the step, or, with `--config.first_stage.latents=DIR` as in training, precomputed latents) and `sample`
+  (the config's sampler, --sample_steps steps with classifier-free guidance, then the first-stage decoder).
 
 Per chip it prints the state (parameters, EMA, optimizer, constants, batch: exact, from the shardings), XLA's memory
 analysis (arguments, outputs, aliasing, temporaries), the peak against the chip's HBM (latentdiff/tools/tpu_chips.py)
@@ -40,10 +41,10 @@ from collections.abc import Callable
 from typing import Any
 
 import latentdiff  # noqa: F401  (CPU XLA flags)
-from latentdiff import errors
+from latentdiff import cli_flags, errors
 from latentdiff.errors import UserError
 from latentdiff.tools import flop_count
-from latentdiff.tools.tpu_chips import Chip, chip_for_topology
+from latentdiff.tools.tpu_chips import CHIPS, Chip, chip_for_topology
 
 # Compile-only use of libtpu: never runs on a TPU, so several processes may load it at once (libtpu otherwise takes a
 # machine-wide lock file and refuses a second process, e.g. a pre-flight beside the test suite).
@@ -122,6 +123,7 @@ def topology_devices(topology: str, chips_per_host: str) -> tuple[list, Chip | N
     shape = [int(x) for x in topology.partition(":")[2].lower().split("x") if x.isdigit()]
     bounds = _host_bounds(chips_per_host, shape)
     kwargs = {"chips_per_host_bounds": bounds} if bounds else {}
+    kwargs |= {"chip_config_name": "megacore"} if chip is CHIPS["v4"] else {}  # as v4 VMs run: 1 device per chip
     try:
         topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
     except Exception as error:  # libtpu's own error text is long and multi-line
@@ -242,6 +244,13 @@ def abstract_first_stage(first_stage_config: Any) -> Any:
     return first_stage.FirstStage(config=ae, module=build_autoencoder(ae), variables=first_stage.abstract_variables(ae))
 
 
+def source_shape(task: Any) -> tuple[int, ...]:
+    """Per-example shape of the batch field stage 2 reads z0 from (LDMTask.source_key): images [res, res, 3] encoded
+    in the step, or (with config.first_stage.latents) precomputed KL moments [h, w, 2c] / VQ latents [h, w, c]."""
+    (h, w, c), res = task.latent_shape, task.config.data.resolution
+    return {"image": (res, res, 3), "moments": (h, w, 2 * c), "latents": (h, w, c)}[task.source_key]
+
+
 def ldm_programs(
     config: Any,
     first_stage_config: Any,
@@ -259,7 +268,7 @@ def ldm_programs(
     from latentdiff import first_stage
     from latentdiff.train import ldm
 
-    fs = first_stage.with_compute_dtype(abstract_first_stage(first_stage_config), ldm.first_stage_dtype(config))
+    fs = first_stage.with_compute_dtype(abstract_first_stage(first_stage_config), config.first_stage.dtype)
     config.batch_size = global_batch
     null_cond = np.zeros((), np.int32)
     if config.text_encoder.kind not in ("class", "none"):
@@ -273,8 +282,7 @@ def ldm_programs(
     programs = []
     if "train" in names:
         rows = global_batch * config.grad_accum_steps
-        res = config.data.resolution
-        batch = {"image": jax.ShapeDtypeStruct((rows, res, res, 3), np.float32)}
+        batch = {task.source_key: jax.ShapeDtypeStruct((rows, *source_shape(task)), np.float32)}
         if task.cond_key is not None:
             batch[task.cond_key] = jax.ShapeDtypeStruct((rows, *cond_shape), np.int32)
         program = _train_program("train", config, task, task.train_step, mesh, batch, fs.variables)
@@ -567,25 +575,6 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-def apply_overrides(config: Any, overrides: list[str]) -> None:
-    """Sets 'a.b=VALUE' fields (VALUE parsed as a Python literal, else kept as a string)."""
-    import ast
-
-    for item in overrides:
-        field, sep, raw = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        *parents, leaf = field.split(".")
-        node = config
-        for part in parents:
-            node = getattr(node, part)
-        setattr(node, leaf, value)
-
-
 def _force_cpu_devices(count: int) -> None:
     """Fake CPU devices for a 'cpu:N' plan; must run before JAX starts (a no-op if the user set a count)."""
     flags = os.environ.get("XLA_FLAGS", "")
@@ -594,7 +583,7 @@ def _force_cpu_devices(count: int) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="latentdiff preflight", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="configs/NAME.py:VARIANT (stage 'autoencoder' or 'ldm')")
     parser.add_argument(
         "--first_stage_config",
@@ -612,9 +601,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--find_max_batch", action="store_true", help="bisect the largest global batch that fits")
     parser.add_argument("--max_batch_limit", type=int, default=8192, help="upper end of --find_max_batch's search")
     parser.add_argument("--hbm_gib", type=float, default=0.0, help="memory per device in GiB (0: the chip's table)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override")
     parser.add_argument("--json", default="", help="also write the reports to this JSON file")
-    return parser.parse_args(argv)
+    args, args.config_overrides = cli_flags.parse_with_config_overrides(parser, argv)
+    return args
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -643,11 +632,10 @@ def run(args: argparse.Namespace) -> int:
         if not count.isdigit() or int(count) < 1:
             raise UserError(f"--topology {args.topology!r}: use cpu:N with N >= 1 fake CPU devices")
         _force_cpu_devices(int(count))
-    from latentdiff import parallel
-    from latentdiff.config_utils import load_config
+    from latentdiff import config_utils, parallel
 
-    config = load_config(args.config)
-    apply_overrides(config, args.set)
+    config = config_utils.load_config(args.config)
+    config_utils.apply_overrides(config, args.config_overrides)
     if args.grad_accum_steps:
         config.grad_accum_steps = args.grad_accum_steps
     known = LDM_PROGRAMS if config.stage == "ldm" else AE_PROGRAMS if config.stage == "autoencoder" else ()
@@ -659,7 +647,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--programs {unknown} are not programs of a {config.stage!r} config; choose from {known}")
     if config.stage == "ldm" and not args.first_stage_config:
         raise UserError("a stage-2 config needs --first_stage_config (e.g. configs/autoencoder_kl_f8.py:paper)")
-    first_stage_config = load_config(args.first_stage_config) if config.stage == "ldm" else None
+    first_stage_config = config_utils.load_config(args.first_stage_config) if config.stage == "ldm" else None
 
     devices, chip = topology_devices(args.topology, args.chips_per_host)
     check_mesh(mesh_sizes, len(devices), args.topology)

@@ -261,7 +261,7 @@ def lpips_params_for(config: ml_collections.ConfigDict) -> Any | None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AEState:
     """Trains stage 1 on config.data; checkpoints, logs and reconstruction grids go to `workdir`."""
-    from latentdiff.data import pipeline as data_pipeline
+    from latentdiff.data import input_pipeline
 
     parallel.init_distributed(
         config.distributed.coordinator,
@@ -276,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
     task = AutoencoderTask(config)
 
     def make_iter(split: str, train: bool) -> Any:
-        return data_pipeline.make_dataset(
+        return input_pipeline.make_dataset(
             config.data,
             split=split,
             tokenizer=None,
@@ -330,30 +330,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
         report = {"step": int(jax.device_get(state.step)), **final}
         config_utils.atomic_write_text(os.path.join(workdir, "eval.json"), json.dumps(report, indent=2))
     return state
-
-
-def read_first_stage(workdir: str) -> tuple[Any, int]:
-    """(FirstStage with host variables, step) of the newest readable checkpoint of a stage-1 workdir, read-only: the
-    stage-1 workdir is an input and nothing is written into it. Used by stage 2 (which copies it into its own
-    workdir) and `python -m latentdiff.encode`."""
-    from latentdiff import checkpoint, first_stage
-
-    config = config_utils.load_workdir_config(workdir)
-    if config.stage != "autoencoder":
-        raise UserError(f"{workdir!r} is a {config.stage!r} workdir, not a stage-1 autoencoder workdir")
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
-    abstract = jax.eval_shape(AutoencoderTask(config).init_state, jax.random.key(0))
-    try:
-        step, restored = ckpt.restore_latest_subtree(
-            {"gen_params": abstract.gen_params, "model_state": abstract.model_state}
-        )
-    finally:
-        ckpt.close()
-    if step is None:
-        raise FileNotFoundError(f"stage-1 workdir {workdir!r} has no checkpoint; train it first")
-    variables = {"params": restored["gen_params"]["autoencoder"], **dict(restored["model_state"] or {})}
-    module = first_stage.build_autoencoder(config.autoencoder)
-    return first_stage.FirstStage(config=config.autoencoder, module=module, variables=variables), step
 
 
 def _first_batches(iterator: Any, n: int) -> list[dict]:

@@ -1,7 +1,7 @@
 """Stage 2: the latent diffusion model ε_θ(z_t, t, τ_θ(y)) trained with L_LDM (DESIGN.md §1, §4).
 
 Per step: frozen stage-1 encoder -> z = scale_factor · E(x) (or, with config.first_stage.latents, a posterior
-sample from precomputed moments written by `python -m latentdiff.encode`, read memory-mapped); caption dropout
+sample from precomputed moments written by `latentdiff encode`, read memory-mapped); caption dropout
 (p_uncond, the empty caption / null class) for classifier-free guidance; t ~ U{0..T-1}; z_t = q_sample(z, t, ε);
 loss = ‖target − UNet(z_t, t, τ_θ(y))‖² (ε-, v- or x0-target; optional min-SNR-γ). UNet and τ_θ are trained
 together with AdamW (warmup, clipping) and an EMA of their params is kept in the state. The latent scale factor is
@@ -53,21 +53,10 @@ def schedule_from_config(diffusion: ml_collections.ConfigDict) -> Any:
     return make_schedule(diffusion.schedule, diffusion.timesteps, diffusion.linear_start, diffusion.linear_end)
 
 
-def latents_dir(config: ml_collections.ConfigDict) -> str:
-    """config.first_stage.latents ('' = encode images on the fly); '' for configs saved before the field existed."""
-    return config.first_stage.latents if "latents" in config.first_stage else ""
-
-
-def first_stage_dtype(config: ml_collections.ConfigDict) -> str:
-    """config.first_stage.dtype: the frozen model's compute dtype in the train step and the preview grids ('' = as
-    trained); '' for configs saved before the field existed."""
-    return config.first_stage.dtype if "dtype" in config.first_stage else ""
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Config-time checks that would otherwise fail deep inside a trace."""
     validate_context(config.unet, config.text_encoder)
-    fs_dtype = first_stage_dtype(config)
+    fs_dtype = config.first_stage.dtype
     if fs_dtype not in ("", "float32", "bfloat16"):
         raise UserError(
             f"first_stage.dtype must be '', 'float32' or 'bfloat16', got {fs_dtype!r} "
@@ -89,7 +78,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"latent (= unet.out_channels) + {need - latent_channels} concat channels; "
             f"set --config.unet.in_channels={need}"
         )
-    if concat != "none" and latents_dir(config):
+    if concat != "none" and config.first_stage.latents:
         raise UserError(
             f"concat conditioning ({concat!r}) needs images; unset first_stage.latents "
             "(--config.first_stage.latents='')"
@@ -136,7 +125,7 @@ class LDMTask:
     @property
     def source_key(self) -> str:
         """The batch field z0 comes from: 'image' (encoded on the fly), 'moments' (KL) or 'latents' (VQ)."""
-        if not latents_dir(self.config):
+        if not self.config.first_stage.latents:
             return "image"
         return "moments" if self.fs.config.kind == "kl" else "latents"
 
@@ -278,7 +267,7 @@ def prepare_first_stage(config: ml_collections.ConfigDict, workdir: str) -> firs
         return first_stage.load_export(local)
     config_utils.require(config, "first_stage.workdir")
     source = config.first_stage.workdir
-    from latentdiff.train.autoencoder import read_first_stage
+    from latentdiff.workdir import read_first_stage
 
     fs, step = read_first_stage(source)  # the stage-1 workdir is only read
     if jax.process_index() == 0:
@@ -300,7 +289,7 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, captions:
     the WordPiece vocabulary is then built from their first data.tokenizer_corpus_examples.
     """
     from latentdiff.data import tokenizer as tokenizer_lib
-    from latentdiff.data.pipeline import make_tokenizer
+    from latentdiff.data.input_pipeline import make_tokenizer
 
     local = os.path.join(workdir, "tokenizer")
     save_dir = local if jax.process_index() == 0 or os.path.isdir(local) else ""
@@ -344,23 +333,23 @@ def first_batch_scale_factor(
 def check_latents_meta(meta: dict, fs: first_stage.FirstStage, config: ml_collections.ConfigDict) -> None:
     """One-line ValueError unless precomputed latents (meta.json) come from a first stage like first_stage.workdir's
     (kind, embed_dim and latent shape at data.resolution)."""
-    expected = list(fs.latent_shape(config.data.resolution))
+    expected, latents = list(fs.latent_shape(config.data.resolution)), config.first_stage.latents
     got = (meta["kind"], int(meta["embed_dim"]), list(meta["latent_shape"]))
     if got != (fs.config.kind, int(fs.config.embed_dim), expected):
         raise UserError(
-            f"first_stage.latents={latents_dir(config)!r} holds {got[0]} latents {got[2]} (embed_dim {got[1]}) but "
+            f"first_stage.latents={latents!r} holds {got[0]} latents {got[2]} (embed_dim {got[1]}) but "
             f"first_stage.workdir gives {fs.config.kind} latents {expected} (embed_dim {fs.config.embed_dim}) at "
-            f"data.resolution={config.data.resolution}; re-encode with python -m latentdiff.encode --workdir "
+            f"data.resolution={config.data.resolution}; re-encode with latentdiff encode --workdir "
             f"{config.first_stage.workdir} --out DIR"
         )
-    if config.text_encoder.kind == "class" and not os.path.isfile(os.path.join(latents_dir(config), "labels.npy")):
-        raise UserError(f"text_encoder.kind='class' needs labels, but {latents_dir(config)!r} has no labels.npy")
+    if config.text_encoder.kind == "class" and not os.path.isfile(os.path.join(latents, "labels.npy")):
+        raise UserError(f"text_encoder.kind='class' needs labels, but {latents!r} has no labels.npyhas no labels.npy")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMState:
     """Trains stage 2; writes checkpoints, metrics, sample grids to `workdir` (resumes if it holds a checkpoint)."""
+    from latentdiff.data import input_pipeline
     from latentdiff.data import latents as latent_data
-    from latentdiff.data import pipeline as data_pipeline
 
     parallel.init_distributed(
         config.distributed.coordinator,
@@ -371,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
     check_config(config)
     mesh = parallel.make_mesh(dict(config.mesh))
     fs = prepare_first_stage(config, workdir)  # as trained: checks, the scale factor (sampling uses it as trained)
-    latents = latents_dir(config)
+    latents = config.first_stage.latents
     meta = latent_data.read_meta(latents) if latents else None
     if meta is not None:
         check_latents_meta(meta, fs, config)
@@ -394,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
                 shuffle=True,
                 tokenizer=tokenizer,
             )
-        return data_pipeline.make_dataset(
+        return input_pipeline.make_dataset(
             config.data,
             split=config.data.train_split,
             tokenizer=tokenizer,
@@ -415,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
         )
         log.info("latent scale factor from the first batch: %.5f", scale_factor)
     # first_stage.dtype: the frozen model's compute dtype in the train step's encoding and the preview grids.
-    task = LDMTask(config, first_stage.with_compute_dtype(fs, first_stage_dtype(config)), null_cond, scale_factor)
+    task = LDMTask(config, first_stage.with_compute_dtype(fs, config.first_stage.dtype), null_cond, scale_factor)
     fs_variables = jax.device_put(fs.variables, parallel.replicated(mesh))
     write_images = make_image_writer(config, task, tokenizer, fs_variables, mesh)
     loop_task = loop.Task(
