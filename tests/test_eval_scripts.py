@@ -275,8 +275,10 @@ class StubPipeline:
         self.generated = 0
         self.batch_sizes = set()
 
-    def __call__(self, prompts, *, sampler, steps, guidance, eta, seed, batch_size, x_T):
+    def __call__(self, prompts, *, sampler, steps, guidance, eta, seed, batch_size, x_T, progress=None):
         assert x_T.shape == (len(prompts), *self.latent_shape)
+        if progress is not None:
+            progress(len(prompts))
         self.calls += 1
         self.generated += len(prompts)
         self.batch_sizes.add(batch_size)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from latentdiff import cli_flags, errors, metrics, progress
+from latentdiff import cli_flags, errors, metrics
 from latentdiff.data import shapes
 from latentdiff.evaluation import fid, references, shapes_grader, txt2img
 from latentdiff.evaluation.references import EvalError
@@ -62,10 +63,11 @@ def run_alignment(
     'reference_alignment': the grader on the split's own images (the ceiling), 'fid' or 'fid_skipped', settings}.
     """
     ref_images, captions = alignment_examples(pipe, split, num, data_seed)
-    with progress.phase(
-        f"generating {num} images for the {split} captions ({settings.steps} {settings.sampler} steps)"
-    ):
-        generated = txt2img.generate_with_global_noise(pipe, captions, 0, settings, batch_size)
+    from tqdm import tqdm
+
+    desc = f"alignment {split} ({settings.steps} {settings.sampler} steps)"
+    with tqdm(total=num, unit="img", file=sys.stderr, dynamic_ncols=True, desc=desc) as bar:  # ETA per batch
+        generated = txt2img.generate_with_global_noise(pipe, captions, 0, settings, batch_size, bar.update)
     report: dict = {
         "split": split,
         "num": num,

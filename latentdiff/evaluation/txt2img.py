@@ -8,8 +8,9 @@ resume); initial noise of image i is a function of (seed, i) only, so shards do 
 IS (torch-fidelity's protocol: 'paper' preprocessing, unbiased logits) against the Inception statistics of the same
 examples' reference images.
 
-Pipelines are anything with `__call__(prompts, *, sampler, steps, guidance, eta, seed, batch_size, x_T) -> uint8
-[N, H, W, 3]`, `.latent_shape`, `.resolution`, `.step` and `.config` (latentdiff.pipeline.Pipeline).
+Pipelines are anything with `__call__(prompts, *, sampler, steps, guidance, eta, seed, batch_size, x_T, progress)
+-> uint8 [N, H, W, 3]` (progress: called with the number of images each finished batch adds), `.latent_shape`,
+`.resolution`, `.step` and `.config` (latentdiff.pipeline.Pipeline).
 
 Command line (sampling flags not given take the model's config.sampling values; the paper config's are the
 protocol's 250 DDIM steps at guidance 1.5):
@@ -33,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,9 +73,15 @@ def _log(message: str) -> None:
 
 
 def generate_with_global_noise(
-    pipe: Any, captions: Sequence[str], start: int, settings: SampleSettings, batch_size: int
+    pipe: Any,
+    captions: Sequence[str],
+    start: int,
+    settings: SampleSettings,
+    batch_size: int,
+    progress: Callable[[int], Any] | None = None,
 ) -> np.ndarray:
-    """Images for captions[i] with initial noise of global index start + i (independent of sharding): uint8."""
+    """Images for captions[i] with initial noise of global index start + i (independent of sharding): uint8
+    [N, H, W, 3]; `progress(n)` after each batch of n images."""
     import jax.numpy as jnp
 
     from latentdiff.sampling import initial_noise
@@ -89,6 +96,7 @@ def generate_with_global_noise(
         seed=settings.seed + start,
         batch_size=batch_size,
         x_T=x_t,
+        progress=progress,
     )
 
 
@@ -137,11 +145,9 @@ def generate_shards(
         lo, hi = bounds[k]
         bar.set_postfix_str(f"shard {k + 1}/{num_shards}")
         # a fixed batch (the last, partial shard is padded by the pipeline): one compiled sampler for every shard
-        images = generate_with_global_noise(
-            pipe, captions[lo:hi], lo, settings, min(batch_size or shard_size, shard_size)
-        )
+        batch = min(batch_size or shard_size, shard_size)
+        images = generate_with_global_noise(pipe, captions[lo:hi], lo, settings, batch, bar.update)
         write_shard(paths[k], images, captions[lo:hi], lo)
-        bar.update(hi - lo)
     bar.close()
     _log(
         f"txt2img: {len(captions)} images in {num_shards} shards under {os.path.join(out, 'shards')} "
