@@ -1,9 +1,11 @@
 """Output paths checked before any work starts (before a model loads or a dataset is read): one-line UserErrors
-naming the flag, the problem and the fix. Nothing is created here."""
+naming the flag, the problem and the fix. Nothing is left behind: the parent is probed with an empty directory that is
+removed at once (os.access alone says yes to root on read-only and virtual filesystems such as /proc)."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 from latentdiff.errors import UserError
 
@@ -21,6 +23,12 @@ def _check_writable_parent(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path!r}: {anchor!r} is a file, not a directory; pass a path in a directory")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path!r}: cannot write into {anchor!r} (permission denied); pass a writable path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".latentdiff-write-probe-", dir=anchor))
+    except OSError as error:
+        raise UserError(
+            f"{flag} {path!r}: cannot create anything in {anchor!r} ({error.strerror}); pass a writable path"
+        ) from None
 
 
 def check_output_dir(path: str, flag: str) -> None:

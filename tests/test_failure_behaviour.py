@@ -433,3 +433,16 @@ def test_pytorch_files_without_pytorch_are_one_line(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as exit_info:
         inception_weights.main(["--src", str(pth), "--out", str(tmp_path / "out.safetensors")])
     assert "needs PyTorch: `pip install torch`" in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+def test_an_output_under_a_filesystem_that_refuses_writes_is_one_line_before_any_work(tmp_path):
+    """os.access says yes to root for /proc (and read-only mounts); the parent is probed by creating (and removing)
+    an empty directory, so `--out /proc/x` fails before a model loads, not after the images are generated."""
+    from latentdiff.errors import UserError
+    from latentdiff.output_paths import check_output_dir, check_output_file
+
+    for check in (check_output_dir, check_output_file):
+        with pytest.raises(UserError, match=r"--out '/proc/x/y': cannot .* pass a writable path"):
+            check("/proc/x/y", "--out")
+    check_output_dir(str(tmp_path / "a" / "b"), "--out")  # a writable parent passes and nothing is left in it
+    assert os.listdir(tmp_path) == []

@@ -233,6 +233,22 @@ def field_problem(field: str, got: Any, want: Any) -> str:
     return f"{field}={got!r} (latentdiff implements {want!r})"
 
 
+def attention_levels(down: list, up: list, attn_blocks: tuple[str, str], plain_blocks: tuple[str, str]) -> tuple:
+    """diffusers' down/up block type lists -> (levels whose down block has attention, problems). attn_blocks and
+    plain_blocks are (down type, up type) pairs; the up list must mirror the down list."""
+    levels, problems = [], []
+    for level, block in enumerate(down):
+        if block not in (attn_blocks[0], plain_blocks[0]):
+            problems.append(f"down_block_types[{level}]={block!r} ({attn_blocks[0]} or {plain_blocks[0]})")
+        with_attn = block == attn_blocks[0]
+        want_up = attn_blocks[1] if with_attn else plain_blocks[1]
+        if len(up) != len(down) or up[len(down) - 1 - level] != want_up:
+            problems.append(f"up_block_types {up} must mirror down_block_types {down}")
+        if with_attn:
+            levels.append(level)
+    return levels, problems
+
+
 def holds(got: object, want: object) -> bool:
     if isinstance(want, tuple):
         return any(holds(got, w) for w in want)

@@ -38,6 +38,7 @@ from latentdiff.convert.common import (
     ConversionError,
     Rule,
     apply_table,
+    attention_levels,
     conv_kernel,
     dense_kernel,
     field_problem,
@@ -336,6 +337,12 @@ _UNET_INERT = {
 }
 
 
+# The fixed fields an exported config.json spells out (the others are diffusers' defaults).
+_UNET_EXPORTED_FIXED = (
+    "mid_block_type", "act_fn", "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift", "downsample_padding",
+)  # fmt: skip
+
+
 def unet_field_table() -> dict[str, str]:
     """Every UNet2DConditionModel config field latentdiff knows -> 'mapped' | 'fixed' | 'inert'. A field outside it
     is refused by unet_config_from_diffusers (a newer diffusers may add fields that change the forward pass)."""
@@ -360,17 +367,11 @@ def unet_config_from_diffusers(d: Mapping) -> dict:
     if any(c % mc for c in channels):
         problems.append(f"block_out_channels={channels} are not multiples of the first")
     down, up = list(d["down_block_types"]), list(d["up_block_types"])
-    levels = len(channels)
-    attn = []
-    for level in range(levels):
-        cross = down[level] == "CrossAttnDownBlock2D"
-        if down[level] not in ("CrossAttnDownBlock2D", "DownBlock2D"):
-            problems.append(f"down_block_types[{level}]={down[level]!r} (CrossAttnDownBlock2D or DownBlock2D)")
-        want_up = "CrossAttnUpBlock2D" if cross else "UpBlock2D"
-        if len(up) != levels or up[levels - 1 - level] != want_up:
-            problems.append(f"up_block_types {up} must mirror down_block_types {down}")
-        if cross:
-            attn.append(2**level)
+    cross_levels, block_problems = attention_levels(
+        down, up, ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"), ("DownBlock2D", "UpBlock2D")
+    )
+    problems += block_problems
+    attn = [2**level for level in cross_levels]
     if problems:
         raise ConversionError("unsupported UNet2DConditionModel config: " + "; ".join(dict.fromkeys(problems)))
     heads = d.get("num_attention_heads") or d["attention_head_dim"]  # diffusers: attention_head_dim = heads (legacy)
@@ -421,16 +422,10 @@ def diffusers_unet_config(unet: Mapping, sample_size: int) -> dict:
         "layers_per_block": int(c["num_res_blocks"]),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
         "cross_attention_dim": int(c["context_dim"]),
         "attention_head_dim": heads,
         "transformer_layers_per_block": int(c["transformer_depth"]),
         "use_linear_projection": bool(c["use_linear_proj"]),
         "num_class_embeds": int(c["num_classes"]) or None,
-        "act_fn": "silu",
-        "norm_num_groups": 32,
-        "norm_eps": 1e-5,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "downsample_padding": 1,
+        **{field: _UNET_FIXED[field] for field in _UNET_EXPORTED_FIXED},
     }

@@ -41,6 +41,7 @@ from latentdiff.convert.common import (
     ConversionError,
     Rule,
     apply_table,
+    attention_levels,
     conv_kernel,
     dense_kernel,
     field_problems,
@@ -320,18 +321,12 @@ def vae_config_from_diffusers(d: Mapping, kind: str) -> dict:
     if any(c % ch for c in channels):
         problems.append(f"block_out_channels={channels} are not multiples of the first")
     down, up = list(d["down_block_types"]), list(d["up_block_types"])
-    n = len(channels)
     res = int(d["sample_size"]) if not isinstance(d["sample_size"], (list, tuple)) else int(d["sample_size"][0])
-    attn = []
-    for level in range(n):
-        with_attn = down[level] == "AttnDownEncoderBlock2D"
-        if down[level] not in ("AttnDownEncoderBlock2D", "DownEncoderBlock2D"):
-            problems.append(f"down_block_types[{level}]={down[level]!r}")
-        want_up = "AttnUpDecoderBlock2D" if with_attn else "UpDecoderBlock2D"
-        if len(up) != n or up[n - 1 - level] != want_up:
-            problems.append(f"up_block_types {up} must mirror down_block_types {down}")
-        if with_attn:
-            attn.append(res // 2**level)
+    attn_levels, block_problems = attention_levels(
+        down, up, ("AttnDownEncoderBlock2D", "AttnUpDecoderBlock2D"), ("DownEncoderBlock2D", "UpDecoderBlock2D")
+    )
+    problems += block_problems
+    attn = [res // 2**level for level in attn_levels]
     if problems:
         raise ConversionError(f"unsupported diffusers autoencoder config: {'; '.join(dict.fromkeys(problems))}")
     z = int(d["latent_channels"])

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from latentdiff import config_utils
+from latentdiff import cli_flags, config_utils
 from latentdiff.config_utils import apply_overrides
 from latentdiff.data.errors import DataError
 from latentdiff.errors import UserError
@@ -94,11 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=16, help="number of examples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", action="store_true", help="training-mode random crop / flip (as configured)")
-    args, extra = parser.parse_known_args(argv)
-    unknown = [arg for arg in extra if not arg.startswith("--config.")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (config fields are set with --config.FIELD=VALUE)")
-    overrides = [arg[len("--config.") :] for arg in extra]
+    args, overrides = cli_flags.parse_with_config_overrides(parser, argv)
     try:
         check_output_file(args.out, "--out")
         path = preview(args.config, args.out, args.split, args.num, args.seed, args.augment, overrides)
