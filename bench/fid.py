@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from bench import common
+from bench import harness
 
 SECTION = "Inception features (FID)"
 FEATURE_CHECK = 8  # pool features of the first image compared between the two workers
@@ -60,7 +60,7 @@ def torch_state_dict(params: dict) -> dict[str, np.ndarray]:
     """Our params -> pytorch-fid / torchvision state dict, inverting the converter's own key table."""
     from flax import traverse_util
 
-    from latentdiff.convert import common as cc
+    from latentdiff.convert import key_tables as cc
     from latentdiff.convert.inception_weights import torchvision_table
 
     inverse = {cc.conv_kernel: cc.inverse_conv_kernel, cc.dense_kernel: cc.inverse_dense_kernel}
@@ -94,7 +94,7 @@ def worker_jax(args: argparse.Namespace) -> dict:
     x = images(args.batch_size, args.image_size)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     run = lambda: metrics.inception_features(params, x, args.batch_size, args.preprocess, dtype=dtype)
-    times = common.time_runs(run, args.runs, warmup=1)
+    times = harness.time_runs(run, args.runs, warmup=1)
     pool = run()[0]
     return {
         "framework": "latentdiff (JAX)",
@@ -143,7 +143,7 @@ def worker_torch(args: argparse.Namespace) -> dict:
             batch = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0).to(device)
             return model(batch)[0].squeeze(3).squeeze(2).cpu().numpy()
 
-    times = common.time_runs(run, args.runs, warmup=1)
+    times = harness.time_runs(run, args.runs, warmup=1)
     pool = run()
     return {
         "framework": "pytorch-fid (PyTorch)",
@@ -163,7 +163,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="where both frameworks run")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our conv compute dtype")
     p.add_argument("--no_results", action="store_true", help="do not append to the results file")
-    p.add_argument("--results", default=common.RESULTS, help="markdown file the table is appended to")
+    p.add_argument("--results", default=harness.RESULTS, help="markdown file the table is appended to")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--worker", default=None, choices=("jax", "torch"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -180,22 +180,22 @@ def worker_args(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if args.worker:
-        common.emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
+        harness.emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
         return
     if args.runs < 5:
         raise SystemExit("error: --runs must be >= 5 (medians of at least 5 runs)")
     if not 1 <= args.threads <= len(os.sched_getaffinity(0)):
         raise SystemExit(f"error: --threads must be in 1..{len(os.sched_getaffinity(0))}")
-    header = common.run_header([os.path.abspath(__file__), *argv], args.device)
-    env = common.limit_threads(args.threads)
+    header = harness.run_header([os.path.abspath(__file__), *argv], args.device)
+    env = harness.limit_threads(args.threads)
     if args.device == "gpu":
-        env |= common.gpu_worker_env(0.6)
+        env |= harness.gpu_worker_env(0.6)
     rows = []
     for name in ("torch", "jax"):
-        result = common.run_worker(os.path.abspath(__file__), [name, *worker_args(args)], env=env)
+        result = harness.run_worker(os.path.abspath(__file__), [name, *worker_args(args)], env=env)
         if "error" in result:
             raise SystemExit(f"error: {name} worker failed: {result['error']}")
-        s = common.summary(result["times"])
+        s = harness.summary(result["times"])
         rows.append(
             {
                 **result,
@@ -228,7 +228,7 @@ def main(argv: list[str]) -> None:
             f"{args.runs} timed runs each (after 1 warm-up), ours: preprocess {args.preprocess}, dtype {args.dtype}. "
             f"Max relative difference of the features (first image, {FEATURE_CHECK} dims): {agreement:.2e}.",
             "",
-            common.table(rows, columns),
+            harness.table(rows, columns),
         ]
     )
     print(body)
@@ -236,7 +236,7 @@ def main(argv: list[str]) -> None:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "agreement": agreement, "header": header}, f, indent=1, default=str)
     if not args.no_results:
-        common.append_section(SECTION, body, args.results)
+        harness.append_section(SECTION, body, args.results)
         print(f"appended to {args.results}")
 
 

@@ -125,18 +125,18 @@ PY"
 """cuDNN vs XLA attention in a tiny bf16 UNet: outputs and parameter gradients, each against a float32 reference."""
 import json, os, sys
 sys.path.insert(0, "bench")
-import common
+import harness
 import jax, jax.numpy as jnp, numpy as np
 from latentdiff.nn.unet import build_unet, init_inputs
 
 gpu = jax.default_backend() == "gpu"
-base = common.ldm_config("tiny").unet
+base = harness.ldm_config("tiny").unet
 def unet(dtype, impl):
     c = base.copy_and_resolve_references(); c.dtype = dtype; c.attention_impl = impl
     return build_unet(c)
 inp = init_inputs(base, 4, 16, 32)
 abstract = jax.eval_shape(lambda: unet("float32", "xla").init(jax.random.key(0), inp["x"], inp["t"], inp["context"], None, False))
-params = jax.device_put(common.random_like(abstract["params"], seed=0, scale=0.1))
+params = jax.device_put(harness.random_like(abstract["params"], seed=0, scale=0.1))
 rng = np.random.default_rng(1)
 x = jnp.asarray(rng.standard_normal((4, 16, 16, 4)), jnp.float32)
 t = jnp.asarray(rng.integers(0, 1000, (4,)), jnp.int32)

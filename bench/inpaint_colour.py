@@ -94,7 +94,7 @@ def inpaint_colour(
     rec = np.clip(np.round((rec + 1.0) * 127.5), 0, 255)
     sq_change = ((out.astype(np.float32) - rec) ** 2).mean(-1)  # [N, H, W], squared levels of 255
     sq_error = ((images.astype(np.float32) - rec) ** 2).mean(-1)  # the autoencoder's own error
-    f = pipe.fs.downsample_factor
+    f = pipe.first_stage.downsample_factor
     regenerated = latent_cells(masks, f)  # the pixels of the latent cells the sampler regenerates
     kept, far = regenerated == 0, dilate(regenerated, f) == 0  # far: at least f pixels (one latent cell) away
     return {

@@ -23,7 +23,7 @@ import re
 import statistics
 import sys
 
-import common
+import harness
 
 # (batch, height, width, in channels, out channels) of 3x3 stride-1 convolutions: the UNet's and the autoencoder's.
 CONV_SHAPES = ((8, 32, 32, 256, 256), (16, 64, 64, 64, 64), (8, 8, 8, 384, 384))
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (XLA uses all cores)")
     p.add_argument("--train-json", default="", help="comma list of bench/train_step.py --json files")
     p.add_argument("--sample-json", default="", help="comma list of bench/sample.py --json files")
-    p.add_argument("--results", default=common.RESULTS, help="RESULTS.md to append to ('' = do not write)")
+    p.add_argument("--results", default=harness.RESULTS, help="RESULTS.md to append to ('' = do not write)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.runs < 3:
@@ -59,15 +59,15 @@ def xla_rates(runs: int) -> dict[str, float]:
 
     def rate(fn, flops: float, *arrays) -> float:
         f = jax.jit(fn)
-        times = common.time_runs(lambda: f(*arrays).block_until_ready(), runs, warmup=2)
+        times = harness.time_runs(lambda: f(*arrays).block_until_ready(), runs, warmup=2)
         return flops / statistics.median(times) / 1e9
 
     rng = np.random.default_rng(0)
-    out = {f"dot {DOT_SIZE}³": common.matmul_peak_gflops(DOT_SIZE, runs)}
+    out = {f"dot {DOT_SIZE}³": harness.matmul_peak_gflops(DOT_SIZE, runs)}
     for bsz, h, w, c, k in CONV_SHAPES:
         x = jnp.asarray(rng.standard_normal((bsz, h, w, c)), jnp.float32)
         kern = jnp.asarray(rng.standard_normal((3, 3, c, k)), jnp.float32)
-        out[f"conv3x3 {bsz}×{h}×{w}×{c}→{k}"] = rate(common.conv3x3, conv_flops(bsz, h, w, c, k), x, kern)
+        out[f"conv3x3 {bsz}×{h}×{w}×{c}→{k}"] = rate(harness.conv3x3, conv_flops(bsz, h, w, c, k), x, kern)
     return out
 
 
@@ -75,12 +75,12 @@ def torch_rates(runs: int, threads: int) -> dict[str, float]:
     """GFLOP/s of torch matmul and conv2d (NCHW and channels-last) on the same problems."""
     import torch
 
-    common.torch_setup(threads, "cpu")
+    harness.torch_setup(threads, "cpu")
     torch.manual_seed(0)
 
     def rate(fn, flops: float) -> float:
         with torch.no_grad():
-            times = common.time_runs(fn, runs, warmup=2)
+            times = harness.time_runs(fn, runs, warmup=2)
         return flops / statistics.median(times) / 1e9
 
     n = DOT_SIZE
@@ -176,12 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         rates = xla_rates(args.runs) if args.worker == "xla" else torch_rates(args.runs, args.threads)
-        common.emit({"rates": rates, "load_before": common.load_average()})
+        harness.emit({"rates": rates, "load_before": harness.load_average()})
         return
-    header = common.run_header(sys.argv, "cpu")
-    env = common.limit_threads(args.threads)
+    header = harness.run_header(sys.argv, "cpu")
+    env = harness.limit_threads(args.threads)
     worker = ["--runs", str(args.runs), "--threads", str(args.threads)]
-    results = {lib: common.run_worker(__file__, [lib, *worker], env) for lib in ("xla", "torch")}
+    results = {lib: harness.run_worker(__file__, [lib, *worker], env) for lib in ("xla", "torch")}
     for lib, res in results.items():
         if "error" in res:
             raise SystemExit(f"roofline: the {lib} worker failed: {res['error']}")
@@ -189,13 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     ops = list(dict.fromkeys([*xla, *torch_]))
     op_rows = [{"op": op, "xla": xla.get(op), "torch": torch_.get(op)} for op in ops]
     best = max([*xla.values(), *torch_.values()])
-    body = common.table(op_rows, SINGLE_OP_COLUMNS)
+    body = harness.table(op_rows, SINGLE_OP_COLUMNS)
     body += f"\n\nBest single-op rate: {best:.0f} GFLOP/s. Torch threads: {args.threads}; load avg at the workers' "
     body += f"start {results['xla']['load_before']} / {results['torch']['load_before']}."
     train_paths, sample_paths = ([p for p in s.split(",") if p] for s in (args.train_json, args.sample_json))
     feas = train_rows(train_paths, best) + sample_rows(sample_paths, best)
     if feas:
-        body += "\n\n" + common.table(feas, FEASIBILITY_COLUMNS)
+        body += "\n\n" + harness.table(feas, FEASIBILITY_COLUMNS)
         body += (
             "\n\nneeded = target × the peer's GFLOP/s (our XLA-counted FLOPs per step or batch, credited to both) — "
             "the whole-step rate ours would need; inputs: "
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(body)
     if args.results:
-        common.append_section("bench/roofline.py", f"{header}\n\n{body}", args.results)
+        harness.append_section("bench/roofline.py", f"{header}\n\n{body}", args.results)
 
 
 if __name__ == "__main__":

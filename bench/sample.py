@@ -4,7 +4,7 @@
     python bench/sample.py --size tiny --compile-steps 25,250      # compile time vs number of steps (ours)
     python bench/sample.py --device gpu --size paper --batch 16 --steps 50
 
-Ours: latentdiff.sampling.make_generate (text encoder, DDIM as one lax.scan, guidance batched as one doubled UNet
+Ours: latentdiff.generation.make_generate (text encoder, DDIM as one lax.scan, guidance batched as one doubled UNet
 call per step, decode), jitted once. Peer: the loop of diffusers' LDMTextToImagePipeline written out — text encoder
 on [cond; uncond] once, DDIMScheduler(scaled_linear 0.00085..0.012, leading spacing, steps_offset 1,
 set_alpha_to_one False, as DESIGN.md), one doubled UNet call per step, guidance, AutoencoderKL.decode — with the same
@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-import common
+import harness
 
 FRAMEWORKS = ("ours", "diffusers")
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-steps", default="", help="e.g. 25,250: also measure our compile time per step count")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--attention", default="", help="GPU: unet.attention_impl for ours (xla | cudnn; default cudnn)")
-    p.add_argument("--results", default=common.RESULTS, help="RESULTS.md to append to ('' = do not write)")
+    p.add_argument("--results", default=harness.RESULTS, help="RESULTS.md to append to ('' = do not write)")
     p.add_argument("--json", default="", help="also write all worker results to this JSON file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--framework", default="", help=argparse.SUPPRESS)
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for f in args.frameworks.split(","):
         if f and f not in FRAMEWORKS:
             p.error(f"--frameworks {f!r} is not one of {FRAMEWORKS}")
-    if args.size not in (*common.SIZES, "paper") or (args.size == "paper" and args.device != "gpu"):
+    if args.size not in (*harness.SIZES, "paper") or (args.size == "paper" and args.device != "gpu"):
         p.error("--size must be tiny | small, or paper with --device gpu")
     if args.steps < 1 or args.batch < 1 or args.runs < 1:
         p.error("--steps, --batch and --runs must be >= 1")
@@ -62,11 +62,11 @@ def configs(args: argparse.Namespace):
     from latentdiff.config_utils import load_config
 
     if args.size == "paper":
-        config = load_config(os.path.join(common.REPO, "configs", "ldm_txt2img_kl8.py") + ":paper")
-        ae = load_config(os.path.join(common.REPO, "configs", "autoencoder_kl_f8.py") + ":paper").autoencoder
+        config = load_config(os.path.join(harness.REPO, "configs", "ldm_txt2img_kl8.py") + ":paper")
+        ae = load_config(os.path.join(harness.REPO, "configs", "autoencoder_kl_f8.py") + ":paper").autoencoder
     else:
-        config = common.ldm_config(args.size)
-        ae = common.stage1_for(config)
+        config = harness.ldm_config(args.size)
+        ae = harness.stage1_for(config)
     if args.device == "gpu":
         config.unet.dtype = config.text_encoder.dtype = ae.dtype = "bfloat16"
         config.unet.attention_impl = args.attention or "cudnn"
@@ -79,7 +79,8 @@ def ours(args: argparse.Namespace) -> dict:
     import numpy as np
 
     import latentdiff  # noqa: F401  (XLA CPU flags)
-    from latentdiff import first_stage, sampling
+    from latentdiff import generation
+    from latentdiff.first_stage import FirstStage, abstract_autoencoder_variables
     from latentdiff.nn.autoencoder import build_autoencoder
     from latentdiff.nn.text_encoder import build_text_encoder, init_tokens
     from latentdiff.nn.unet import build_unet, init_inputs
@@ -93,9 +94,9 @@ def ours(args: argparse.Namespace) -> dict:
         "unet": jax.eval_shape(lambda: unet.init(jax.random.key(0), inp["x"], inp["t"], inp["context"], None, False)),
         "cond": jax.eval_shape(lambda: text.init(jax.random.key(0), init_tokens(config.text_encoder, 1))),
     }
-    params = jax.device_put({k: common.random_like(v["params"], seed=i) for i, (k, v) in enumerate(abstract.items())})
-    fs_vars = jax.device_put(common.random_like(first_stage.abstract_variables(ae_cfg), seed=5))
-    fs = first_stage.FirstStage(config=ae_cfg, module=build_autoencoder(ae_cfg), variables=fs_vars)
+    params = jax.device_put({k: harness.random_like(v["params"], seed=i) for i, (k, v) in enumerate(abstract.items())})
+    first_stage_variables = jax.device_put(harness.random_like(abstract_autoencoder_variables(ae_cfg), seed=5))
+    first_stage = FirstStage(config=ae_cfg, module=build_autoencoder(ae_cfg), variables=first_stage_variables)
     schedule = schedule_from_config(config.diffusion)
     length, vocab = config.text_encoder.max_length, config.text_encoder.vocab_size
     rng = np.random.default_rng(0)
@@ -103,17 +104,17 @@ def ours(args: argparse.Namespace) -> dict:
     uncond = jnp.zeros((1, length), jnp.int32)
 
     def compiled_for(steps: int):
-        gen = sampling.make_generate(
+        gen = generation.make_generate(
             unet=unet,
             cond_encoder=text,
-            fs=fs,
+            first_stage=first_stage,
             schedule=schedule,
             parameterization="eps",
             sampler="ddim",
             num_steps=steps,
         )
-        x_T = sampling.initial_noise(0, jnp.arange(args.batch), (latent, latent, 4))
-        call_args = (params, fs_vars, jnp.float32(0.18215), cond, uncond, jnp.float32(args.guidance))
+        x_T = generation.initial_noise(0, jnp.arange(args.batch), (latent, latent, 4))
+        call_args = (params, first_stage_variables, jnp.float32(0.18215), cond, uncond, jnp.float32(args.guidance))
         call_args += (jnp.float32(0.0), x_T, jax.random.key(0))
         t0 = time.perf_counter()
         compiled = jax.jit(gen).lower(*call_args).compile()
@@ -122,21 +123,21 @@ def ours(args: argparse.Namespace) -> dict:
     if args.compile_only:
         return {"compile_s": compiled_for(args.compile_only)[2], "steps": args.compile_only}
     compiled, call_args, compile_s = compiled_for(args.steps)
-    times = common.time_runs(lambda: compiled(*call_args).block_until_ready(), args.runs, warmup=1)
-    flops = batch_flops(unet, text, fs, params, fs_vars, cond, latent, args.steps)
-    out = {"compile_s": compile_s, "times": times, "rss_mib": common.peak_rss_mib(), "backend": jax.default_backend()}
-    peak = common.matmul_peak_gflops() if args.device == "cpu" else 0.0
+    times = harness.time_runs(lambda: compiled(*call_args).block_until_ready(), args.runs, warmup=1)
+    flops = batch_flops(unet, text, first_stage, params, first_stage_variables, cond, latent, args.steps)
+    out = {"compile_s": compile_s, "times": times, "rss_mib": harness.peak_rss_mib(), "backend": jax.default_backend()}
+    peak = harness.matmul_peak_gflops() if args.device == "cpu" else 0.0
     return {**out, "flops": flops, "matmul_peak_gflops": peak}
 
 
-def batch_flops(unet, text, fs, params: dict, fs_vars: dict, cond, latent: int, steps: int) -> float:
+def batch_flops(
+    unet, text, first_stage, params: dict, first_stage_variables: dict, cond, latent: int, steps: int
+) -> float:
     """FLOPs of one guided batch, from XLA's cost analysis of its parts (a scan's body is counted once, so the
     parts are counted apart): `steps` UNet calls at batch 2B, the text encoder on 2B prompts (as diffusers runs it;
     ours encodes B + 1), and the decoder at batch B. The same FLOPs are credited to both frameworks."""
     import jax
     import jax.numpy as jnp
-
-    from latentdiff import first_stage
 
     b = cond.shape[0]
     tokens = jax.ShapeDtypeStruct((2 * b, *cond.shape[1:]), cond.dtype)
@@ -145,17 +146,17 @@ def batch_flops(unet, text, fs, params: dict, fs_vars: dict, cond, latent: int, 
     t = jax.ShapeDtypeStruct((2 * b,), jnp.int32)
 
     def flops_of(fn, *fn_args) -> float:  # lowered, not compiled: a paper-scale GPU compile would take minutes
-        return common.xla_flops(jax.jit(fn).lower(*fn_args))
+        return harness.xla_flops(jax.jit(fn).lower(*fn_args))
 
     unet_apply = lambda p, x, t, c: unet.apply({"params": p}, x, t, c, None, False)
     unet_call = flops_of(unet_apply, params["unet"], latents(2 * b), t, context)
     encode = flops_of(lambda p, tok: text.apply({"params": p}, tok), params["cond"], tokens)
-    decode = flops_of(lambda v, z: first_stage.decode(fs, v, z), fs_vars, latents(b))
+    decode = flops_of(lambda v, z: first_stage.decode(v, z), first_stage_variables, latents(b))
     return steps * unet_call + encode + decode
 
 
 def diffusers_loop(args: argparse.Namespace) -> dict:
-    device = common.torch_setup(args.threads, args.device)
+    device = harness.torch_setup(args.threads, args.device)
     import numpy as np
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -168,8 +169,8 @@ def diffusers_loop(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     latent = config.data.resolution // 8
     with device:
-        unet = UNet2DConditionModel(**common.diffusers_unet_kwargs(config.unet, latent)).to(dtype=dtype).eval()
-        text = LDMBertModel(LDMBertConfig(**common.ldmbert_kwargs(config.text_encoder))).to(dtype=dtype).eval()
+        unet = UNet2DConditionModel(**harness.diffusers_unet_kwargs(config.unet, latent)).to(dtype=dtype).eval()
+        text = LDMBertModel(LDMBertConfig(**harness.ldmbert_kwargs(config.text_encoder))).to(dtype=dtype).eval()
         vae = AutoencoderKL(**diffusers_config(ae_cfg)).to(dtype=dtype).eval()
     d = config.diffusion
     scheduler = DDIMScheduler(
@@ -203,8 +204,8 @@ def diffusers_loop(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     generate()
     first = time.perf_counter() - t0
-    times = common.time_runs(generate, args.runs, warmup=0)
-    return {"compile_s": first, "times": times, "rss_mib": common.peak_rss_mib()}
+    times = harness.time_runs(generate, args.runs, warmup=0)
+    return {"compile_s": first, "times": times, "rss_mib": harness.peak_rss_mib()}
 
 
 def worker_args(args: argparse.Namespace, fw: str, compile_only: int = 0) -> list[str]:
@@ -232,19 +233,19 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        load = common.load_average()
+        load = harness.load_average()
         out = ours(args) if args.framework == "ours" else diffusers_loop(args)
-        common.emit({**out, "load_before": load})
+        harness.emit({**out, "load_before": load})
         return
-    header = common.run_header(sys.argv, args.device)
-    env = common.limit_threads(args.threads)
+    header = harness.run_header(sys.argv, args.device)
+    env = harness.limit_threads(args.threads)
     if args.device == "gpu":
-        env |= common.gpu_worker_env(0.9)
+        env |= harness.gpu_worker_env(0.9)
     frameworks = [f for f in args.frameworks.split(",") if f]
     results: dict[str, list[dict]] = {fw: [] for fw in frameworks}
     for _ in range(args.rounds):
         for fw in frameworks:
-            res = common.run_worker(__file__, worker_args(args, fw), env)
+            res = harness.run_worker(__file__, worker_args(args, fw), env)
             results[fw].append(res)
             print(f"[{fw}] " + (res.get("error") or f"median {statistics.median(res['times']):.3f} s / batch"))
             print(f"[{fw}] raw {json.dumps(res)}", flush=True)
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if ours_row and r is not ours_row and r.get("batch_s"):
             r["speedup"] = r["batch_s"] / ours_row["batch_s"]
-    text = common.table(rows, COLUMNS)
+    text = harness.table(rows, COLUMNS)
     body = f"{text}\n\nDDIM {args.steps} steps, guidance {args.guidance}, batch {args.batch}"
     body += f" (UNet batch {2 * args.batch})."
     if flops:
@@ -290,20 +291,20 @@ def main(argv: list[str] | None = None) -> None:
     compile_rows = []
     if args.compile_steps:
         for steps in [int(s) for s in args.compile_steps.split(",")]:
-            res = common.run_worker(__file__, worker_args(args, "ours", compile_only=steps), env)
+            res = harness.run_worker(__file__, worker_args(args, "ours", compile_only=steps), env)
             compile_rows.append({"steps": steps, "compile_s": res.get("compile_s"), "load": res.get("load_before")})
             print(f"[compile {steps} steps] {res.get('compile_s', res.get('error'))}")
         base = compile_rows[0]["compile_s"]
         for r in compile_rows:
             r["ratio"] = r["compile_s"] / base if base and r["compile_s"] else None
-        ctext = common.table(
+        ctext = harness.table(
             compile_rows,
             [("steps", "DDIM steps"), ("compile_s", "lower+compile s"), ("ratio", "vs first"), ("load", "load avg")],
         )
         body += f"\n\nCompile time of our jitted sampler (one lax.scan) vs step count:\n\n{ctext}"
     print(body)
     if args.results:
-        common.append_section("bench/sample.py", f"{header}\n\n{body}", args.results)
+        harness.append_section("bench/sample.py", f"{header}\n\n{body}", args.results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "compile": compile_rows, "raw": results, "header": header}, f, indent=1)

@@ -4,7 +4,7 @@
     python bench/sr_psnr.py --workdir /tmp/sr4 [--num 256] [--steps 50] [--batch 64] [--json out.json]
 
 For every validation image x (the loader's centre crop at data.resolution, in [-1, 1]): the low-resolution input
-y = bicubic↓f(x) (antialiased, as in training); the model's ×f output = latentdiff.sampling.make_generate (DDIM,
+y = bicubic↓f(x) (antialiased, as in training); the model's ×f output = latentdiff.generation.make_generate (DDIM,
 η = 0, EMA params, z_T from --seed, concat input y), decoded by the first stage; the baseline = bicubic↑f(y)
 (jax.image.resize 'cubic', clipped). Also reported: the first stage's reconstruction D(E(x)) (posterior mode), an
 upper bound for the LDM. PSNR per image on uint8-quantised images (data range 255), averaged over images.
@@ -36,26 +36,28 @@ def main(argv: list[str]) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from latentdiff import conditioning, config_utils, first_stage, metrics, sampling
+    from latentdiff import conditioning, config_utils, generation, metrics
     from latentdiff import workdir as workdir_lib
     from latentdiff.data.input_pipeline import make_dataset
+    from latentdiff.first_stage import load_first_stage_export
     from latentdiff.imaging import to_uint8
-    from latentdiff.train.ldm import LDMTask, null_condition
+    from latentdiff.train.ldm import LDMTask
+    from latentdiff.train.ldm_setup import null_condition
 
     config = config_utils.load_workdir_config(args.workdir)
     if conditioning.concat_kind(config) != "sr":
         raise SystemExit(f"error: {args.workdir!r} is not a super-resolution workdir (conditioning.concat != 'sr')")
     factor = config.conditioning.sr_factor
-    fs = first_stage.load_export(os.path.join(args.workdir, "first_stage"))
+    first_stage = load_first_stage_export(os.path.join(args.workdir, "first_stage"))
     restored = workdir_lib.restore_stage2_params(args.workdir, config)
-    task = LDMTask(config, fs, null_condition(config, None), float(restored["scale_factor"]))
+    task = LDMTask(config, first_stage, null_condition(config, None), float(restored["scale_factor"]))
     params = restored["ema_params"]
     scale = jnp.float32(restored["scale_factor"])
 
-    generate = sampling.make_generate(
+    generate = generation.make_generate(
         unet=task.unet,
         cond_encoder=task.cond_encoder,
-        fs=fs,
+        first_stage=first_stage,
         schedule=task.schedule,
         parameterization=config.diffusion.parameterization,
         sampler="ddim",
@@ -64,13 +66,15 @@ def main(argv: list[str]) -> dict:
     )
 
     @jax.jit
-    def run(params: dict, fs_vars: dict, hr: jax.Array, x_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def run(
+        params: dict, first_stage_variables: dict, hr: jax.Array, x_T: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         low = conditioning.low_res_from_image(hr, factor)
         no_cond = jnp.zeros((hr.shape[0],), jnp.int32)  # text_encoder.kind 'none': dummy labels, no guidance
-        model = generate(params, fs_vars, scale, no_cond, no_cond[:1], 1.0, 0.0, x_T, jax.random.key(args.seed),
-                         {"low_res": low})  # fmt: skip
+        model = generate(params, first_stage_variables, scale, no_cond, no_cond[:1], 1.0, 0.0, x_T,
+                         jax.random.key(args.seed), {"low_res": low})  # fmt: skip
         bicubic = jnp.clip(jax.image.resize(low, hr.shape, "cubic"), -1.0, 1.0)
-        recon = first_stage.decode(fs, fs_vars, first_stage.encode(fs, fs_vars, hr, None, False))
+        recon = first_stage.decode(first_stage_variables, first_stage.encode(first_stage_variables, hr, None, False))
         return model, bicubic, recon
 
     data = make_dataset(config.data, split=config.data.eval_split, tokenizer=None, global_batch_size=args.batch,
@@ -86,7 +90,7 @@ def main(argv: list[str]) -> dict:
         hr = jnp.asarray(batch["image"])
         indices = jnp.arange(seen, seen + hr.shape[0])
         x_T = noise(indices)  # sample i's noise depends only on (seed, i)
-        outs = run(params, fs.variables, hr, x_T)
+        outs = run(params, first_stage.variables, hr, x_T)
         target = to_uint8(np.asarray(hr)).astype(np.float32)
         for key, out in zip(scores, outs):
             scores[key].append(np.asarray(metrics.psnr(to_uint8(np.asarray(out)).astype(np.float32), target, 255.0)))

@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 
-import common
+import harness
 
 STAGES = ("ldm", "ae_rec", "ae_gan")
 FRAMEWORKS = ("ours", "torch", "torch_compile")
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: write the compiled step's optimised HLO text here, gzipped (to study fusions and layouts offline; "
         "with several stages the last one's)",
     )
-    p.add_argument("--results", default=common.RESULTS, help="RESULTS.md to append to ('' = do not write)")
+    p.add_argument("--results", default=harness.RESULTS, help="RESULTS.md to append to ('' = do not write)")
     p.add_argument("--json", default="", help="also write all worker results to this JSON file")
     p.add_argument(
         "--ab-groupnorm",
@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for f in args.frameworks.split(","):
         if f not in FRAMEWORKS:
             p.error(f"--frameworks {f!r} is not one of {FRAMEWORKS}")
-    if args.size not in (*common.SIZES, "paper") or (args.size == "paper" and args.device != "gpu"):
+    if args.size not in (*harness.SIZES, "paper") or (args.size == "paper" and args.device != "gpu"):
         p.error("--size must be tiny | small, or paper with --device gpu")
     return args
 
@@ -117,10 +117,10 @@ def ldm_config(args: argparse.Namespace):
     if args.size == "paper":
         from latentdiff.config_utils import load_config
 
-        config = load_config(os.path.join(common.REPO, "configs", "ldm_txt2img_kl8.py") + ":paper")
+        config = load_config(os.path.join(harness.REPO, "configs", "ldm_txt2img_kl8.py") + ":paper")
         config.batch_size = 32
     else:
-        config = common.ldm_config(args.size)
+        config = harness.ldm_config(args.size)
     if args.device == "gpu":
         config.unet.dtype = "bfloat16"
         config.text_encoder.dtype = "bfloat16"
@@ -136,7 +136,7 @@ def ldm_config(args: argparse.Namespace):
 
 
 def ae_config(args: argparse.Namespace):
-    config = common.ae_config("small" if args.size == "paper" else args.size)
+    config = harness.ae_config("small" if args.size == "paper" else args.size)
     if args.size == "small":
         config.loss.perceptual_weight = 1.0  # LPIPS (random VGG weights: the cost is what matters here)
     if args.device == "gpu":
@@ -164,7 +164,7 @@ def _jax_step_result(
     if hlo_out:
         with gzip.open(hlo_out, "wt") as f:
             f.write(compiled.as_text())
-    flops = common.xla_flops(compiled) or float((lowered.cost_analysis() or {}).get("flops", 0.0))
+    flops = harness.xla_flops(compiled) or float((lowered.cost_analysis() or {}).get("flops", 0.0))
     memory = compiled.memory_analysis()  # device buffers XLA assigned: what a larger batch would need
     memory_gib = (
         {k: getattr(memory, f"{k}_size_in_bytes") / 2**30 for k in ("argument", "output", "alias", "temp")}
@@ -178,9 +178,9 @@ def _jax_step_result(
         holder["state"], metrics = compiled(holder["state"], *batch_args(holder["i"]))
         jax.block_until_ready(metrics)
 
-    times = common.time_runs(one, runs, warmup=2)
-    profile = common.op_profile(one, compiled.as_text(), profile_steps) if profile_steps else None
-    peak = common.matmul_peak_gflops() if device == "cpu" else 0.0
+    times = harness.time_runs(one, runs, warmup=2)
+    profile = harness.op_profile(one, compiled.as_text(), profile_steps) if profile_steps else None
+    peak = harness.matmul_peak_gflops() if device == "cpu" else 0.0
     return {
         "profile": profile,
         "compile_s": compile_s,
@@ -188,7 +188,7 @@ def _jax_step_result(
         "flops": flops,
         "model_flops": model_flops or flops,
         "matmul_peak_gflops": peak,
-        "rss_mib": common.peak_rss_mib(),
+        "rss_mib": harness.peak_rss_mib(),
         "memory_gib": memory_gib,
         "backend": jax.default_backend(),
     }
@@ -213,27 +213,27 @@ def ours_ldm(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from latentdiff import first_stage
+    from latentdiff.first_stage import FirstStage, abstract_autoencoder_variables
     from latentdiff.nn.autoencoder import build_autoencoder
     from latentdiff.train.ldm import LDMState, LDMTask
 
     config = ldm_config(args)
-    ae_cfg = common.stage1_for(config)
-    fs_vars = common.random_like(first_stage.abstract_variables(ae_cfg), seed=1)
-    fs = first_stage.FirstStage(config=ae_cfg, module=build_autoencoder(ae_cfg), variables=fs_vars)
+    ae_cfg = harness.stage1_for(config)
+    first_stage_variables = harness.random_like(abstract_autoencoder_variables(ae_cfg), seed=1)
+    first_stage = FirstStage(config=ae_cfg, module=build_autoencoder(ae_cfg), variables=first_stage_variables)
     # GPU: the frozen encoder in bf16 (config.first_stage.dtype), as diffusers' vae.encode under bf16 autocast
-    fs = first_stage.with_compute_dtype(fs, "bfloat16" if args.device == "gpu" else "")
+    first_stage = first_stage.with_compute_dtype("bfloat16" if args.device == "gpu" else "")
     null = np.zeros((config.text_encoder.max_length,), np.int32)
 
     def make_task(c):
-        task = LDMTask(c, fs, null, 0.18215)
+        task = LDMTask(c, first_stage, null, 0.18215)
         if args.optimizer_single_pass:
             task.tx = dataclasses.replace(task.tx, single_pass=True)
         return task
 
     task = make_task(config)
     abstract = jax.eval_shape(task.init_state, jax.random.key(0))
-    params = jax.device_put(common.random_like(abstract.params, seed=0))
+    params = jax.device_put(harness.random_like(abstract.params, seed=0))
     state = LDMState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -249,15 +249,15 @@ def ours_ldm(args: argparse.Namespace) -> dict:
         "image": jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)),
         "tokens": jnp.asarray(rng.integers(1, config.text_encoder.vocab_size, (b, config.text_encoder.max_length))),
     }
-    fs_vars = jax.device_put(fs_vars)
-    batch_args = lambda i: (batch, jax.random.key(i), fs_vars)
+    first_stage_variables = jax.device_put(first_stage_variables)
+    batch_args = lambda i: (batch, jax.random.key(i), first_stage_variables)
     make_step = lambda c: jax.jit(make_task(c).train_step, donate_argnums=0)
     known = args.model_gflops * 1e9 * b / (args.model_gflops_batch or b)  # scaled to this step's batch
     model_flops = known or _model_flops(make_step, config, abstract, batch_args)
     out = _jax_step_result(
         make_step(config), state, batch_args, args.runs, model_flops, args.device, args.profile, args.hlo_out
     )
-    out["params_m"] = common.count_params(abstract.params) / 1e6
+    out["params_m"] = harness.count_params(abstract.params) / 1e6
     out["batch"] = b
     return out
 
@@ -272,18 +272,18 @@ def ours_ae(args: argparse.Namespace, gan: bool) -> dict:
     config = ae_config(args)
     task = AutoencoderTask(config)
     abstract = jax.eval_shape(task.init_state, jax.random.key(0))
-    filled = common.random_like(abstract, seed=0)
+    filled = harness.random_like(abstract, seed=0)
     opt_states = {"gen_opt_state": task.gen_tx.init(filled.gen_params)}
     opt_states["disc_opt_state"] = task.disc_tx.init(filled.disc_params)
     state = jax.device_put(filled.replace(**opt_states))
-    lpips = jax.device_put(common.random_like(abstract_lpips_params(), 2)) if config.loss.perceptual_weight else None
+    lpips = jax.device_put(harness.random_like(abstract_lpips_params(), 2)) if config.loss.perceptual_weight else None
     b, r = config.batch_size, config.autoencoder.resolution
     batch = {"image": jax.device_put(np.random.default_rng(0).uniform(-1, 1, (b, r, r, 3)).astype(np.float32))}
     fn = task.train_step_gan if gan else task.train_step_rec
     batch_args = lambda i: (batch, jax.random.key(i), lpips)
     step = jax.jit(fn, donate_argnums=0)
     out = _jax_step_result(step, state, batch_args, args.runs, 0.0, args.device, args.profile, args.hlo_out)
-    out["params_m"] = common.count_params(abstract.gen_params) / 1e6
+    out["params_m"] = harness.count_params(abstract.gen_params) / 1e6
     out["batch"] = b
     return out
 
@@ -308,25 +308,25 @@ def torch_patchgan(cfg, torch):
 def _torch_timed(step, runs: int, device, compiled: bool, profile_steps: int) -> dict:
     t0 = time.perf_counter()
     step()
-    common.torch_sync(device)
+    harness.torch_sync(device)
     first = time.perf_counter() - t0
 
     def one() -> None:
         step()
-        common.torch_sync(device)
+        harness.torch_sync(device)
 
-    times = common.time_runs(one, runs, warmup=2 if compiled else 1)
-    profile = common.torch_op_profile(one, profile_steps) if profile_steps and device.type == "cpu" else None
-    return {"compile_s": first, "times": times, "rss_mib": common.peak_rss_mib(), "profile": profile}
+    times = harness.time_runs(one, runs, warmup=2 if compiled else 1)
+    profile = harness.torch_op_profile(one, profile_steps) if profile_steps and device.type == "cpu" else None
+    return {"compile_s": first, "times": times, "rss_mib": harness.peak_rss_mib(), "profile": profile}
 
 
 def torch_ldm(args: argparse.Namespace, compiled: bool) -> dict:
-    device = common.torch_setup(args.threads, args.device)
+    device = harness.torch_setup(args.threads, args.device)
     import numpy as np
     import torch
 
     config = ldm_config(args)
-    unet, text, vae = common.torch_models(config, device, torch.float32)
+    unet, text, vae = harness.torch_models(config, device, torch.float32)
     vae.requires_grad_(False).eval()
     unet.train()
     text.train()
@@ -340,7 +340,7 @@ def torch_ldm(args: argparse.Namespace, compiled: bool) -> dict:
     ema = [p.detach().clone() for p in trainable]
     unet_fn = torch.compile(unet) if compiled else unet
     text_fn = torch.compile(text) if compiled else text
-    alphas = torch.tensor(common.ddim_alphas(config), dtype=torch.float32, device=device)
+    alphas = torch.tensor(harness.ddim_alphas(config), dtype=torch.float32, device=device)
     b, r, length = config.batch_size, config.data.resolution, config.text_encoder.max_length
     gen = np.random.default_rng(0)
     images = torch.tensor(gen.uniform(-1, 1, (b, 3, r, r)), dtype=torch.float32, device=device)
@@ -369,12 +369,12 @@ def torch_ldm(args: argparse.Namespace, compiled: bool) -> dict:
             torch._foreach_lerp_(ema, [p.detach() for p in trainable], 1.0 - config.ema.decay)
 
     out = _torch_timed(step, args.runs, device, compiled, args.profile)
-    out["params_m"] = common.torch_params([unet, text]) / 1e6
+    out["params_m"] = harness.torch_params([unet, text]) / 1e6
     return out
 
 
 def torch_ae(args: argparse.Namespace, gan: bool, compiled: bool) -> dict:
-    device = common.torch_setup(args.threads, args.device)
+    device = harness.torch_setup(args.threads, args.device)
     import numpy as np
     import torch
     from diffusers import AutoencoderKL
@@ -434,7 +434,7 @@ def torch_ae(args: argparse.Namespace, gan: bool, compiled: bool) -> dict:
             opt_d.step()
 
     out = _torch_timed(step, args.runs, device, compiled, args.profile)
-    out["params_m"] = common.torch_params([ae]) / 1e6
+    out["params_m"] = harness.torch_params([ae]) / 1e6
     return out
 
 
@@ -507,7 +507,7 @@ def ab_groupnorm(args: argparse.Namespace) -> str:
     ]
     cols = [("variant", "UNet GroupNorm"), ("wall", "step ms (median)"), ("range", "min–max ms")]
     cols += [("cpu", "CPU ms (median)"), ("compile", "compile s")]
-    return common.table(rows, cols) + f"\n\n{args.runs} interleaved steps each; load average {common.load_average()}."
+    return harness.table(rows, cols) + f"\n\n{args.runs} interleaved steps each; load average {harness.load_average()}."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -570,31 +570,31 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         out = worker(args)
-        out["load_before"] = common.load_average()
-        common.emit(out)
+        out["load_before"] = harness.load_average()
+        harness.emit(out)
         return
-    header = common.run_header(sys.argv, args.device)
+    header = harness.run_header(sys.argv, args.device)
     if args.ab_groupnorm:
         args.stage = args.stage.split(",")[0]
         text = ab_groupnorm(args)
         print(text)
         if args.results:
-            common.append_section("latentdiff/nn/norms.py (GroupNorm A/B)", f"{header}\n\n{text}", args.results)
+            harness.append_section("latentdiff/nn/norms.py (GroupNorm A/B)", f"{header}\n\n{text}", args.results)
         return
     frameworks = args.frameworks.split(",")
-    env = common.limit_threads(args.threads)
+    env = harness.limit_threads(args.threads)
     if args.device == "gpu":
-        env |= common.gpu_worker_env(0.9)
+        env |= harness.gpu_worker_env(0.9)
     rows, raw = [], {}
     for stage in args.stage.split(","):
         results: dict[str, list[dict]] = {fw: [] for fw in frameworks}
         for _ in range(args.rounds):
             for fw in frameworks:
-                res = common.run_worker(__file__, worker_args(args, stage, fw), env)
+                res = harness.run_worker(__file__, worker_args(args, stage, fw), env)
                 results[fw].append(res)
                 print(f"[{stage} {fw}] " + (res.get("error") or f"median {statistics.median(res['times']):.4f} s"))
                 if res.get("profile"):
-                    print(f"[{stage} {fw}] where the time goes:\n" + common.op_profile_text(res["profile"]))
+                    print(f"[{stage} {fw}] where the time goes:\n" + harness.op_profile_text(res["profile"]))
                 brief = {k: v for k, v in res.items() if k != "profile"}  # the per-op table goes to --json only
                 print(f"[{stage} {fw}] raw {json.dumps(brief)}", flush=True)
         raw[stage] = results
@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{stage}] XLA cost analysis: {flops / 1e9:.2f} GFLOP/step; peak used: {peak:.1f} GFLOP/s")
         raw[stage + "_peak_gflops"] = peak
         raw[stage + "_flops"] = flops
-    text = common.table(rows, COLUMNS)
+    text = harness.table(rows, COLUMNS)
     print(text)
     peak_note = (
         (
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
         f"each worker's start. Torch threads: {args.threads}."
     )
     if args.results:
-        common.append_section("bench/train_step.py", f"{header}\n\n{text}\n\n{notes}", args.results)
+        harness.append_section("bench/train_step.py", f"{header}\n\n{text}\n\n{notes}", args.results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "raw": raw, "header": header}, f, indent=1, default=str)

@@ -11,7 +11,7 @@ Variants:
 
 import ml_collections
 
-from latentdiff.config_blocks import run_block
+from latentdiff.config_blocks import reconstruction_evaluation_block, run_block
 from latentdiff.config_utils import check_variant
 from latentdiff.data.input_pipeline import default_data_config
 
@@ -82,6 +82,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.disc_optim = ml_collections.ConfigDict(config.optim.to_dict())
     config.log_every = 50 if paper else 25
     config.eval_every = 5_000 if paper else 500
+    # rFID needs the FID Inception weights (e.g. --config.evaluation.inception_weights=pt_inception-...pth)
+    config.evaluation = reconstruction_evaluation_block(inception_weights="")
     config.image_every = 5_000 if paper else 500
     config.checkpoint_every = 5_000 if paper else 500
     return config

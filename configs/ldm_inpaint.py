@@ -26,6 +26,7 @@ from latentdiff.config_blocks import (
     SHAPES_PROMPTS,
     adamw_block,
     diffusion_block,
+    no_evaluation_block,
     run_block,
     text_encoder_block,
     tokenizer_block,
@@ -127,6 +128,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     config.log_every = 50 if paper else 25
     config.eval_every = 10**9
+    config.evaluation = no_evaluation_block()
     config.image_every = 5_000 if paper else 1_000
     config.checkpoint_every = 5_000 if paper else 500
     return config

@@ -28,6 +28,7 @@ from ml_collections import config_dict
 from latentdiff.config_blocks import (
     adamw_block,
     diffusion_block,
+    no_evaluation_block,
     no_text_encoder_block,
     run_block,
     tokenizer_block,
@@ -103,6 +104,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     config.log_every = 50 if paper else 25
     config.eval_every = 10**9  # evaluated with bench/sr_psnr.py
+    config.evaluation = no_evaluation_block()
     config.image_every = 5_000 if paper else 1_000
     config.checkpoint_every = 5_000 if paper else 500
     return config

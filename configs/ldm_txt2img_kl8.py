@@ -27,6 +27,7 @@ from latentdiff.config_blocks import (
     SHAPES_PROMPTS,
     adamw_block,
     diffusion_block,
+    evaluation_block,
     run_block,
     text_encoder_block,
     tokenizer_block,
@@ -126,7 +127,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         )
     )
     config.log_every = 50 if paper else 25
-    config.eval_every = 10**9  # stage 2 is evaluated with the eval/ scripts
+    # Evaluation during training (latentdiff/train/ldm_eval.py): FID needs Inception weights (paper: pass
+    # --config.evaluation.inception_weights=PATH; `make demo-train` passes the fid-helper file it fetches).
+    config.eval_every = 10_000 if paper else 1_000
+    config.evaluation = evaluation_block(
+        num_images=2_048 if paper else 64,
+        batch_size=256 if paper else 64,
+        sampler="ddim",
+        steps=50 if paper else 25,
+        guidance=v["guidance"],
+        seed=0,
+        splits=("validation",) if paper else ("validation", "novel"),
+        inception_weights="",
+    )
     config.image_every = 5_000 if paper else 1_000
     config.checkpoint_every = 5_000 if paper else 500
     return config

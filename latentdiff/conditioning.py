@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from latentdiff import first_stage
 from latentdiff.errors import UserError
+from latentdiff.first_stage import FirstStage
 
 CONCAT_KINDS = ("none", "inpaint", "sr")
 
@@ -55,8 +55,8 @@ def concat_kind(config: ml_collections.ConfigDict) -> str:
 def make_concat(
     kind: str,
     *,
-    fs: first_stage.FirstStage,
-    fs_variables: dict,
+    first_stage: FirstStage,
+    first_stage_variables: dict,
     scale_factor: jax.Array | float,
     latent_hw: tuple[int, int],
     image: jax.Array | None = None,
@@ -66,7 +66,8 @@ def make_concat(
     """The concat condition [B, h, w, k] (float32, no gradient) for `kind` (see the module docstring).
 
     inpaint: image [B, H, W, 3] in [-1, 1], mask [B, H, W, 1] (1 = fill). sr: low_res [B, h_lr, w_lr, 3] in [-1, 1].
-    fs / fs_variables: the frozen first stage (used by inpaint); scale_factor: the latent scale factor of stage 2.
+    first_stage / first_stage_variables: the frozen first stage (used by inpaint); scale_factor: the latent scale factor
+    of stage 2.
     """
     h, w = latent_hw
     if kind == "inpaint":
@@ -76,7 +77,7 @@ def make_concat(
             raise UserError(f"inpaint mask must be [B,H,W,1] matching image {image.shape}, got {mask.shape}")
         mask = mask.astype(jnp.float32)
         masked = image.astype(jnp.float32) * (1.0 - mask)
-        z = first_stage.encode(fs, fs_variables, masked, None, False) * scale_factor
+        z = first_stage.encode(first_stage_variables, masked, None, False) * scale_factor
         if z.shape[1:3] != (h, w):
             raise UserError(f"the first stage maps {image.shape[1:3]} to {z.shape[1:3]}, not latent_hw {(h, w)}")
         return jax.lax.stop_gradient(jnp.concatenate([z, area_downsample(mask, (h, w))], axis=-1))

@@ -240,3 +240,56 @@ def adamw_block(*, lr: float, weight_decay: float, warmup_steps: int, schedule: 
             grad_clip=1.0,
         )
     )
+
+
+def evaluation_block(
+    *,
+    num_images: int,
+    batch_size: int,
+    sampler: str,
+    steps: int,
+    guidance: float,
+    seed: int,
+    splits: tuple[str, ...],
+    inception_weights: str,
+) -> ml_collections.ConfigDict:
+    """config.evaluation of stage 2: every eval_every steps the EMA weights generate one image for each of the first
+    num_images captions of every split in `splits` (fixed captions and noise), scored and logged (latentdiff/train/
+    ldm_eval.py): on the shapes dataset the analytic grader's per-attribute accuracy ('validation' = seen colour-shape
+    pairs, 'novel' = held-out pairs), elsewhere against the split of config.data; FID (+ IS when the weights carry
+    logits) with inception_weights ('' = none), against the split's statistics cached in workdir/eval/; a grid in
+    workdir/images/. num_images 0 = no evaluation during training. Fixed here: eta 0, the paper's FID preprocessing,
+    50 images per Inception batch."""
+    return ml_collections.ConfigDict(
+        dict(
+            num_images=num_images,
+            batch_size=batch_size,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            eta=0.0,
+            seed=seed,
+            splits=splits,
+            inception_weights=inception_weights,
+            inception_batch_size=50,
+            preprocess="paper",
+        )
+    )
+
+
+def no_evaluation_block() -> ml_collections.ConfigDict:
+    """config.evaluation of models the training-time evaluation does not cover (class-conditional and concat
+    models: bench/ and eval/ score them): off."""
+    return evaluation_block(
+        num_images=0, batch_size=1, sampler="ddim", steps=1, guidance=1.0, seed=0, splits=(), inception_weights=""
+    )
+
+
+def reconstruction_evaluation_block(*, inception_weights: str) -> ml_collections.ConfigDict:
+    """config.evaluation of stage 1: every eval_every steps PSNR and LPIPS of the reconstructions of the fixed
+    validation batches (num_eval_batches), and rFID (FID of the reconstructions against the originals) with the FID
+    Inception weights at inception_weights ('' = no rFID). Fixed here: the paper's FID preprocessing, 50 images per
+    Inception batch."""
+    return ml_collections.ConfigDict(
+        dict(inception_weights=inception_weights, inception_batch_size=50, preprocess="paper")
+    )

@@ -174,10 +174,15 @@ ADDED_FIELDS = {
 
 
 def migrate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds ADDED_FIELDS that an older config lacks (in sections it has), in place; returns it."""
+    """Adds ADDED_FIELDS that an older config lacks (in sections it has), and a stage-2 config's evaluation section
+    (evaluation during training came later: off, as older runs trained), in place; returns it."""
     for (section, field), value in ADDED_FIELDS.items():
         if section in config and field not in config[section]:
             config[section][field] = value
+    if config.get("stage") == "ldm" and "evaluation" not in config:
+        from latentdiff.config_blocks import no_evaluation_block
+
+        config.evaluation = no_evaluation_block()
     return config
 
 

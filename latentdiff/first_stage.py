@@ -8,7 +8,6 @@ An *export* directory holds `autoencoder.json` (the autoencoder config) and `par
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -36,31 +35,29 @@ class FirstStage:
         f = self.downsample_factor
         return (resolution // f, resolution // f, self.config.embed_dim)
 
+    def encode(self, variables: dict, images: jax.Array, rng: jax.Array | None, sample: bool) -> jax.Array:
+        """images [B,H,W,3] in [-1,1] -> unscaled latents [B,H/f,W/f,C]. KL: posterior sample (or mode); VQ:
+        pre-quantisation latents."""
+        encoded = self.module.apply(variables, images, False, method=type(self.module).encode)
+        if self.config.kind == "kl":
+            return encoded.sample(rng) if sample else encoded.mode()
+        return encoded.astype(jnp.float32)
 
-def encode(fs: FirstStage, variables: dict, images: jax.Array, rng: jax.Array | None, sample: bool) -> jax.Array:
-    """images [B,H,W,3] in [-1,1] -> unscaled latents [B,H/f,W/f,C]. KL: posterior sample (or mode); VQ: pre-quant."""
-    if fs.config.kind == "kl":
-        posterior = fs.module.apply(variables, images, False, method=type(fs.module).encode)
-        return posterior.sample(rng) if sample else posterior.mode()
-    return fs.module.apply(variables, images, False, method=type(fs.module).encode).astype(jnp.float32)
+    def decode(self, variables: dict, latents: jax.Array) -> jax.Array:
+        """Unscaled latents [B,h,w,C] -> images [B,H,W,3] clipped to [-1, 1]."""
+        return jnp.clip(self.module.apply(variables, latents, False, method=type(self.module).decode), -1.0, 1.0)
 
-
-def decode(fs: FirstStage, variables: dict, latents: jax.Array) -> jax.Array:
-    """Unscaled latents [B,h,w,C] -> images [B,H,W,3] clipped to [-1, 1]."""
-    return jnp.clip(fs.module.apply(variables, latents, False, method=type(fs.module).decode), -1.0, 1.0)
-
-
-def with_compute_dtype(fs: FirstStage, dtype: str) -> FirstStage:
-    """The same frozen model computing in `dtype` ('float32' | 'bfloat16'; '' keeps the model's own). Variables are
-    shared, not cast: flax casts them per call. Stage 2 uses it to encode in bf16 on accelerators."""
-    if not dtype or dtype == fs.config.dtype:
-        return fs
-    config = fs.config.copy_and_resolve_references()
-    config.dtype = dtype
-    return FirstStage(config=config, module=build_autoencoder(config), variables=fs.variables)
+    def with_compute_dtype(self, dtype: str) -> FirstStage:
+        """The same frozen model computing in `dtype` ('float32' | 'bfloat16'; '' keeps the model's own). Variables
+        are shared, not cast: flax casts them per call. Stage 2 uses it to encode in bf16 on accelerators."""
+        if not dtype or dtype == self.config.dtype:
+            return self
+        config = self.config.copy_and_resolve_references()
+        config.dtype = dtype
+        return FirstStage(config=config, module=build_autoencoder(config), variables=self.variables)
 
 
-def abstract_variables(config: ml_collections.ConfigDict) -> dict:
+def abstract_autoencoder_variables(config: ml_collections.ConfigDict) -> dict:
     module = build_autoencoder(config)
     x = jax.ShapeDtypeStruct((1, config.resolution, config.resolution, config.in_channels), jnp.float32)
     if config.kind == "kl":
@@ -70,7 +67,7 @@ def abstract_variables(config: ml_collections.ConfigDict) -> dict:
     return dict(jax.eval_shape(init, x))
 
 
-def save_export(
+def save_first_stage_export(
     config: ml_collections.ConfigDict, variables: dict, directory: str, metadata: dict[str, str] | None = None
 ) -> None:
     """Writes autoencoder.json + params.safetensors into `directory` (atomically, file by file)."""
@@ -79,7 +76,7 @@ def save_export(
     config_utils.atomic_write_text(os.path.join(directory, "autoencoder.json"), config_utils.to_json(config))
 
 
-def load_export(directory: str) -> FirstStage:
+def load_first_stage_export(directory: str) -> FirstStage:
     """Reads an export directory (shape-checked against its config)."""
     cfg_path = os.path.join(directory, "autoencoder.json")
     if not os.path.isfile(cfg_path):
@@ -89,9 +86,7 @@ def load_export(directory: str) -> FirstStage:
         )
     with open(cfg_path) as f:
         config = config_utils.from_json(f.read())
-    variables = params_io.load_params(os.path.join(directory, "params.safetensors"), abstract_variables(config))
+    variables = params_io.load_params(
+        os.path.join(directory, "params.safetensors"), abstract_autoencoder_variables(config)
+    )
     return FirstStage(config=config, module=build_autoencoder(config), variables=variables)
-
-
-def describe(fs: FirstStage) -> str:
-    return json.dumps({"kind": fs.config.kind, "f": fs.downsample_factor, "embed_dim": fs.config.embed_dim})

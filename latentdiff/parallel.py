@@ -228,6 +228,16 @@ def global_batch_size_ok(global_batch_size: int, mesh: Mesh) -> None:
         raise UserError(f"batch_size {global_batch_size} is not divisible by {jax.process_count()} processes")
 
 
+def to_host(tree: Any) -> Any:
+    """Global (possibly multi-host sharded) arrays -> numpy, the whole arrays on every process (an all-gather across
+    processes when there are several)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's share of the batch -> global arrays sharded over the batch axes (numeric fields only)."""
     sharding = batch_sharding(mesh)

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from latentdiff import conditioning, config_utils, first_stage, parallel, sampling
+from latentdiff import conditioning, config_utils, generation, parallel
 from latentdiff import workdir as workdir_lib
 from latentdiff.diffusion.schedules import make_schedule
 from latentdiff.errors import UserError
+from latentdiff.first_stage import FirstStage, load_first_stage_export
 from latentdiff.imaging import to_uint8
 from latentdiff.nn.text_encoder import build_text_encoder, null_label
 from latentdiff.nn.unet import build_unet
@@ -36,11 +37,11 @@ class Pipeline:
     """Everything needed to generate: modules, params (host or device), tokenizer, schedule, scale factor."""
 
     config: ml_collections.ConfigDict
-    fs: first_stage.FirstStage
+    first_stage: FirstStage
     unet: Any
     cond_encoder: Any
     tokenizer: Any  # None for class-conditional models
-    params: dict  # {'unet', 'cond'}
+    params: dict | None  # {'unet', 'cond'} (None until load_params)
     scale_factor: float
     step: int
     resolution: int
@@ -50,10 +51,16 @@ class Pipeline:
         self.schedule = make_schedule(d.schedule, d.timesteps, d.linear_start, d.linear_end)
         self.mesh = parallel.make_mesh({"data": -1})
         replicated = parallel.replicated(self.mesh)
-        self._params = jax.device_put(self.params, replicated)
-        self._fs_variables = jax.device_put(self.fs.variables, replicated)
+        self._params = None if self.params is None else jax.device_put(self.params, replicated)
+        self._fs_variables = jax.device_put(self.first_stage.variables, replicated)
         self._compiled: dict[tuple, Any] = {}
-        self.latent_shape = self.fs.latent_shape(self.resolution)
+        self.latent_shape = self.first_stage.latent_shape(self.resolution)
+
+    def load_params(self, params: dict, step: int) -> None:
+        """Generates with other weights of the same model from now on (e.g. the EMA params during training: host or
+        device arrays, any sharding); compiled functions are kept."""
+        self.params, self.step = params, int(step)
+        self._params = jax.device_put(params, parallel.replicated(self.mesh))
 
     # ----- loading -----
     @classmethod
@@ -63,7 +70,7 @@ class Pipeline:
         config = config_utils.load_workdir_config(workdir)
         if config.stage != "ldm":
             raise UserError(f"{workdir!r} is a {config.stage!r} workdir; sampling needs a stage-2 (ldm) workdir")
-        fs = first_stage.load_export(os.path.join(workdir, "first_stage"))
+        first_stage = load_first_stage_export(os.path.join(workdir, "first_stage"))
         tokenizer = None
         if config.text_encoder.kind in ("bert", "clip"):
             from latentdiff.data.tokenizer import load_tokenizer
@@ -78,7 +85,7 @@ class Pipeline:
             scale_factor, step = float(restored["scale_factor"]), int(restored["step"])
         return cls(
             config=config,
-            fs=fs,
+            first_stage=first_stage,
             unet=build_unet(config.unet),
             cond_encoder=build_text_encoder(config.text_encoder),
             tokenizer=tokenizer,
@@ -142,34 +149,34 @@ class Pipeline:
     @property
     def size_stride(self) -> int:
         """Output sides must be multiples of this: the first stage's factor f times the UNet's downsampling."""
-        return self.fs.downsample_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
+        return self.first_stage.downsample_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
 
     def output_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(H, W) of the images to generate: the training resolution where not given. The model is convolutional,
         so any multiple of size_stride works (the paper's sampling beyond the training size); UserError otherwise."""
         size = (height or self.resolution, width or self.resolution)
-        stride = self.size_stride
+        stride, factor = self.size_stride, self.first_stage.downsample_factor
         for name, side in zip(("height", "width"), size, strict=True):
             if side <= 0 or side % stride:
                 raise UserError(
-                    f"{name} {side} is not a positive multiple of {stride} (first-stage factor "
-                    f"{self.fs.downsample_factor} x UNet downsampling {stride // self.fs.downsample_factor}); "
+                    f"{name} {side} is not a positive multiple of {stride} (first-stage factor {factor} x UNet "
+                    f"downsampling {stride // factor}); "
                     f"use e.g. {max(stride, side // stride * stride)}"
                 )
         return size
 
     def latent_shape_for(self, size: tuple[int, int]) -> tuple[int, int, int]:
         """[H/f, W/f, c] of the latents of images of `size` (H, W)."""
-        f = self.fs.downsample_factor
+        f = self.first_stage.downsample_factor
         return (size[0] // f, size[1] // f, self.latent_shape[2])
 
     def _generate_fn(self, sampler: str, steps: int, start_step: int = 0, blend: bool = False) -> Any:
         key = (sampler, steps, start_step, blend)
         if key not in self._compiled:
-            generate = sampling.make_generate(
+            generate = generation.make_generate(
                 unet=self.unet,
                 cond_encoder=self.cond_encoder,
-                fs=self.fs,
+                first_stage=self.first_stage,
                 schedule=self.schedule,
                 parameterization=self.config.diffusion.parameterization,
                 sampler=sampler,
@@ -188,9 +195,9 @@ class Pipeline:
         x = _image_array(images, "images", len(images), (self.resolution, self.resolution))
         if "autoencode" not in self._compiled:
 
-            def run(fs_variables: dict, scale_factor: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-                z = first_stage.encode(self.fs, fs_variables, x, None, False) * scale_factor
-                return z, first_stage.decode(self.fs, fs_variables, z / scale_factor)
+            def run(first_stage_variables: dict, scale_factor: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+                z = self.first_stage.encode(first_stage_variables, x, None, False) * scale_factor
+                return z, self.first_stage.decode(first_stage_variables, z / scale_factor)
 
             self._compiled["autoencode"] = jax.jit(run)
         z, rec = self._compiled["autoencode"](self._fs_variables, jnp.float32(self.scale_factor), jnp.asarray(x))
@@ -284,7 +291,7 @@ class Pipeline:
           low_res [H/k, W/k, 3] (k = config.conditioning.sr_factor; uint8 or [-1, 1]) for super-resolution ('sr')
             models; the output is k times larger.
         """
-        sampling.check_sampling_args(sampler, steps, self.schedule.num_timesteps, guidance, eta)
+        generation.check_sampling_args(sampler, steps, self.schedule.num_timesteps, guidance, eta)
         if output not in OUTPUTS:
             raise UserError(f"output must be one of {OUTPUTS}, got {output!r}")
         if len(prompts) == 0:
@@ -297,7 +304,7 @@ class Pipeline:
             raise UserError("keep_unmasked needs a mask (the region to repaint; the rest is kept)")
         keep = (mask is not None) if keep_unmasked is None else bool(keep_unmasked)
         composite = (inputs["image"], inputs["mask"]) if keep and output != "latent" else None
-        start_step = sampling.start_for_strength(sampler, self.schedule, steps, strength)[0]
+        start_step = generation.start_for_strength(sampler, self.schedule, steps, strength)[0]
         if start_step == 0 and not blend and self.concat != "inpaint":
             inputs.pop("image", None)  # nothing uses the image: plain text-to-image from x_T
         cond_all = self.encode_condition(prompts)
@@ -306,7 +313,7 @@ class Pipeline:
         batch = batch_size or n
         batch = -(-batch // devices) * devices
         if x_T is None:
-            x_T = np.asarray(sampling.initial_noise(seed, jnp.arange(n), latent_shape))
+            x_T = np.asarray(generation.initial_noise(seed, jnp.arange(n), latent_shape))
         elif tuple(x_T.shape) != (n, *latent_shape):
             raise UserError(f"x_T must be [{n}, {', '.join(map(str, latent_shape))}], got {tuple(x_T.shape)}")
         generate = self._generate_fn(sampler, steps, start_step, blend)
@@ -318,7 +325,7 @@ class Pipeline:
             cond = _pad(cond_all[start:stop], pad)
             noise = _pad(x_T[start:stop], pad)
             batch_inputs = {k: jax.device_put(_pad(v[start:stop], pad), sharded) for k, v in inputs.items()}
-            keys = jax.device_put(sampling.sampler_keys(seed, jnp.arange(start, start + batch)), sharded)
+            keys = jax.device_put(generation.sampler_keys(seed, jnp.arange(start, start + batch)), sharded)
             images, latents = generate(
                 self._params,
                 self._fs_variables,
@@ -332,9 +339,9 @@ class Pipeline:
                 batch_inputs,
             )
             if output == "latent":
-                out.append(np.asarray(jax.device_get(latents))[: stop - start].astype(np.float32))
+                out.append(np.asarray(parallel.to_host(latents))[: stop - start].astype(np.float32))
             else:
-                images = np.asarray(jax.device_get(images))[: stop - start]
+                images = np.asarray(parallel.to_host(images))[: stop - start]
                 if composite is not None:
                     images = keep_unmasked_pixels(images, *(c[start:stop] for c in composite))
                 out.append(to_uint8(images) if output == "uint8" else (images.astype(np.float32) + 1.0) / 2.0)

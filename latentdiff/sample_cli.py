@@ -21,8 +21,8 @@ import numpy as np
 
 from latentdiff import cli_flags, config_utils, errors, sample_set
 from latentdiff.errors import UserError
+from latentdiff.generation import check_sampling_args
 from latentdiff.output_paths import check_output_dir
-from latentdiff.sampling import check_sampling_args
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -278,12 +278,13 @@ def read_first_stage(workdir: str) -> tuple[Any, int]:
     import jax
     import jax.numpy as jnp
 
-    from latentdiff import first_stage
+    from latentdiff.first_stage import FirstStage, abstract_autoencoder_variables
+    from latentdiff.nn.autoencoder import build_autoencoder
 
     config = config_utils.load_workdir_config(workdir)
     if config.stage != "autoencoder":
         raise UserError(f"{workdir!r} is a {config.stage!r} workdir, not a stage-1 autoencoder workdir")
-    abstract = first_stage.abstract_variables(config.autoencoder)
+    abstract = abstract_autoencoder_variables(config.autoencoder)
     model_state = {name: tree for name, tree in abstract.items() if name != "params"}
     generator = {"autoencoder": abstract["params"], "logvar": jax.ShapeDtypeStruct((), jnp.float32)}
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
@@ -294,5 +295,5 @@ def read_first_stage(workdir: str) -> tuple[Any, int]:
     if step is None:
         raise FileNotFoundError(f"stage-1 workdir {workdir!r} has no checkpoint; train it first")
     variables = {"params": restored["gen_params"]["autoencoder"], **dict(restored["model_state"] or {})}
-    module = first_stage.build_autoencoder(config.autoencoder)
-    return first_stage.FirstStage(config=config.autoencoder, module=module, variables=variables), step
+    module = build_autoencoder(config.autoencoder)
+    return FirstStage(config=config.autoencoder, module=module, variables=variables), step

@@ -166,15 +166,21 @@ def test_bfloat16_close_to_float32(tiny_kl):
 def test_first_stage_with_compute_dtype(tiny_kl):
     """Stage 2's first_stage.dtype: '' or the model's own dtype keeps the model; 'bfloat16' encodes in bf16 with the
     same (shared, float32) variables, latents float32 and close to the float32 ones; the original is untouched."""
-    from latentdiff import first_stage
+    from latentdiff.first_stage import FirstStage
 
     cfg, model, variables, x = tiny_kl
-    fs = first_stage.FirstStage(config=cfg, module=model, variables=variables)
-    assert first_stage.with_compute_dtype(fs, "") is fs and first_stage.with_compute_dtype(fs, "float32") is fs
-    fs16 = first_stage.with_compute_dtype(fs, "bfloat16")
-    assert fs16.config.dtype == "bfloat16" and fs.config.dtype == "float32" and fs16.variables is variables
-    z32 = first_stage.encode(fs, variables, x, None, False)
-    z16 = first_stage.encode(fs16, variables, x, None, False)
+    first_stage = FirstStage(config=cfg, module=model, variables=variables)
+    assert (
+        first_stage.with_compute_dtype("") is first_stage and first_stage.with_compute_dtype("float32") is first_stage
+    )
+    first_stage16 = first_stage.with_compute_dtype("bfloat16")
+    assert (
+        first_stage16.config.dtype == "bfloat16"
+        and first_stage.config.dtype == "float32"
+        and first_stage16.variables is variables
+    )
+    z32 = first_stage.encode(variables, x, None, False)
+    z16 = first_stage16.encode(variables, x, None, False)
     assert z16.dtype == jnp.float32
     rel = float(jnp.linalg.norm(z16 - z32) / jnp.linalg.norm(z32))
     assert 0 < rel < 0.05, rel

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from latentdiff.convert.common import ConversionError, to_numpy_state_dict
 from latentdiff.convert.diffusers_clip import (
     COMPVIS_PREFIX,
     clip_config,
@@ -17,6 +16,8 @@ from latentdiff.convert.diffusers_clip import (
     export_clip,
     hf_clip_config,
 )
+from latentdiff.convert.key_tables import ConversionError
+from latentdiff.convert.weight_files import to_numpy_state_dict
 from latentdiff.nn.text_encoder import build_text_encoder
 
 HF = dict(

@@ -11,23 +11,24 @@ import pytest
 import torch
 from tiny_workdirs import shrink_data, train_tiny_kl_f4
 
-from latentdiff import conditioning, first_stage
+from latentdiff import conditioning
 from latentdiff.config_utils import load_config
+from latentdiff.first_stage import FirstStage, abstract_autoencoder_variables
 from latentdiff.nn.autoencoder import build_autoencoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def fs():
+def first_stage():
     """A random KL-f4 autoencoder at 16 px (params from eval_shape + numpy: no jitted init)."""
     config = load_config(os.path.join(ROOT, "configs/autoencoder_kl_f4.py:tiny")).autoencoder
     config.resolution = 16
     config.ch = 32
-    abstract = first_stage.abstract_variables(config)
+    abstract = abstract_autoencoder_variables(config)
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), abstract)
-    return first_stage.FirstStage(config=config, module=build_autoencoder(config), variables=variables)
+    return FirstStage(config=config, module=build_autoencoder(config), variables=variables)
 
 
 def images(batch, size, seed=0):
@@ -43,21 +44,22 @@ def test_concat_channels():
         conditioning.concat_channels("depth", 4)
 
 
-def test_make_concat_shapes_and_zero_mask_is_the_plain_encoding(fs):
+def test_make_concat_shapes_and_zero_mask_is_the_plain_encoding(first_stage):
     x = images(2, 16)
     mask = conditioning.random_masks(jax.random.key(0), 2, 16, 16)
     make = jax.jit(
         lambda v, x, m, lr: (
-            conditioning.make_concat("inpaint", fs=fs, fs_variables=v, scale_factor=0.5, latent_hw=(4, 4), image=x,
-                                     mask=m),
-            conditioning.make_concat("sr", fs=fs, fs_variables=v, scale_factor=0.5, latent_hw=(4, 4), low_res=lr),
+            conditioning.make_concat("inpaint", first_stage=first_stage, first_stage_variables=v, scale_factor=0.5,
+                                     latent_hw=(4, 4), image=x, mask=m),
+            conditioning.make_concat("sr", first_stage=first_stage, first_stage_variables=v, scale_factor=0.5,
+                                     latent_hw=(4, 4), low_res=lr),
         )
     )  # fmt: skip
-    inpaint, sr = make(fs.variables, x, mask, conditioning.low_res_from_image(x, 4))
+    inpaint, sr = make(first_stage.variables, x, mask, conditioning.low_res_from_image(x, 4))
     assert inpaint.shape == (2, 4, 4, 5) and sr.shape == (2, 4, 4, 3)
 
-    zero, _ = make(fs.variables, x, jnp.zeros_like(mask), x[:, ::4, ::4])
-    plain = 0.5 * first_stage.encode(fs, fs.variables, x, None, False)
+    zero, _ = make(first_stage.variables, x, jnp.zeros_like(mask), x[:, ::4, ::4])
+    plain = 0.5 * first_stage.encode(first_stage.variables, x, None, False)
     np.testing.assert_allclose(np.asarray(zero[..., :4]), np.asarray(plain), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(zero[..., 4]), 0.0)
 
@@ -65,18 +67,24 @@ def test_make_concat_shapes_and_zero_mask_is_the_plain_encoding(fs):
     m = np.asarray(mask)[..., 0]
     np.testing.assert_allclose(np.asarray(inpaint[..., 4]), m.reshape(2, 4, 4, 4, 4).mean(axis=(2, 4)), atol=1e-6)
     # the masked image is what gets encoded: a full mask encodes a grey (zero) image
-    full, _ = make(fs.variables, x, jnp.ones_like(mask), x[:, ::4, ::4])
-    grey = 0.5 * first_stage.encode(fs, fs.variables, jnp.zeros_like(x), None, False)
+    full, _ = make(first_stage.variables, x, jnp.ones_like(mask), x[:, ::4, ::4])
+    grey = 0.5 * first_stage.encode(first_stage.variables, jnp.zeros_like(x), None, False)
     np.testing.assert_allclose(np.asarray(full[..., :4]), np.asarray(grey), atol=1e-5)
 
     with pytest.raises(ValueError, match="mask must be"):
-        conditioning.make_concat("inpaint", fs=fs, fs_variables=fs.variables, scale_factor=1.0, latent_hw=(4, 4),
-                                 image=x, mask=mask[:, :8])  # fmt: skip
+        conditioning.make_concat("inpaint", first_stage=first_stage, first_stage_variables=first_stage.variables,
+                                 scale_factor=1.0, latent_hw=(4, 4), image=x, mask=mask[:, :8])  # fmt: skip
     with pytest.raises(ValueError, match="no concat input"):
-        conditioning.make_concat("none", fs=fs, fs_variables=fs.variables, scale_factor=1.0, latent_hw=(4, 4))
+        conditioning.make_concat(
+            "none",
+            first_stage=first_stage,
+            first_stage_variables=first_stage.variables,
+            scale_factor=1.0,
+            latent_hw=(4, 4),
+        )
 
 
-def test_sr_low_res_matches_torch_antialiased_bicubic_and_is_resized_to_the_latent_grid(fs):
+def test_sr_low_res_matches_torch_antialiased_bicubic_and_is_resized_to_the_latent_grid(first_stage):
     x = images(2, 32, seed=1) * 0.9  # away from the clip at ±1
     low = conditioning.low_res_from_image(x, 4)
     assert low.shape == (2, 8, 8, 3)
@@ -91,16 +99,16 @@ def test_sr_low_res_matches_torch_antialiased_bicubic_and_is_resized_to_the_late
 
     # a low-resolution input of another size is bicubic-resized to the latent grid (torch as the reference)
     lr = images(2, 8, seed=2)
-    sr = conditioning.make_concat("sr", fs=fs, fs_variables=fs.variables, scale_factor=1.0, latent_hw=(4, 4),
-                                  low_res=lr)  # fmt: skip
+    sr = conditioning.make_concat("sr", first_stage=first_stage, first_stage_variables=first_stage.variables,
+                                  scale_factor=1.0, latent_hw=(4, 4), low_res=lr)  # fmt: skip
     ref = torch.nn.functional.interpolate(
         torch.from_numpy(np.array(lr)).permute(0, 3, 1, 2), size=(4, 4), mode="bicubic", antialias=True,
         align_corners=False,
     ).permute(0, 2, 3, 1).numpy()  # fmt: skip
     assert sr.shape == (2, 4, 4, 3)
     np.testing.assert_allclose(np.asarray(sr), ref, atol=0.05)
-    same = conditioning.make_concat("sr", fs=fs, fs_variables=fs.variables, scale_factor=1.0, latent_hw=(8, 8),
-                                    low_res=lr)  # fmt: skip
+    same = conditioning.make_concat("sr", first_stage=first_stage, first_stage_variables=first_stage.variables,
+                                    scale_factor=1.0, latent_hw=(8, 8), low_res=lr)  # fmt: skip
     np.testing.assert_array_equal(np.asarray(same), np.asarray(lr))  # same size: used as is
 
 

@@ -24,12 +24,13 @@ from flax import traverse_util
 from PIL import Image
 from transformers import BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from latentdiff import config_utils, params_io, sampling
+from latentdiff import config_utils, generation, params_io
 from latentdiff.convert import __main__ as cli
 from latentdiff.convert import compvis, from_diffusers
-from latentdiff.convert.common import ConversionError, read_weights, to_numpy_state_dict
 from latentdiff.convert.diffusers_unet import diffusers_unet_config, unet_config_from_diffusers
 from latentdiff.convert.diffusers_vae import diffusers_config
+from latentdiff.convert.key_tables import ConversionError
+from latentdiff.convert.weight_files import read_weights, to_numpy_state_dict
 from latentdiff.convert.workdir import EMA_FILE, LIVE_FILE, PARAMS_DIR
 from latentdiff.diffusion.schedules import make_betas
 from latentdiff.pipeline import Pipeline
@@ -207,7 +208,7 @@ def check_images(got: np.ndarray, want: np.ndarray) -> None:
 def test_ldm_sample_py_matches_diffusers(ldm_dir, ldm_workdir, tmp_path, monkeypatch):
     """sample.py's code path on the converted workdir; its seed-0 noise is handed to diffusers as the latents."""
     _, pipe = ldm_dir
-    x_T = np.array(sampling.initial_noise(0, jax.numpy.arange(len(PROMPTS)), (LATENT, LATENT, 4)))
+    x_T = np.array(generation.initial_noise(0, jax.numpy.arange(len(PROMPTS)), (LATENT, LATENT, 4)))
     want = diffusers_images(pipe, x_T.transpose(0, 3, 1, 2), height=8 * LATENT, width=8 * LATENT)  # latents h // 8
 
     created = []
@@ -251,7 +252,7 @@ def test_sd_pipeline_matches_diffusers(sd_dir, sd_workdir):
 # ------------------------------------------------------------------------------------------------------- CompVis
 
 
-def compvis_yaml(config, fs_config, cond_stage: dict) -> dict:
+def compvis_yaml(config, first_stage_config, cond_stage: dict) -> dict:
     """The CompVis YAML of a converted tiny model (the fields the public configs have)."""
     u, d = config.unet, config.diffusion
     return dict(
@@ -284,20 +285,20 @@ def compvis_yaml(config, fs_config, cond_stage: dict) -> dict:
                 ),
                 first_stage_config=dict(
                     target="ldm.models.autoencoder."
-                    + ("AutoencoderKL" if fs_config.kind == "kl" else "VQModelInterface"),
+                    + ("AutoencoderKL" if first_stage_config.kind == "kl" else "VQModelInterface"),
                     params=dict(
-                        embed_dim=fs_config.embed_dim,
-                        n_embed=fs_config.n_embed,
+                        embed_dim=first_stage_config.embed_dim,
+                        n_embed=first_stage_config.n_embed,
                         ddconfig=dict(
-                            double_z=fs_config.double_z,
-                            z_channels=fs_config.z_channels,
-                            resolution=fs_config.resolution,
+                            double_z=first_stage_config.double_z,
+                            z_channels=first_stage_config.z_channels,
+                            resolution=first_stage_config.resolution,
                             in_channels=3,
                             out_ch=3,
-                            ch=fs_config.ch,
-                            ch_mult=list(fs_config.ch_mult),
-                            num_res_blocks=fs_config.num_res_blocks,
-                            attn_resolutions=list(fs_config.attn_resolutions),
+                            ch=first_stage_config.ch,
+                            ch_mult=list(first_stage_config.ch_mult),
+                            num_res_blocks=first_stage_config.num_res_blocks,
+                            attn_resolutions=list(first_stage_config.attn_resolutions),
                             dropout=0.0,
                         ),
                         lossconfig=dict(target="torch.nn.Identity"),
@@ -328,8 +329,8 @@ def compvis_ckpt(workdir: str, cond_stage: dict, out_dir) -> tuple[str, str, dic
     sd = compvis.export_state_dict(
         unet_cfg=pipe.config.unet,
         text_cfg=pipe.config.text_encoder,
-        fs_cfg=pipe.fs.config,
-        fs_params=pipe.fs.variables["params"],
+        first_stage_config=pipe.first_stage.config,
+        first_stage_params=pipe.first_stage.variables["params"],
         params=live,
         ema=ema,
     )
@@ -340,7 +341,7 @@ def compvis_ckpt(workdir: str, cond_stage: dict, out_dir) -> tuple[str, str, dic
     write_ckpt(ckpt, sd, 1234)
     config_path = str(out_dir / "model.yaml")
     with open(config_path, "w") as f:
-        yaml.safe_dump(compvis_yaml(pipe.config, pipe.fs.config, cond_stage), f)
+        yaml.safe_dump(compvis_yaml(pipe.config, pipe.first_stage.config, cond_stage), f)
     return ckpt, config_path, live, ema
 
 
@@ -452,11 +453,16 @@ def test_class_conditional_vq_compvis_matches_diffusers(tmp_path):
     unet_cfg = unet_config_from_diffusers(unet.config)
     text_cfg = dict(kind="class", num_classes=num_classes, width=width, vocab_size=0, max_length=0, depth=0)
     text_cfg.update(num_heads=0, head_dim=0, mlp_ratio=0, dtype="float32", remat=False)
-    _, fs_vars = from_diffusers("vqvae", to_numpy_state_dict(vq.state_dict()), vq_cfg)
+    _, first_stage_variables = from_diffusers("vqvae", to_numpy_state_dict(vq.state_dict()), vq_cfg)
     _, unet_vars = from_diffusers("unet", to_numpy_state_dict(unet.state_dict()), unet_cfg)
     params = {"unet": unet_vars["params"], "cond": {"embedding": {"embedding": table.numpy()}}}
     sd = compvis.export_state_dict(
-        unet_cfg=unet_cfg, text_cfg=text_cfg, fs_cfg=vq_cfg, fs_params=fs_vars["params"], params=params, ema=None
+        unet_cfg=unet_cfg,
+        text_cfg=text_cfg,
+        first_stage_config=vq_cfg,
+        first_stage_params=first_stage_variables["params"],
+        params=params,
+        ema=None,
     )
 
     diffusion = dict(schedule="linear", timesteps=1000, linear_start=0.0015, linear_end=0.0195)
@@ -522,8 +528,10 @@ def test_export_round_trip_and_diffusers_loads_it(model, request, tmp_path):
 
     again = convert_dir(exported, str(tmp_path / "again"))  # re-import: bit-exact
     assert_trees_equal(load_params(again, EMA_FILE), load_params(workdir, EMA_FILE))
-    fs = [params_io.load_params(os.path.join(w, "first_stage", "params.safetensors")) for w in (workdir, again)]
-    assert_trees_equal(*fs)
+    first_stage = [
+        params_io.load_params(os.path.join(w, "first_stage", "params.safetensors")) for w in (workdir, again)
+    ]
+    assert_trees_equal(*first_stage)
     a, b = Pipeline.from_workdir(workdir), Pipeline.from_workdir(again)
     assert a.scale_factor == b.scale_factor
     for block in ("unet", "text_encoder", "diffusion", "first_stage", "tokenizer"):
@@ -620,7 +628,7 @@ def test_ldm_pipeline_at_another_size_matches_diffusers(ldm_dir, ldm_workdir):
 
     _, pipe = ldm_dir
     lh, lw = 6, 12  # latent sides; images 12 x 24 (f = 2), the training size is 16 x 16
-    x_T = np.array(sampling.initial_noise(0, jax.numpy.arange(len(PROMPTS)), (lh, lw, 4)))
+    x_T = np.array(generation.initial_noise(0, jax.numpy.arange(len(PROMPTS)), (lh, lw, 4)))
     want = diffusers_images(pipe, x_T.transpose(0, 3, 1, 2), height=8 * lh, width=8 * lw)  # its latents: h // 8
     ours = Pipeline.from_workdir(ldm_workdir)
     got = ours(PROMPTS, sampler="ddim", steps=STEPS, guidance=GUIDANCE, height=2 * lh, width=2 * lw, output="float")

@@ -9,7 +9,6 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from latentdiff.convert import diffusers_text, diffusers_unet, diffusers_vae
-from latentdiff.convert.common import ConversionError, to_numpy_state_dict
 from latentdiff.convert.diffusers_unet import (
     convert_unet,
     convert_unet_compvis,
@@ -17,6 +16,8 @@ from latentdiff.convert.diffusers_unet import (
     export_unet_compvis,
     unet_table,
 )
+from latentdiff.convert.key_tables import ConversionError
+from latentdiff.convert.weight_files import to_numpy_state_dict
 
 # (diffusers config, our config): A = cross-attention at level 0 only, 2 res blocks, conv projections;
 # B = class-conditional, attention at both levels, depth-2 transformers, linear projections, concat input channels.

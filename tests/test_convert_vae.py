@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.convert.common import ConversionError, to_numpy_state_dict
 from latentdiff.convert.diffusers_vae import (
     convert_vae,
     convert_vae_compvis,
@@ -19,6 +18,8 @@ from latentdiff.convert.diffusers_vae import (
     diffusers_config,
     export_vae,
 )
+from latentdiff.convert.key_tables import ConversionError
+from latentdiff.convert.weight_files import to_numpy_state_dict
 from latentdiff.nn.autoencoder import AutoencoderKL, VQAutoencoder
 
 ATOL = 1e-4

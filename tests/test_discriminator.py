@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn as tnn
 
-from latentdiff.convert.common import inverse_conv_kernel
+from latentdiff.convert.key_tables import inverse_conv_kernel
 from latentdiff.nn.discriminator import NLayerDiscriminator
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from latentdiff import errors
 from latentdiff.config_utils import ConfigError
-from latentdiff.convert.common import ConversionError
+from latentdiff.convert.key_tables import ConversionError
 from latentdiff.data.errors import DataError
 from latentdiff.evaluation.references import EvalError
 from latentdiff.train.loop import NonFiniteError

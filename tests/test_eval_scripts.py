@@ -30,7 +30,7 @@ from latentdiff.evaluation import alignment as alignment_protocol
 from latentdiff.evaluation import fid as fid_cli
 from latentdiff.evaluation import references
 from latentdiff.evaluation import txt2img as txt2img_protocol
-from latentdiff.sampling import initial_noise
+from latentdiff.generation import initial_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 32

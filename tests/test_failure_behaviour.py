@@ -420,9 +420,10 @@ def test_eval_numbers_are_checked_before_the_model_loads(tmp_path):
 
 def test_pytorch_files_without_pytorch_are_one_line(tmp_path, monkeypatch, capsys):
     """Reading a .pth needs torch (never needed to train or sample): without it, one line naming the fix, for every
-    reader of PyTorch files (they share convert.common.import_torch)."""
+    reader of PyTorch files (they share convert.weight_files.import_torch)."""
     from latentdiff.convert import inception_weights, lpips_weights
-    from latentdiff.convert.common import ConversionError, read_weights
+    from latentdiff.convert.key_tables import ConversionError
+    from latentdiff.convert.weight_files import read_weights
 
     pth = tmp_path / "weights.pth"
     pth.write_bytes(b"not a zip: a pickle would follow")

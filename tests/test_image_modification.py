@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentdiff import conditioning, errors, first_stage, sampling
+from latentdiff import conditioning, errors, generation
 from latentdiff.config_utils import load_config
 from latentdiff.convert.workdir import write_workdir
 from latentdiff.data import shapes
 from latentdiff.data.tokenizer import train_wordpiece
 from latentdiff.diffusion import samplers
+from latentdiff.first_stage import FirstStage, abstract_autoencoder_variables
 from latentdiff.imaging import read_mask, resize_image, resize_mask
 from latentdiff.nn.autoencoder import build_autoencoder
 from latentdiff.nn.text_encoder import build_text_encoder
@@ -88,8 +89,8 @@ def build_workdir(workdir: str, concat: str = "none", seed: int = 0) -> str:
     write_workdir(
         workdir,
         config=ldm,
-        fs_config=ae,
-        fs_variables=random_fill(first_stage.abstract_variables(ae), seed),
+        first_stage_config=ae,
+        first_stage_variables=random_fill(abstract_autoencoder_variables(ae), seed),
         ema_params=random_fill(abstract_stage2(ldm), seed + 1),
         params=None,
         tokenizer=tokenizer,
@@ -107,7 +108,7 @@ def build_sr_pipeline(seed: int = 0) -> Pipeline:
     abstract = jax.eval_shape(lambda: unet.init(jax.random.key(0), **init_inputs(ldm.unet, 1, 2, 1))["params"])
     return Pipeline(
         config=ldm,
-        fs=first_stage.FirstStage(ae, build_autoencoder(ae), random_fill(first_stage.abstract_variables(ae), seed)),
+        first_stage=FirstStage(ae, build_autoencoder(ae), random_fill(abstract_autoencoder_variables(ae), seed)),
         unet=unet,
         cond_encoder=build_text_encoder(ldm.text_encoder),
         tokenizer=None,
@@ -160,7 +161,7 @@ def guided_eps(pipe: Pipeline, x: np.ndarray, t: int, extra: np.ndarray | None =
 
 
 def noise() -> np.ndarray:
-    return np.asarray(sampling.initial_noise(SEED, jnp.arange(len(PROMPTS)), (RES // 2, RES // 2, 4)))
+    return np.asarray(generation.initial_noise(SEED, jnp.arange(len(PROMPTS)), (RES // 2, RES // 2, 4)))
 
 
 def run(pipe: Pipeline, sampler: str = "ddim", **kw) -> np.ndarray:
@@ -202,7 +203,7 @@ def test_smallest_strength_is_one_step_from_the_input(pipe, images):
 
 def test_dpmpp_smallest_strength_is_the_data_prediction(pipe, images):
     """DPM-Solver++ from its last timestep t_S (≈ T/S) jumps to σ = 0: out = x̂0 = (x_t − √(1−ᾱ_t)·ε̃)/√ᾱ_t."""
-    start, t = sampling.start_for_strength("dpmpp2m", pipe.schedule, STEPS, 1e-3)
+    start, t = generation.start_for_strength("dpmpp2m", pipe.schedule, STEPS, 1e-3)
     assert (start, t) == (STEPS - 1, int(samplers.dpmpp_timesteps(pipe.schedule, STEPS, "linspace")[-1]))
     z0, _ = pipe.autoencode(images)
     a = float(pipe.schedule.alphas_cumprod[t])
@@ -217,7 +218,7 @@ def test_dpmpp_smallest_strength_is_the_data_prediction(pipe, images):
 
 def test_latent_mask_is_the_max_over_each_cell():
     m = np.random.default_rng(0).random((2, 8, 12, 1)) > 0.8
-    got = np.asarray(sampling.latent_mask(jnp.asarray(m, jnp.float32), 4))
+    got = np.asarray(generation.latent_mask(jnp.asarray(m, jnp.float32), 4))
     want = np.array([[[[m[b, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].any()] for j in range(3)] for i in range(2)]
                      for b in range(2)], np.float32)  # fmt: skip
     np.testing.assert_array_equal(got, want)
@@ -234,8 +235,8 @@ def test_mask_blend_keeps_the_unmasked_region(pipe, images, strength):
     np.testing.assert_allclose(z[:, keep], z0[:, keep], rtol=0, atol=Z_ATOL * np.abs(z0).max())
     assert np.abs(z[:, ~keep] - z0[:, ~keep]).mean() > 0.1  # the masked region was regenerated
     out = run(pipe, output="float", init_image=images, mask=mask, strength=strength, keep_unmasked=False) * 2 - 1
-    decode = jax.jit(lambda v, z: first_stage.decode(pipe.fs, v, z))
-    decoded = np.asarray(decode(pipe.fs.variables, jnp.asarray(z) / pipe.scale_factor))
+    decode = jax.jit(lambda v, z: pipe.first_stage.decode(v, z))
+    decoded = np.asarray(decode(pipe.first_stage.variables, jnp.asarray(z) / pipe.scale_factor))
     np.testing.assert_allclose(out, decoded, atol=1e-4)  # the pixels are D(z) of those latents
     kept_px = np.kron(keep, np.ones((2, 2), bool))
     inside = np.abs(out - rec)[:, ~kept_px].mean()
@@ -289,8 +290,8 @@ def test_concat_models_feed_the_condition_at_every_step(root, sr_pipe, images, k
     low_res = np.asarray(conditioning.low_res_from_image(jnp.asarray(x), 2))
     extra = conditioning.make_concat(
         kind,
-        fs=cpipe.fs,
-        fs_variables=cpipe.fs.variables,
+        first_stage=cpipe.first_stage,
+        first_stage_variables=cpipe.first_stage.variables,
         scale_factor=cpipe.scale_factor,
         latent_hw=(RES // 2, RES // 2),
         image=jnp.asarray(x),

@@ -6,8 +6,7 @@
    a callable);
 3. nothing imports train/ except train/ itself and the programs that run training or read its checkpoints
    (ENTRY_POINTS);
-4. no library module over MAX_LINES lines, except the modules of OVERSIZE, each capped at its size today (a ratchet:
-   they may shrink, never grow; split them as they are touched);
+4. no library module over MAX_LINES lines;
 5. no file of the project patches sys.path (the package is installed: `pip install -e .`, `make install`).
 The `latentdiff` command (latentdiff/cli.py) imports its programs by name when they run: those imports are edges
 of the graph too (`cli_edges`). `test_the_rules_catch_violations` shows each rule failing on a graph that breaks it.
@@ -20,17 +19,12 @@ import re
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "latentdiff"
 MAX_LINES = 450
-# Programs (console entry points and the tools behind them) that may import train/.
+# Programs (console entry points and the tools behind them; a package with all its modules) that may import train/.
 ENTRY_POINTS = {
     "latentdiff.cli",
     "latentdiff.demo",
     "latentdiff.tools.preflight",
     "latentdiff.tools.count_params",
-}
-# Modules over MAX_LINES today, with their line count as a ceiling.
-OVERSIZE = {
-    "latentdiff.tools.preflight": 724,
-    "latentdiff.train.ldm": 474,
 }
 # Where the project's own Python files live (checked for sys.path patching).
 PROJECT_DIRS = ("latentdiff", "tests", "eval", "bench", "configs", ".")
@@ -141,16 +135,15 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
                 if _inside(module, bottom) and not (_inside(target, bottom) or target == "latentdiff.errors"):
                     out.append(f"{module} -> {target}: {bottom} imports only itself and latentdiff.errors")
             train = "latentdiff.train"
-            if _inside(target, train) and not (_inside(module, train) or module in ENTRY_POINTS):
+            entry_point = any(_inside(module, entry) for entry in ENTRY_POINTS)
+            if _inside(target, train) and not (_inside(module, train) or entry_point):
                 out.append(f"{module} -> {target}: only train/ and the entry points import train/")
     return out
 
 
 def size_violations(lines: dict[str, int]) -> list[str]:
     return [
-        f"{module}: {count} lines, over {OVERSIZE.get(module, MAX_LINES)}"
-        for module, count in sorted(lines.items())
-        if count > OVERSIZE.get(module, MAX_LINES)
+        f"{module}: {count} lines, over {MAX_LINES}" for module, count in sorted(lines.items()) if count > MAX_LINES
     ]
 
 
@@ -163,10 +156,9 @@ def test_no_cycles_and_every_layer_imports_only_downwards():
     assert layer_violations(graph) == []
 
 
-def test_no_library_module_grows_past_its_size():
+def test_no_library_module_is_over_the_size_limit():
     lines = {module: sum(1 for _ in open(path)) for module, path in library_modules().items()}
     assert size_violations(lines) == []
-    assert all(module in lines for module in OVERSIZE)  # a module that left the list must leave OVERSIZE too
 
 
 def test_the_rules_catch_violations():
@@ -175,16 +167,16 @@ def test_the_rules_catch_violations():
         "latentdiff.convert.workdir": {"latentdiff.pipeline"},
         "latentdiff.nn.unet": {"latentdiff.data.tokenizer"},
         "latentdiff.diffusion.samplers": {"latentdiff.nn.unet"},
-        "latentdiff.sampling": {"latentdiff.train.ldm"},
+        "latentdiff.generation": {"latentdiff.train.ldm"},
         "latentdiff.demo": {"latentdiff.train.ldm"},
     }
     assert cycles(bad) == [["latentdiff.convert.workdir", "latentdiff.pipeline"]]
     assert [v.split(":")[0] for v in layer_violations(bad)] == [
         "latentdiff.diffusion.samplers -> latentdiff.nn.unet",
+        "latentdiff.generation -> latentdiff.train.ldm",
         "latentdiff.nn.unet -> latentdiff.data.tokenizer",
-        "latentdiff.sampling -> latentdiff.train.ldm",
     ]
-    assert size_violations({"latentdiff.new_module": MAX_LINES + 1, "latentdiff.train.ldm": 474}) == [
+    assert size_violations({"latentdiff.new_module": MAX_LINES + 1, "latentdiff.train.ldm": MAX_LINES}) == [
         f"latentdiff.new_module: {MAX_LINES + 1} lines, over {MAX_LINES}"
     ]
 

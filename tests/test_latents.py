@@ -42,7 +42,7 @@ def tiny_ldm_config(root, kind="class"):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """A KL-f4 stage-1 workdir (2 steps, 16 px) and its validation latents (32 images) in root/lat."""
-    from latentdiff.encode import encode_split
+    from latentdiff.encode_cli import encode_split
 
     root = tmp_path_factory.mktemp("latents")
     train_tiny_kl_f4(root / "ae", root / "tfds", steps=2, num_validation=32)
@@ -71,14 +71,15 @@ def test_precomputed_step_equals_on_the_fly_step(root):
     """Same images, same rng -> same posterior noise -> same loss and grads (within 1e-5)."""
     from latentdiff.data.input_pipeline import make_dataset
     from latentdiff.data.latents import LatentIterator
-    from latentdiff.train.ldm import LDMTask, null_condition, prepare_first_stage
+    from latentdiff.train.ldm import LDMTask
+    from latentdiff.train.ldm_setup import null_condition, prepare_first_stage
 
     cfg_img = tiny_ldm_config(root)
     cfg_lat = tiny_ldm_config(root)
     cfg_lat.first_stage.latents = str(root / "lat")
-    fs = prepare_first_stage(cfg_img, str(root / "ldm_eq"))
+    first_stage = prepare_first_stage(cfg_img, str(root / "ldm_eq"))
     null = null_condition(cfg_img, None)
-    task_img, task_lat = LDMTask(cfg_img, fs, null, 0.7), LDMTask(cfg_lat, fs, null, 0.7)
+    task_img, task_lat = LDMTask(cfg_img, first_stage, null, 0.7), LDMTask(cfg_lat, first_stage, null, 0.7)
     assert task_img.batch_keys == ("image", "label") and task_lat.batch_keys == ("moments", "label")
 
     images = next(make_dataset(cfg_img.data, split="validation", tokenizer=None, global_batch_size=8,
@@ -93,8 +94,10 @@ def test_precomputed_step_equals_on_the_fly_step(root):
 
     @jax.jit
     def both(params, image, label, moments):
-        g_img, m_img = task_img.grads(params, {"image": image, "label": label}, rng, fs.variables, jnp.float32(0.7))
-        g_lat, m_lat = task_lat.grads(params, {"moments": moments, "label": label}, rng, fs.variables, 0.7)
+        g_img, m_img = task_img.grads(
+            params, {"image": image, "label": label}, rng, first_stage.variables, jnp.float32(0.7)
+        )
+        g_lat, m_lat = task_lat.grads(params, {"moments": moments, "label": label}, rng, first_stage.variables, 0.7)
         return g_img, m_img["loss"], g_lat, m_lat["loss"]
 
     g_img, loss_img, g_lat, loss_lat = both(params, images["image"], images["label"], latents["moments"])

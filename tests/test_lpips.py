@@ -20,8 +20,9 @@ import torch
 from safetensors.numpy import save_file
 
 from latentdiff.convert import lpips_weights as lw
-from latentdiff.convert.common import ConversionError, to_numpy_state_dict
+from latentdiff.convert.key_tables import ConversionError
 from latentdiff.convert.safe_pickle import UnsafePickleError, safe_load, safe_loads
+from latentdiff.convert.weight_files import to_numpy_state_dict
 from latentdiff.nn.lpips import LPIPS, lpips_distance
 
 # torchvision vgg16().features indices of the 13 convs, and lpips' slice boundaries (written out independently).

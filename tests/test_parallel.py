@@ -82,7 +82,7 @@ def test_init_distributed_rejects_a_half_given_setup(monkeypatch):
 
 
 def test_micro_batches_are_strided_so_each_stays_evenly_sharded():
-    from latentdiff.train.common import split_micro_batches
+    from latentdiff.train.step_parts import split_micro_batches
 
     x = np.arange(16)
     micro = np.asarray(split_micro_batches({"x": jnp.asarray(x)}, 2)["x"])
@@ -95,7 +95,7 @@ def test_micro_batches_are_strided_so_each_stays_evenly_sharded():
 
 def test_accumulated_gradient_equals_the_full_batch_gradient_on_a_mesh():
     """Least squares: the mean of micro-batch gradients is the closed-form full-batch gradient X^T(Xw - y)/n."""
-    from latentdiff.train.common import accumulate_gradients
+    from latentdiff.train.step_parts import accumulate_gradients
 
     rng = np.random.default_rng(0)
     x, y, w = rng.normal(size=(32, 5)), rng.normal(size=(32,)), rng.normal(size=(5,))

@@ -11,7 +11,14 @@ import pytest
 
 from latentdiff import parallel
 from latentdiff.config_utils import load_config
-from latentdiff.tools import flop_count, preflight
+from latentdiff.tools import flop_count
+from latentdiff.tools.preflight import cli as preflight_cli
+from latentdiff.tools.preflight import programs as preflight_programs
+from latentdiff.tools.preflight import report as preflight_report
+from latentdiff.tools.preflight import topology as preflight_topology
+from latentdiff.tools.preflight.programs import AE_PROGRAMS, LDM_PROGRAMS
+from latentdiff.tools.preflight.report import ProgramReport
+from latentdiff.tools.tpu_chips import chip_for_topology
 from latentdiff.train import loop
 
 TOPOLOGY = "v5e:2x2"  # 4 chips on one host
@@ -29,7 +36,7 @@ def micro_autoencoder():
 
 
 def tpu_mesh():
-    devices, chip = preflight.topology_devices(TOPOLOGY, "")
+    devices, chip = preflight_topology.topology_devices(TOPOLOGY, "")
     return devices, chip, parallel.make_mesh(MESH, devices)
 
 
@@ -71,8 +78,8 @@ def test_stage2_train_step_and_sampler_compile_for_tpu_with_pallas_attention():
     config.data.resolution = 16  # 8x8x4 latents of the micro first stage (f=2)
     config.unet.attention_impl = "pallas_tpu"
     sample_mesh = parallel.make_mesh({"data": len(devices)}, devices)
-    programs = preflight.ldm_programs(config, micro_autoencoder(), mesh, sample_mesh, 8, 4, 3, preflight.LDM_PROGRAMS)
-    reports = [preflight.compile_program(p, chip.hbm_bytes) for p in programs]
+    programs = preflight_programs.ldm_programs(config, micro_autoencoder(), mesh, sample_mesh, 8, 4, 3, LDM_PROGRAMS)
+    reports = [preflight_report.compile_program(p, chip.hbm_bytes) for p in programs]
     train, sample = reports
     assert train.fits and sample.fits and train.peak < chip.hbm_bytes
     assert train.temporaries > 0 and train.aliased > 0  # the state is donated, as in training
@@ -81,13 +88,15 @@ def test_stage2_train_step_and_sampler_compile_for_tpu_with_pallas_attention():
     assert sample.loop_factor > train.loop_factor  # and three denoising steps in another
     from latentdiff.train import ldm  # the task training builds, for its init_state
 
-    fs = preflight.abstract_first_stage(micro_autoencoder())
-    init_state = ldm.LDMTask(config, fs, jnp.zeros((config.text_encoder.max_length,), jnp.int32), 1.0).init_state
+    first_stage = preflight_programs.abstract_first_stage(micro_autoencoder())
+    init_state = ldm.LDMTask(
+        config, first_stage, jnp.zeros((config.text_encoder.max_length,), jnp.int32), 1.0
+    ).init_state
     assert_state_sharded_as_training(train, config, init_state, mesh, "unet")
     # the sampler: EMA params replicated, the noise batch split over all four chips
     x_t_sharding = sample.compiled.input_shardings[0][7]
     assert x_t_sharding.shard_shape((4, 8, 8, 4))[0] == 1
-    text = preflight.format_report(train, chip, len(devices))
+    text = preflight_report.format_report(train, chip, len(devices))
     assert "FITS" in text and "roofline on TPU v5e" in text
 
 
@@ -101,7 +110,7 @@ def test_stage2_train_batch_is_what_training_reads_images_or_precomputed_latents
         config = load_config("configs/ldm_txt2img_kl8.py:tiny")
         config.data.resolution = 16
         config.first_stage.latents = latents
-        (program,) = preflight.ldm_programs(config, micro_autoencoder(), mesh, mesh, 4, 4, 3, ("train",))
+        (program,) = preflight_programs.ldm_programs(config, micro_autoencoder(), mesh, mesh, 4, 4, 3, ("train",))
         batch = program.args[1]
         assert set(batch) == {field, "tokens"}
         assert batch[field].shape == shape and batch[field].dtype == jnp.float32
@@ -114,8 +123,8 @@ def test_stage2_train_batch_is_what_training_reads_images_or_precomputed_latents
 def test_stage1_rec_and_gan_steps_compile_for_tpu():
     _, chip, mesh = tpu_mesh()
     config = micro_autoencoder()
-    programs = preflight.ae_programs(config, mesh, 4, preflight.AE_PROGRAMS)
-    reports = [preflight.compile_program(p, chip.hbm_bytes) for p in programs]
+    programs = preflight_programs.ae_programs(config, mesh, 4, AE_PROGRAMS)
+    reports = [preflight_report.compile_program(p, chip.hbm_bytes) for p in programs]
     assert [r.name for r in reports] == ["ae_rec", "ae_gan"]
     rec, gan = reports
     assert rec.fits and gan.fits
@@ -132,7 +141,7 @@ def test_paper_unet_on_one_v5e_chip_does_not_fit_exit_1(capsys):
         "--topology", "v5e:1x1", "--mesh", "data=1", "--global_batch", "256", "--programs", "train",
     ]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
-        preflight.main(argv)
+        preflight_cli.main(argv)
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "verdict: DOES NOT FIT" in out
@@ -159,7 +168,7 @@ TINY = ["--config", "configs/ldm_txt2img_kl8.py:tiny", "--first_stage_config", "
 )
 def test_bad_input_is_one_line_exit_2(extra, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        preflight.main([*TINY, *extra])
+        preflight_cli.main([*TINY, *extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
@@ -168,10 +177,10 @@ def test_bad_input_is_one_line_exit_2(extra, message, capsys):
 def test_missing_libtpu_names_the_install(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        preflight.importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
+        preflight_topology.importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
     )
     with pytest.raises(SystemExit) as exit_info:
-        preflight.main([*TINY, "--topology", TOPOLOGY, "--mesh", "data=4", "--global_batch", "8"])
+        preflight_cli.main([*TINY, "--topology", TOPOLOGY, "--mesh", "data=4", "--global_batch", "8"])
     assert exit_info.value.code == 2
     assert 'pip install "jax[tpu]' in capsys.readouterr().err
 
@@ -179,7 +188,7 @@ def test_missing_libtpu_names_the_install(monkeypatch, capsys):
 def test_v4_devices_are_megacore_chips_as_on_a_v4_vm():
     """JAX on a v4-8 VM sees 4 devices (megacore: both TensorCores of a chip as one device); libtpu's compile-only
     topology shows 8 single-core devices unless asked for the megacore chip config."""
-    devices, chip = preflight.topology_devices("v4:2x2x1", "")
+    devices, chip = preflight_topology.topology_devices("v4:2x2x1", "")
     assert len(devices) == 4 and {d.num_cores for d in devices} == {2}
     assert chip.hbm_gib == 32.0 and chip.bf16_tflops == 275.0
 
@@ -191,9 +200,7 @@ def test_v4_devices_are_megacore_chips_as_on_a_v4_vm():
 def test_find_max_batch_bisects_to_the_largest_fitting_multiple():
     def fake_compile(capacity_rows):
         def compile_at(batch):
-            report = preflight.ProgramReport(
-                "train", batch, {}, batch * 10, 0, 0, 0, 0.0, 0.0, 0.0, 1.0, 0.0, capacity_rows * 10
-            )
+            report = ProgramReport("train", batch, {}, batch * 10, 0, 0, 0, 0.0, 0.0, 0.0, 1.0, 0.0, capacity_rows * 10)
             calls.append(batch)
             return [report]
 
@@ -202,7 +209,7 @@ def test_find_max_batch_bisects_to_the_largest_fitting_multiple():
     for start, capacity, want, most in [(8, 100, 100, 4), (64, 37, 36, 4), (4, 3, 0, 1), (8, 5000, 1024, 3),
                                         (16, 16, 16, 3), (4, 1000, 1000, 4)]:  # fmt: skip
         calls = []
-        batch, reports = preflight.find_max_batch(fake_compile(capacity), start, 4, 1024)
+        batch, reports = preflight_report.find_max_batch(fake_compile(capacity), start, 4, 1024)
         assert batch == want, (start, capacity, batch)
         assert len(set(calls)) == len(calls) <= most, calls  # nothing compiled twice; few compiles
         if want:
@@ -211,10 +218,10 @@ def test_find_max_batch_bisects_to_the_largest_fitting_multiple():
     # memory that is not linear in the batch: the line only guides the probes, the answer is still exact
     def quadratic(batch):
         calls.append(batch)
-        return [preflight.ProgramReport("train", batch, {}, batch * batch, 0, 0, 0, 0.0, 0.0, 0.0, 1.0, 0.0, 1000)]
+        return [ProgramReport("train", batch, {}, batch * batch, 0, 0, 0, 0.0, 0.0, 0.0, 1.0, 0.0, 1000)]
 
     calls = []
-    assert preflight.find_max_batch(quadratic, 4, 4, 1024)[0] == 28  # 28² = 784 <= 1000 < 32²
+    assert preflight_report.find_max_batch(quadratic, 4, 4, 1024)[0] == 28  # 28² = 784 <= 1000 < 32²
 
 
 def test_flop_count_matches_closed_forms():
@@ -247,8 +254,8 @@ def test_flop_count_matches_closed_forms():
 
 
 def test_report_json_record(tmp_path):
-    report = preflight.ProgramReport("train", 8, {"params": 10}, 100, 50, 50, 30, 4e9, 1e9, 2e9, 1.0, 1.5, 1000)
-    record = preflight._report_record(report, preflight.chip_for_topology("v5p:2x2x1"))
+    report = ProgramReport("train", 8, {"params": 10}, 100, 50, 50, 30, 4e9, 1e9, 2e9, 1.0, 1.5, 1000)
+    record = preflight_report.report_record(report, chip_for_topology("v5p:2x2x1"))
     path = tmp_path / "r.json"
     path.write_text(json.dumps(record))
     loaded = json.loads(path.read_text())

@@ -30,6 +30,11 @@ TRAIN_SMALL = (
     "--config.eval_every=1000 --config.image_every=1000 --config.num_eval_batches=1 --config.progress_bar=False "
     "--config.data.shapes_num_train=64 --config.data.shapes_num_validation=16 --config.data.shapes_num_novel=16"
 )
+# ... with two evaluations during training (4 images per split, 2 sampler steps).
+EVAL_SMALL = (
+    f"{TRAIN_SMALL} --config.eval_every=1 --config.evaluation.num_images=4 --config.evaluation.batch_size=4 "
+    "--config.evaluation.steps=2 --config.evaluation.inception_batch_size=4"
+)
 # Placeholders the README uses for "your workdir": the workdir the README trained above.
 PLACEHOLDERS = {"WORKDIR": "workdirs/ldm"}
 
@@ -52,7 +57,12 @@ RULES = (
     Rule(r"^python train\.py --config configs/autoencoder_kl_f8\.py:tiny ", extra=TRAIN_SMALL),
     Rule(r"^latentdiff fetch-lpips-weights --out weights$"),
     Rule(r"^python train\.py --config configs/\w+\.py:paper ", skip="paper scale on MS-COCO: a TPU pod for days"),
-    Rule(r"^python train\.py --config configs/ldm_txt2img_kl8\.py:tiny ", extra=TRAIN_SMALL),
+    Rule(
+        r"^python train\.py --config configs/ldm_txt2img_kl8\.py:tiny (?!--workdir workdirs/ldm_eval )",
+        extra=TRAIN_SMALL,
+    ),
+    Rule(r"^python train\.py --config configs/ldm_txt2img_kl8\.py:tiny --workdir workdirs/ldm_eval ", extra=EVAL_SMALL),
+    Rule(r"^python bench/plot_curves\.py "),
     Rule(r"^latentdiff encode ", extra="--num 32 --batch_size 16"),
     Rule(r"^python train\.py --config configs/autoencoder_kl_f4\.py:demo ", extra=TRAIN_SMALL),
     Rule(r"^python train\.py --config configs/ldm_(inpaint|sr4)\.py:tiny ", extra=TRAIN_SMALL),

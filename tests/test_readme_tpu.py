@@ -13,7 +13,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from latentdiff.tools import preflight
+from latentdiff.tools.preflight import cli as preflight_cli
+from latentdiff.tools.preflight.report import ProgramReport
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICE_CHIPS = {"v5p-128": 64}
@@ -63,14 +64,14 @@ def test_preflight_command_runs_up_to_the_compiler(monkeypatch, capsys):
 
     def no_compile(program, capacity):
         compiled.append(program.name)
-        return preflight.ProgramReport(program.name, program.batch, program.state, 1, 0, 0, 0, 0.0, 0.0, 0.0, 1.0, 0.0,
+        return ProgramReport(program.name, program.batch, program.state, 1, 0, 0, 0, 0.0, 0.0, 0.0, 1.0, 0.0,
                                        capacity)  # fmt: skip
 
-    monkeypatch.setattr(preflight, "compile_program", no_compile)
+    monkeypatch.setattr(preflight_cli, "compile_program", no_compile)
     monkeypatch.chdir(ROOT)
     for cmd in cmds:
         argv = shlex.split(cmd)[2:]
-        assert preflight.run(preflight.parse_args(argv)) == 0
+        assert preflight_cli.run(preflight_cli.parse_args(argv)) == 0
     assert compiled == ["train"] * len(cmds)
     assert "v5p:4x4x4 (64 devices" in capsys.readouterr().out
 

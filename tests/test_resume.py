@@ -19,39 +19,18 @@ import time
 
 import numpy as np
 import pytest
+from tiny_workdirs import TINY_LDM_OVERRIDES, write_random_first_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 10
 
 
 def train_args(workdir: str, data_dir: str) -> list[str]:
-    overrides = {
-        "data.resolution": 16,
-        "data.shapes_num_train": 256,
-        "data.shapes_num_validation": 32,
-        "data.shapes_num_novel": 32,
+    overrides = TINY_LDM_OVERRIDES | {
         "data.data_dir": data_dir,
-        "batch_size": 8,
         "num_train_steps": NUM_STEPS,
         "checkpoint_every": 2,
         "keep_checkpoints": 3,
-        "log_every": 1,
-        "image_every": 10**9,
-        "progress_bar": False,
-        "first_stage.scale_factor": 1.0,
-        "unet.model_channels": 32,
-        "unet.channel_mult": "(1,)",
-        "unet.attention_resolutions": "()",
-        "unet.num_heads": 2,
-        "unet.context_dim": 32,
-        "text_encoder.width": 32,
-        "text_encoder.depth": 1,
-        "text_encoder.num_heads": 2,
-        "text_encoder.head_dim": 16,
-        "text_encoder.max_length": 8,
-        "tokenizer.max_length": 8,
-        "text_encoder.vocab_size": 128,
-        "tokenizer.vocab_size": 128,
     }
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
     return [sys.executable, "train.py", "--config", "configs/ldm_txt2img_kl8.py:tiny", "--workdir", workdir, *flags]
@@ -60,26 +39,8 @@ def train_args(workdir: str, data_dir: str) -> list[str]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A stage-2 workdir template holding a random tiny stage-1 export, a data dir and a compilation cache."""
-    import jax
-
-    from latentdiff import first_stage
-    from latentdiff.config_utils import load_config
-
     root = tmp_path_factory.mktemp("resume")
-    ae = load_config(os.path.join(ROOT, "configs/autoencoder_kl_f8.py:tiny")).autoencoder
-    ae.resolution, ae.ch, ae.ch_mult, ae.num_res_blocks = 16, 32, (1, 1, 1), 1
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if name.endswith("scale"):
-            return np.ones(leaf.shape, leaf.dtype)
-        if name.endswith("bias"):
-            return np.zeros(leaf.shape, leaf.dtype)
-        return (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-
-    variables = jax.tree_util.tree_map_with_path(fill, first_stage.abstract_variables(ae))
-    first_stage.save_export(ae, variables, str(root / "template" / "first_stage"))
+    write_random_first_stage(root / "template" / "first_stage")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
     env |= {
         "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),

@@ -12,8 +12,9 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 from diffusers.pipelines.stable_diffusion.convert_from_ckpt import convert_ldm_bert_checkpoint
 from torch import nn
 
-from latentdiff.convert.common import ConversionError, to_numpy_state_dict
 from latentdiff.convert.diffusers_text import convert_bert, convert_bert_compvis, export_bert, export_bert_compvis
+from latentdiff.convert.key_tables import ConversionError
+from latentdiff.convert.weight_files import to_numpy_state_dict
 from latentdiff.nn.text_encoder import build_text_encoder, init_tokens, null_label
 
 

@@ -12,7 +12,7 @@ import torch
 
 from latentdiff.convert import inception_weights as iw
 from latentdiff.convert import torchscript_archive as ta
-from latentdiff.convert.common import ConversionError
+from latentdiff.convert.key_tables import ConversionError
 from latentdiff.convert.safe_pickle import UnsafePickleError
 
 

@@ -101,12 +101,12 @@ def fill_params(abstract, seed: int) -> dict:
 
 
 def random_first_stage():
-    from latentdiff import first_stage
+    from latentdiff.first_stage import FirstStage, abstract_autoencoder_variables
     from latentdiff.nn.autoencoder import build_autoencoder
 
     cfg = stage1_config()
-    variables = fill_params(first_stage.abstract_variables(cfg), seed=1)
-    return first_stage.FirstStage(config=cfg, module=build_autoencoder(cfg), variables=variables)
+    variables = fill_params(abstract_autoencoder_variables(cfg), seed=1)
+    return FirstStage(config=cfg, module=build_autoencoder(cfg), variables=variables)
 
 
 def host_state(task, seed: int):
@@ -160,15 +160,15 @@ def train_synthetic(cfg, workdir: str, mesh_sizes: dict, devices=None, inf_steps
     from latentdiff import parallel
     from latentdiff.train import ldm, loop
 
-    fs = random_first_stage()
-    task = ldm.LDMTask(cfg, fs, np.zeros((cfg.text_encoder.max_length,), np.int32), 1.0)
+    first_stage = random_first_stage()
+    task = ldm.LDMTask(cfg, first_stage, np.zeros((cfg.text_encoder.max_length,), np.int32), 1.0)
     init = host_state(task, seed=2)
     mesh = parallel.make_mesh(mesh_sizes, devices)
     loop_task = loop.Task(
         init_state=lambda rng: jax.tree.map(jnp.asarray, init),
         step_for=lambda step: task.train_step,
         batch_keys=("image", "tokens"),
-        constants=fs.variables,
+        constants=first_stage.variables,
     )
     make_iter = lambda: SyntheticBatches(cfg, jax.process_index(), jax.process_count(), inf_steps, delay)
     state = loop.run(cfg, workdir, loop_task, make_iter, mesh)

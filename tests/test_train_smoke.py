@@ -184,7 +184,7 @@ def test_stage2_resume_continues_from_checkpoint(workdirs, tmp_path):
 
 
 def test_encode_tool_reports_scale_factor(workdirs, tmp_path):
-    from latentdiff.encode import encode_split
+    from latentdiff.encode_cli import encode_split
 
     meta = encode_split(str(workdirs / "ae"), str(tmp_path / "lat"), "validation", 16, 8, 0)
     mean = np.load(tmp_path / "lat" / "mean.npy", mmap_mode="r")  # one memory-mappable .npy per array

@@ -11,7 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
-from latentdiff import sampling
+from latentdiff import generation
 from latentdiff.nn.attention import SpatialTransformer
 from latentdiff.nn.unet import (
     RematResBlock,
@@ -141,14 +141,14 @@ def test_remat_bf16_dropout_and_class_conditioning():
     assert ev_b.dtype == jnp.float32
     assert np.abs(ev_b - ev).mean() < 0.03 * np.abs(ev).mean()
 
-    # The sampler casts kernels to bf16 once (sampling.params_for_compute): the same output, bit for bit.
-    cast = sampling.params_for_compute(params, bf16.dtype)
+    # The sampler casts kernels to bf16 once (generation.params_for_compute): the same output, bit for bit.
+    cast = generation.params_for_compute(params, bf16.dtype)
     leaves = jax.tree.leaves(cast)
     assert {x.dtype for x in leaves if x.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in leaves if x.ndim < 2} == {jnp.dtype(jnp.float32)}
     ev_cast = jax.jit(lambda p: bf16.apply(p, **{**inputs, "y": jnp.array([0, 2])}))(cast)
     np.testing.assert_array_equal(ev_cast, ev_b)
-    assert sampling.params_for_compute(params, module.dtype) is params
+    assert generation.params_for_compute(params, module.dtype) is params
 
 
 @pytest.mark.parametrize("block", ["res", "transformer"])

@@ -32,3 +32,55 @@ def train_tiny_kl_f4(workdir, data_dir, *, steps: int, num_validation: int) -> N
     ae.log_every = ae.checkpoint_every = steps
     ae.eval_every = ae.image_every = 10**9
     train_and_evaluate(ae, str(workdir))
+
+
+# `--config.FIELD=VALUE` overrides that shrink configs/ldm_txt2img_kl8.py:tiny to a seconds-per-step model on 16 px
+# shapes (train.py subprocess tests: resume, evaluation during training).
+TINY_LDM_OVERRIDES = {
+    "data.resolution": 16,
+    "data.shapes_num_train": 256,
+    "data.shapes_num_validation": 32,
+    "data.shapes_num_novel": 32,
+    "batch_size": 8,
+    "log_every": 1,
+    "image_every": 10**9,
+    "progress_bar": False,
+    "first_stage.scale_factor": 1.0,
+    "unet.model_channels": 32,
+    "unet.channel_mult": "(1,)",
+    "unet.attention_resolutions": "()",
+    "unet.num_heads": 2,
+    "unet.context_dim": 32,
+    "text_encoder.width": 32,
+    "text_encoder.depth": 1,
+    "text_encoder.num_heads": 2,
+    "text_encoder.head_dim": 16,
+    "text_encoder.max_length": 8,
+    "tokenizer.max_length": 8,
+    "text_encoder.vocab_size": 128,
+    "tokenizer.vocab_size": 128,
+}
+
+
+def write_random_first_stage(directory) -> None:
+    """A random 16 px KL-f8 stage-1 export (32 channels, one res block) in `directory` (a stage-2 workdir's
+    first_stage/), the frozen model TINY_LDM_OVERRIDES runs train on: weights N(0, 0.05²), norm scales 1, biases 0."""
+    import jax
+    import numpy as np
+
+    from latentdiff.first_stage import abstract_autoencoder_variables, save_first_stage_export
+
+    ae = load_config(os.path.join(ROOT, "configs/autoencoder_kl_f8.py:tiny")).autoencoder
+    ae.resolution, ae.ch, ae.ch_mult, ae.num_res_blocks = 16, 32, (1, 1, 1), 1
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name.endswith("scale"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name.endswith("bias"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        return (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(fill, abstract_autoencoder_variables(ae))
+    save_first_stage_export(ae, variables, str(directory))

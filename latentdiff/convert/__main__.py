@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> str:
 def main(argv: list[str]) -> int:
     """CLI entry. User errors exit with status 2 and one line, except ConversionError, printed in full (it lists
     every missing / unexpected / mis-shaped key)."""
-    from latentdiff.convert.common import ConversionError
+    from latentdiff.convert.key_tables import ConversionError
 
     args = parse_args(argv)
 

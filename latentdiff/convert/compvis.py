@@ -29,7 +29,8 @@ import numpy as np
 
 from latentdiff.convert import scheduler
 from latentdiff.convert import workdir as wd
-from latentdiff.convert.common import ConversionError, Rule, apply_table, read_json, read_weights
+from latentdiff.convert.key_tables import ConversionError, Rule, apply_table
+from latentdiff.convert.weight_files import read_json, read_weights
 from latentdiff.errors import UserError
 
 # Constructor defaults of the CompVis classes, applied where a YAML leaves a field out.
@@ -173,13 +174,15 @@ def architecture(compvis: Mapping) -> dict:
     text.setdefault("num_classes", 0)
     text.update(dtype="float32", remat=False, attention_impl="xla")
 
-    fs = p["first_stage_config"]
-    fs_class = _class(fs["target"])
-    if fs_class not in ("AutoencoderKL", "VQModelInterface", "VQModel"):
-        raise ConversionError(f"first_stage_config {fs['target']!r}: AutoencoderKL or VQModelInterface supported")
-    f = dict(fs["params"])
+    first_stage = p["first_stage_config"]
+    first_stage_class = _class(first_stage["target"])
+    if first_stage_class not in ("AutoencoderKL", "VQModelInterface", "VQModel"):
+        raise ConversionError(
+            f"first_stage_config {first_stage['target']!r}: AutoencoderKL or VQModelInterface supported"
+        )
+    f = dict(first_stage["params"])
     dd = f["ddconfig"]
-    vq = fs_class != "AutoencoderKL"
+    vq = first_stage_class != "AutoencoderKL"
     first = dict(
         kind="vq" if vq else "kl",
         in_channels=int(dd["in_channels"]),
@@ -288,15 +291,15 @@ def _check_schedule(state_dict: Mapping[str, np.ndarray], diffusion: Mapping) ->
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: Mapping) -> dict:
-    """A CompVis state dict (numpy) + architecture() -> {'fs_variables', 'params', 'ema_params' (None without
+    """A CompVis state dict (numpy) + architecture() -> {'first_stage_variables', 'params', 'ema_params' (None without
     model_ema), 'scale_factor' (the checkpoint's buffer or None)}. Every key must be used or known."""
     from latentdiff.convert.diffusers_text import convert_bert_compvis
     from latentdiff.convert.diffusers_unet import abstract_unet, convert_unet_compvis
     from latentdiff.convert.diffusers_vae import convert_vae_compvis
 
     text_kind = arch["text_encoder"]["kind"]
-    fs_cfg = ml_collections.ConfigDict(arch["first_stage"])
-    _, fs_params = convert_vae_compvis(state_dict, fs_cfg, PREFIXES["first_stage"])
+    first_stage_config = ml_collections.ConfigDict(arch["first_stage"])
+    _, first_stage_params = convert_vae_compvis(state_dict, first_stage_config, PREFIXES["first_stage"])
     _, unet_vars = convert_unet_compvis(state_dict, arch["unet"], PREFIXES["unet"])
     if text_kind == "bert":
         _, cond_vars = convert_bert_compvis(state_dict, arch["text_encoder"], PREFIXES["cond"])
@@ -328,7 +331,12 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: Mapping) -> d
     live = {"unet": unet_vars["params"], "cond": cond_vars["params"]}
     ema = None if ema_unet is None else {"unet": ema_unet, "cond": cond_vars["params"]}
     scale = float(np.asarray(state_dict["scale_factor"]).reshape(())) if "scale_factor" in state_dict else None
-    return {"fs_variables": {"params": fs_params}, "params": live, "ema_params": ema, "scale_factor": scale}
+    return {
+        "first_stage_variables": {"params": first_stage_params},
+        "params": live,
+        "ema_params": ema,
+        "scale_factor": scale,
+    }
 
 
 def _convert_class(state_dict: Mapping[str, np.ndarray], text: Mapping) -> dict:
@@ -348,20 +356,20 @@ def export_state_dict(
     *,
     unet_cfg: Mapping,
     text_cfg: Mapping,
-    fs_cfg: ml_collections.ConfigDict,
-    fs_params: Mapping,
+    first_stage_config: ml_collections.ConfigDict,
+    first_stage_params: Mapping,
     params: Mapping,
     ema: Mapping | None,
 ) -> dict[str, np.ndarray]:
     """Our model -> a CompVis-layout state dict (numpy) through the inverse of every key table used on import.
 
     `params`/`ema` are {'unet', 'cond'}; with `ema`, its UNet is written as LitEma `model_ema.*` keys."""
-    from latentdiff.convert.common import INVERSES, invert_table
     from latentdiff.convert.diffusers_text import export_bert_compvis
     from latentdiff.convert.diffusers_unet import _INVERSES, export_table, export_unet_compvis
     from latentdiff.convert.diffusers_vae import build_table
+    from latentdiff.convert.key_tables import INVERSES, invert_table
 
-    vae = export_table(invert_table(build_table(fs_cfg, "compvis"), INVERSES), fs_params)
+    vae = export_table(invert_table(build_table(first_stage_config, "compvis"), INVERSES), first_stage_params)
     out = {PREFIXES["first_stage"] + k: v for k, v in vae.items()}
     out.update(export_unet_compvis(params["unet"], unet_cfg, PREFIXES["unet"]))
     kind = text_cfg["kind"]
@@ -427,8 +435,8 @@ def convert_compvis_checkpoint(
     wd.write_workdir(
         workdir,
         config=config,
-        fs_config=ml_collections.ConfigDict(a["first_stage"]),
-        fs_variables=converted["fs_variables"],
+        first_stage_config=ml_collections.ConfigDict(a["first_stage"]),
+        first_stage_variables=converted["first_stage_variables"],
         ema_params=ema if ema is not None else converted["params"],
         params=converted["params"] if ema is not None else None,
         tokenizer=tok,

@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from latentdiff.convert.common import (
+from latentdiff.convert.diffusers_unet import export_table, freeze_config
+from latentdiff.convert.key_tables import (
     HF_GENERIC_INERT,
     INVERSES,
     ConversionError,
@@ -36,7 +37,6 @@ from latentdiff.convert.common import (
     identity,
     invert_table,
 )
-from latentdiff.convert.diffusers_unet import export_table, freeze_config
 from latentdiff.errors import UserError
 from latentdiff.nn.text_encoder import TextEncoder, build_text_encoder, init_tokens, text_encoder_fields
 

@@ -21,11 +21,12 @@ import numpy as np
 
 from latentdiff import config_utils, params_io
 from latentdiff.convert import workdir as wd
-from latentdiff.convert.common import ConversionError, load_state_dict, read_json
 from latentdiff.convert.diffusers_text import bert_config_from_diffusers, diffusers_bert_config
 from latentdiff.convert.diffusers_unet import diffusers_unet_config, unet_config_from_diffusers
 from latentdiff.convert.diffusers_vae import vae_config_from_diffusers
+from latentdiff.convert.key_tables import ConversionError
 from latentdiff.convert.scheduler import diffusers_scheduler_config, diffusion_from_scheduler
+from latentdiff.convert.weight_files import load_state_dict, read_json
 from latentdiff.errors import UserError
 
 # diffusers' AutoencoderKL / VQModel class default, used when a vae config.json has no `scaling_factor` (older files).
@@ -92,7 +93,7 @@ def convert_diffusers_pipeline(
     vae_class = vae_json.get("_class_name")
     if vae_class not in ("AutoencoderKL", "VQModel"):
         raise ConversionError(f"{parts['vae']} is a {vae_class!r}; AutoencoderKL or VQModel expected")
-    fs_cfg = ml_collections.ConfigDict(
+    first_stage_config = ml_collections.ConfigDict(
         vae_config_from_diffusers(vae_json, "kl" if vae_class == "AutoencoderKL" else "vq")
     )
     unet_json = read_json(os.path.join(src, "unet", "config.json"))
@@ -101,7 +102,7 @@ def convert_diffusers_pipeline(
     text_cfg = bert_config_from_diffusers(text_json) if name == "LDMTextToImagePipeline" else clip_config(text_json)
     diffusion = diffusion_from_scheduler(read_json(os.path.join(src, "scheduler", "scheduler_config.json")))
 
-    _, fs_vars = from_diffusers(parts["vae"], component_state_dict(vae_dir, variant), fs_cfg)
+    _, first_stage_variables = from_diffusers(parts["vae"], component_state_dict(vae_dir, variant), first_stage_config)
     _, unet_vars = from_diffusers("unet", component_state_dict(os.path.join(src, "unet"), variant), unet_cfg)
     _, text_vars = from_diffusers(parts["text"], component_state_dict(text_dir, variant), text_cfg)
 
@@ -120,7 +121,7 @@ def convert_diffusers_pipeline(
 
     if scale_factor <= 0:
         scale_factor = float(vae_json.get("scaling_factor", DIFFUSERS_DEFAULT_SCALING))
-    f = 2 ** (len(fs_cfg.ch_mult) - 1)
+    f = 2 ** (len(first_stage_config.ch_mult) - 1)
     sample = unet_json["sample_size"]
     sample = int(sample[0] if isinstance(sample, (list, tuple)) else sample)
     config = wd.stage2_config(
@@ -136,8 +137,8 @@ def convert_diffusers_pipeline(
     wd.write_workdir(
         workdir,
         config=config,
-        fs_config=fs_cfg,
-        fs_variables=fs_vars,
+        first_stage_config=first_stage_config,
+        first_stage_variables=first_stage_variables,
         ema_params=params,
         params=None,
         tokenizer=tokenizer,
@@ -185,7 +186,7 @@ def export_diffusers(workdir: str, out: str, *, use_ema: bool = True, overwrite:
     name = "LDMTextToImagePipeline" if kind == "bert" else "StableDiffusionPipeline"
     parts = PIPELINES[name]
     params = jax.device_get(pipe.params)
-    fs_cfg = pipe.fs.config
+    first_stage_config = pipe.first_stage.config
     os.makedirs(out, exist_ok=True)
     latent = pipe.latent_shape[0]
     _save_component(
@@ -195,16 +196,16 @@ def export_diffusers(workdir: str, out: str, *, use_ema: bool = True, overwrite:
         "diffusion_pytorch_model.safetensors",
     )
     vae_json = {
-        "_class_name": "AutoencoderKL" if fs_cfg.kind == "kl" else "VQModel",
-        **diffusers_config(fs_cfg),
+        "_class_name": "AutoencoderKL" if first_stage_config.kind == "kl" else "VQModel",
+        **diffusers_config(first_stage_config),
         "scaling_factor": float(pipe.scale_factor),
     }
     vae_json = {k: list(v) if isinstance(v, tuple) else v for k, v in vae_json.items()}
-    fs_params = jax.device_get(pipe.fs.variables)["params"]
+    first_stage_params = jax.device_get(pipe.first_stage.variables)["params"]
     _save_component(
         os.path.join(out, parts["vae"]),
         vae_json,
-        to_diffusers(parts["vae"], fs_params, fs_cfg),
+        to_diffusers(parts["vae"], first_stage_params, first_stage_config),
         "diffusion_pytorch_model.safetensors",
     )
     hf = pipe.tokenizer.hf

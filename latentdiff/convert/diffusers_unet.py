@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from latentdiff.convert.common import (
+from latentdiff.convert.key_tables import (
     INVERSES,
     ConversionError,
     Rule,

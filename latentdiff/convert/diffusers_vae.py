@@ -1,6 +1,6 @@
 """Stage-1 autoencoder weights: diffusers AutoencoderKL / VQModel and CompVis (`first_stage_model.*`) -> our params.
 
-Explicit key tables built from the config (latentdiff/convert/common.py): every source key maps to exactly one param,
+Explicit key tables (latentdiff/convert/key_tables.py) built from the config: every source key maps to one param,
 shapes are checked against `jax.eval_shape(module.init)`, and missing / unexpected keys raise ConversionError.
 
 Naming correspondences (level i counts from the highest resolution; the decoder's diffusers `up_blocks.k` is our
@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from latentdiff.convert.common import (
+from latentdiff.convert.key_tables import (
     INVERSES,
     ConversionError,
     Rule,

@@ -30,17 +30,9 @@ from flax import traverse_util
 
 from latentdiff import params_io
 from latentdiff.convert import torchscript_archive
-from latentdiff.convert.common import (
-    ConversionError,
-    Rule,
-    apply_table,
-    conv_kernel,
-    dense_kernel,
-    identity,
-    import_torch,
-    to_numpy_state_dict,
-)
+from latentdiff.convert.key_tables import ConversionError, Rule, apply_table, conv_kernel, dense_kernel, identity
 from latentdiff.convert.safe_pickle import UnsafePickleError
+from latentdiff.convert.weight_files import import_torch, to_numpy_state_dict
 from latentdiff.errors import UserError
 from latentdiff.nn.inception import NUM_CLASSES, abstract_params
 from latentdiff.output_paths import check_output_file

@@ -23,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from latentdiff import params_io
-from latentdiff.convert.common import (
+from latentdiff.convert.key_tables import (
     INVERSES,
     ConversionError,
     Rule,
@@ -31,11 +31,10 @@ from latentdiff.convert.common import (
     conv_kernel,
     dense_kernel,
     identity,
-    import_torch,
     invert_table,
-    to_numpy_state_dict,
 )
 from latentdiff.convert.safe_pickle import safe_loads
+from latentdiff.convert.weight_files import import_torch, to_numpy_state_dict
 from latentdiff.nn.lpips import SCALE, SHIFT, VGG16_STAGES, abstract_lpips_params, conv_names
 
 CACHE_FILENAME = "lpips_vgg16.safetensors"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from latentdiff.convert.common import ConversionError
+from latentdiff.convert.key_tables import ConversionError
 
 
 def schedule_fields(kind: str, timesteps: int, linear_start: float, linear_end: float, parameterization: str) -> dict:

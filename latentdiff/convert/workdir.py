@@ -23,10 +23,11 @@ from typing import Any
 
 import ml_collections
 
-from latentdiff import config_blocks, config_utils, first_stage, params_io
+from latentdiff import config_blocks, config_utils, params_io
 from latentdiff import workdir as workdir_lib
-from latentdiff.convert.common import ConversionError
+from latentdiff.convert.key_tables import ConversionError
 from latentdiff.errors import UserError
+from latentdiff.first_stage import save_first_stage_export
 
 PARAMS_DIR, EMA_FILE, LIVE_FILE, FORMAT = (  # the format is latentdiff.workdir's; conversion writes it
     workdir_lib.PARAMS_DIR,
@@ -68,6 +69,9 @@ def stage2_config(
     config.sampling = ml_collections.ConfigDict(dict(sampling))
     config.log_every = 50
     config.eval_every = 10**9
+    config.evaluation = (
+        config_blocks.no_evaluation_block()
+    )  # fine-tuning runs set their own (latentdiff/train/ldm_eval.py)
     config.image_every = 5_000
     config.checkpoint_every = 5_000
     return config
@@ -90,8 +94,8 @@ def write_workdir(
     workdir: str,
     *,
     config: ml_collections.ConfigDict,
-    fs_config: ml_collections.ConfigDict,
-    fs_variables: Mapping,
+    first_stage_config: ml_collections.ConfigDict,
+    first_stage_variables: Mapping,
     ema_params: Mapping,
     params: Mapping | None,
     tokenizer: Any,
@@ -108,7 +112,9 @@ def write_workdir(
     os.makedirs(workdir, exist_ok=True)
     metadata = {"format": FORMAT, "scale_factor": repr(float(config.first_stage.scale_factor)), "step": str(int(step))}
     metadata["source"] = source
-    first_stage.save_export(fs_config, dict(fs_variables), os.path.join(workdir, "first_stage"), {"source": source})
+    save_first_stage_export(
+        first_stage_config, dict(first_stage_variables), os.path.join(workdir, "first_stage"), {"source": source}
+    )
     if tokenizer is not None:
         tok_dir = os.path.join(workdir, "tokenizer")
         if os.path.isdir(tok_dir):

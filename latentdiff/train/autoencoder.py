@@ -25,7 +25,7 @@ from latentdiff.imaging import to_uint8
 from latentdiff.nn.autoencoder import build_autoencoder, last_layer_path
 from latentdiff.nn.discriminator import NLayerDiscriminator
 from latentdiff.nn.lpips import lpips_distance
-from latentdiff.train import ae_losses, common, loop, optim
+from latentdiff.train import ae_losses, loop, optim, step_parts
 
 
 @flax.struct.dataclass
@@ -53,7 +53,7 @@ def build_discriminator(cfg: ml_collections.ConfigDict) -> NLayerDiscriminator:
         ndf=cfg.ndf,
         n_layers=cfg.n_layers,
         use_batchnorm=cfg.use_batchnorm,
-        dtype=common.compute_dtype(cfg.dtype),
+        dtype=step_parts.compute_dtype(cfg.dtype),
     )
 
 
@@ -78,7 +78,7 @@ class AutoencoderTask:
         self.disc = build_discriminator(config.discriminator)
         self.gen_tx = optim.make_optimizer(config.optim, config.num_train_steps)
         self.disc_tx = optim.make_optimizer(config.disc_optim, config.num_train_steps)
-        self.lpips_dtype = common.compute_dtype(config.loss.lpips_dtype)
+        self.lpips_dtype = step_parts.compute_dtype(config.loss.lpips_dtype)
 
     # ----- init -----
     def init_state(self, rng: jax.Array) -> AEState:
@@ -200,9 +200,9 @@ class AutoencoderTask:
         main, aux, grads, d_grads, new_stats, metrics = with_disc() if use_disc else without_disc()
         x_rec, reg_metrics, new_model_state, lpips_mean, nll = aux
 
-        grad_norm = common.global_norm(grads)
-        d_grad_norm = common.global_norm(d_grads)
-        finite = common.all_finite(main, grad_norm + d_grad_norm)
+        grad_norm = step_parts.global_norm(grads)
+        d_grad_norm = step_parts.global_norm(d_grads)
+        finite = step_parts.all_finite(main, grad_norm + d_grad_norm)
         gen_params, gen_opt_state, _ = self.gen_tx.apply(
             grads, state.gen_opt_state, state.gen_params, grad_norm, finite
         )
@@ -212,10 +212,10 @@ class AutoencoderTask:
             )
         else:  # before disc_start the discriminator (and its Adam moments) do not move at all
             disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
-        disc_batch_stats, model_state = common.select_tree(
+        disc_batch_stats, model_state = step_parts.select_tree(
             finite, (new_stats, new_model_state), (state.disc_batch_stats, state.model_state)
         )
-        count, streak = common.count_skips(finite, state.nonfinite_count, state.nonfinite_streak)
+        count, streak = step_parts.count_skips(finite, state.nonfinite_count, state.nonfinite_streak)
         new_state = AEState(
             state.step + 1,
             gen_params,
@@ -293,15 +293,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
     recon = jax.jit(task.reconstruct_eval)
     lpips_eval = jax.jit(task.perceptual)
 
+    originals = [loop.fetch(parallel.host_to_global({"image": b["image"]}, mesh)["image"]) for b in eval_batches]
+    rfid = make_rfid(config.evaluation, [to_uint8(x) for x in originals])
+
     def evaluate(state: AEState) -> dict[str, float]:
         values = {"psnr": [], "lpips": []}
+        reconstructions = []
         for b in eval_batches:
             x = parallel.host_to_global({"image": b["image"]}, mesh)["image"]
             x_rec = recon(state, x)
             values["psnr"].append(float(psnr(x, x_rec)))
             if lpips_params is not None:
                 values["lpips"].append(float(jnp.mean(lpips_eval(lpips_params, x, x_rec))))
-        return {k: float(np.mean(v)) for k, v in values.items() if v}
+            if rfid is not None:
+                reconstructions.append(to_uint8(loop.fetch(x_rec)))
+        scores = {k: float(np.mean(v)) for k, v in values.items() if v}
+        if rfid is not None:
+            scores["rfid"] = rfid(np.concatenate(reconstructions))
+        return scores
 
     def write_images(state: AEState, step: int, out_dir: str) -> None:
         b = eval_batches[0]
@@ -330,6 +339,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
         report = {"step": int(jax.device_get(state.step)), **final}
         config_utils.atomic_write_text(os.path.join(workdir, "eval.json"), json.dumps(report, indent=2))
     return state
+
+
+def make_rfid(evaluation: ml_collections.ConfigDict, originals: list[np.ndarray]) -> Any | None:
+    """rfid(reconstructions uint8 [N, H, W, 3]) -> FID against `originals` (uint8 [n_i, H, W, 3], the validation
+    batches; their Inception statistics computed once, here), or None without evaluation.inception_weights."""
+    if not evaluation.inception_weights:
+        return None
+    from latentdiff.evaluation import fid
+
+    params = fid.load_inception_weights(evaluation.inception_weights)
+    batch, preprocess = int(evaluation.inception_batch_size), evaluation.preprocess
+    reference = fid.stats_of(fid.features(params, originals, batch, preprocess)[0], "the validation batches")
+
+    def rfid(reconstructions: np.ndarray) -> float:
+        pool = fid.features(params, [reconstructions], batch, preprocess)[0]
+        return fid.fid_between(fid.stats_of(pool, "reconstructions"), reference, "reconstructions", "originals", pool)
+
+    return rfid
 
 
 def _first_batches(iterator: Any, n: int) -> list[dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import flax
@@ -25,15 +26,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from latentdiff import conditioning, config_utils, first_stage, parallel, sampling
+from latentdiff import conditioning, config_utils, generation, parallel
 from latentdiff.diffusion import losses as diffusion_losses
 from latentdiff.diffusion.schedules import make_schedule, q_sample
 from latentdiff.errors import UserError
+from latentdiff.first_stage import FirstStage
 from latentdiff.imaging import to_uint8
 from latentdiff.nn.autoencoder import DiagonalGaussian
-from latentdiff.nn.text_encoder import build_text_encoder, init_tokens, null_label
+from latentdiff.nn.text_encoder import build_text_encoder, init_tokens
 from latentdiff.nn.unet import build_unet, validate_context
-from latentdiff.train import common, loop, optim
+from latentdiff.train import ldm_eval, loop, optim, step_parts
+from latentdiff.train.ldm_setup import (
+    check_latents_meta,
+    first_batch_scale_factor,
+    null_condition,
+    prepare_first_stage,
+    prepare_tokenizer,
+)
 
 log = logging.getLogger("latentdiff")
 
@@ -95,20 +104,20 @@ class LDMTask:
     def __init__(
         self,
         config: ml_collections.ConfigDict,
-        fs: first_stage.FirstStage,
+        first_stage: FirstStage,
         null_cond: np.ndarray,
         scale_factor: float,
     ) -> None:
         check_config(config)
         self.config = config
-        self.fs = fs
+        self.first_stage = first_stage
         self.unet = build_unet(config.unet)
         self.cond_encoder = build_text_encoder(config.text_encoder)
         self.schedule = schedule_from_config(config.diffusion)
         self.tx = optim.make_optimizer(config.optim, config.num_train_steps)
         self.null_cond = jnp.asarray(null_cond)
         self.initial_scale_factor = float(scale_factor)
-        self.latent_shape = fs.latent_shape(config.data.resolution)
+        self.latent_shape = first_stage.latent_shape(config.data.resolution)
         self.concat = conditioning.concat_kind(config)
         if self.latent_shape[-1] != config.unet.out_channels:
             raise UserError(
@@ -127,7 +136,7 @@ class LDMTask:
         """The batch field z0 comes from: 'image' (encoded on the fly), 'moments' (KL) or 'latents' (VQ)."""
         if not self.config.first_stage.latents:
             return "image"
-        return "moments" if self.fs.config.kind == "kl" else "latents"
+        return "moments" if self.first_stage.config.kind == "kl" else "latents"
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -151,17 +160,19 @@ class LDMTask:
             nonfinite_streak=jnp.zeros((), jnp.int32),
         )
 
-    def latents(self, fs_variables: dict, images: jax.Array, rng: jax.Array, scale_factor: jax.Array) -> jax.Array:
+    def latents(
+        self, first_stage_variables: dict, images: jax.Array, rng: jax.Array, scale_factor: jax.Array
+    ) -> jax.Array:
         """Frozen first stage: images [B,H,W,3] -> scaled latents [B,h,w,c] (no gradient)."""
-        z = first_stage.encode(self.fs, fs_variables, images, rng, self.config.first_stage.sample_posterior)
+        z = self.first_stage.encode(first_stage_variables, images, rng, self.config.first_stage.sample_posterior)
         return jax.lax.stop_gradient(z) * scale_factor
 
-    def z0(self, batch: dict, rng: jax.Array, fs_variables: dict, scale_factor: jax.Array) -> jax.Array:
+    def z0(self, batch: dict, rng: jax.Array, first_stage_variables: dict, scale_factor: jax.Array) -> jax.Array:
         """Scaled latents [B,h,w,c] of a batch: encoded images, or a posterior sample (mode without
         sample_posterior) of precomputed moments [B,h,w,2c] with the same rng use as on-the-fly encoding, or
         precomputed VQ latents."""
         if self.source_key == "image":
-            return self.latents(fs_variables, batch["image"], rng, scale_factor)
+            return self.latents(first_stage_variables, batch["image"], rng, scale_factor)
         if self.source_key == "moments":
             posterior = DiagonalGaussian.from_moments(batch["moments"])
             z = posterior.sample(rng) if self.config.first_stage.sample_posterior else posterior.mode()
@@ -169,11 +180,15 @@ class LDMTask:
             z = batch["latents"].astype(jnp.float32)
         return jax.lax.stop_gradient(z) * scale_factor
 
-    def concat_input(self, batch: dict, rng: jax.Array, fs_variables: dict, scale_factor: jax.Array) -> jax.Array:
+    def concat_input(
+        self, batch: dict, rng: jax.Array, first_stage_variables: dict, scale_factor: jax.Array
+    ) -> jax.Array:
         """The concat condition [B,h,w,k] of a batch (inpaint: random masks from rng; sr: the batch's 'low_res' if
         present, else the bicubic ↓sr_factor of its images)."""
         images = batch["image"]
-        common_args = dict(fs=self.fs, fs_variables=fs_variables, scale_factor=scale_factor)
+        common_args = dict(
+            first_stage=self.first_stage, first_stage_variables=first_stage_variables, scale_factor=scale_factor
+        )
         if self.concat == "inpaint":
             b, h, w, _ = images.shape
             mask = conditioning.random_masks(rng, b, h, w)
@@ -185,11 +200,13 @@ class LDMTask:
             low_res = conditioning.low_res_from_image(images, self.config.conditioning.sr_factor)
         return conditioning.make_concat("sr", **common_args, latent_hw=self.latent_shape[:2], low_res=low_res)
 
-    def grads(self, params: dict, batch: dict, rng: jax.Array, fs_variables: dict, scale_factor: jax.Array) -> tuple:
+    def grads(
+        self, params: dict, batch: dict, rng: jax.Array, first_stage_variables: dict, scale_factor: jax.Array
+    ) -> tuple:
         """Gradient of L_LDM on one (micro-)batch -> (grads, metrics)."""
         diffusion = self.config.diffusion
         k_enc, k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 5)
-        z0 = self.z0(batch, k_enc, fs_variables, scale_factor)
+        z0 = self.z0(batch, k_enc, first_stage_variables, scale_factor)
         if self.cond_key is None:
             cond = jnp.zeros((z0.shape[0],), jnp.int32)  # dummy labels of kind 'none' (no context, no dropout)
         else:
@@ -199,7 +216,9 @@ class LDMTask:
         z_t = q_sample(self.schedule, z0, t, noise)
         if self.concat != "none":
             k_concat = jax.random.fold_in(rng, 5)  # not a split: the other keys stay those of unconditioned runs
-            z_in = jnp.concatenate([z_t, self.concat_input(batch, k_concat, fs_variables, scale_factor)], axis=-1)
+            z_in = jnp.concatenate(
+                [z_t, self.concat_input(batch, k_concat, first_stage_variables, scale_factor)], axis=-1
+            )
         else:
             z_in = z_t
         gamma = diffusion.min_snr_gamma if diffusion.min_snr_gamma > 0 else None
@@ -219,21 +238,23 @@ class LDMTask:
         metrics = {"loss": loss, "bucket_sums": sums, "bucket_counts": counts, "latent_std": jnp.std(z0)}
         return grads, metrics
 
-    def train_step(self, state: LDMState, batch: dict, rng: jax.Array, fs_variables: dict) -> tuple[LDMState, dict]:
-        grads, metrics = common.accumulate_gradients(
-            lambda p, b, r: self.grads(p, b, r, fs_variables, state.scale_factor),
+    def train_step(
+        self, state: LDMState, batch: dict, rng: jax.Array, first_stage_variables: dict
+    ) -> tuple[LDMState, dict]:
+        grads, metrics = step_parts.accumulate_gradients(
+            lambda p, b, r: self.grads(p, b, r, first_stage_variables, state.scale_factor),
             state.params,
             batch,
             rng,
             self.config.grad_accum_steps,
         )
-        grad_norm = common.global_norm(grads)
-        finite = common.all_finite(metrics["loss"], grad_norm)
-        decay = common.ema_decay(state.step, self.config.ema.decay, self.config.ema.warmup)
+        grad_norm = step_parts.global_norm(grads)
+        finite = step_parts.all_finite(metrics["loss"], grad_norm)
+        decay = step_parts.ema_decay(state.step, self.config.ema.decay, self.config.ema.warmup)
         params, opt_state, ema_params = self.tx.apply(
             grads, state.opt_state, state.params, grad_norm, finite, state.ema_params, decay
         )
-        count, streak = common.count_skips(finite, state.nonfinite_count, state.nonfinite_streak)
+        count, streak = step_parts.count_skips(finite, state.nonfinite_count, state.nonfinite_streak)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -256,96 +277,6 @@ class LDMTask:
         return new_state, loop.scalar_metrics(**scalars)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Wiring: first stage, tokenizer, scale factor, loop.
-
-
-def prepare_first_stage(config: ml_collections.ConfigDict, workdir: str) -> first_stage.FirstStage:
-    """The frozen stage-1 model, copied into workdir/first_stage on the first run (so the workdir is self-contained)."""
-    local = os.path.join(workdir, "first_stage")
-    if os.path.isfile(os.path.join(local, "autoencoder.json")):
-        return first_stage.load_export(local)
-    config_utils.require(config, "first_stage.workdir")
-    source = config.first_stage.workdir
-    from latentdiff.workdir import read_first_stage
-
-    fs, step = read_first_stage(source)  # the stage-1 workdir is only read
-    if jax.process_index() == 0:
-        first_stage.save_export(fs.config, fs.variables, local, {"step": str(step)})
-    if fs.config.resolution != config.data.resolution:
-        log.warning(
-            "stage-1 resolution %d differs from data.resolution %d (fully convolutional, continuing)",
-            fs.config.resolution,
-            config.data.resolution,
-        )
-    return fs
-
-
-def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str, captions: list[str] | None = None) -> Any:
-    """The run's tokenizer, saved in workdir/tokenizer (first run: a named/local HF tokenizer, or WordPiece trained on
-    the training captions — the offline default), so sampling later uses exactly the same vocabulary.
-
-    captions: the training captions when they do not come from config.data (precomputed latents' captions.jsonl);
-    the WordPiece vocabulary is then built from their first data.tokenizer_corpus_examples.
-    """
-    from latentdiff.data import tokenizer as tokenizer_lib
-    from latentdiff.data.input_pipeline import make_tokenizer
-
-    local = os.path.join(workdir, "tokenizer")
-    save_dir = local if jax.process_index() == 0 or os.path.isdir(local) else ""
-    if captions is None or (save_dir and tokenizer_lib.is_tokenizer_dir(save_dir)) or config.tokenizer.name_or_path:
-        tok = make_tokenizer(config.tokenizer, config.data, save_dir=save_dir)
-    else:
-        corpus = captions[: config.data.tokenizer_corpus_examples]
-        tok = tokenizer_lib.train_wordpiece(corpus, config.tokenizer.vocab_size, config.tokenizer.max_length)
-        if save_dir:
-            tok.save(save_dir)
-    if tok.vocab_size > config.text_encoder.vocab_size:
-        raise UserError(
-            f"tokenizer has {tok.vocab_size} tokens but text_encoder.vocab_size is {config.text_encoder.vocab_size}; "
-            f"set --config.text_encoder.vocab_size={tok.vocab_size}"
-        )
-    return tok
-
-
-def null_condition(config: ml_collections.ConfigDict, tokenizer: Any) -> np.ndarray:
-    """The unconditional input: tokens of the empty caption "" [L], the null class label (a scalar), or the dummy
-    label 0 of kind 'none'."""
-    if config.text_encoder.kind == "none":
-        return np.zeros((), np.int32)
-    if config.text_encoder.kind == "class":
-        return np.asarray(null_label(config.text_encoder), np.int32)
-    return np.asarray(tokenizer.encode([""])[0], np.int32)
-
-
-def first_batch_scale_factor(
-    fs: first_stage.FirstStage, batch: dict, mesh: jax.sharding.Mesh, sample_posterior: bool, seed: int
-) -> float:
-    """1 / std of the first (global) batch's latents, as the LDM code does with scale_by_std."""
-    images = parallel.host_to_global({"image": batch["image"]}, mesh)["image"]
-    fs_vars = jax.device_put(fs.variables, parallel.replicated(mesh))
-    z = jax.jit(lambda v, x, r: first_stage.encode(fs, v, x, r, sample_posterior))(
-        fs_vars, images, jax.random.key(seed)
-    )
-    return float(1.0 / jnp.std(z))
-
-
-def check_latents_meta(meta: dict, fs: first_stage.FirstStage, config: ml_collections.ConfigDict) -> None:
-    """One-line ValueError unless precomputed latents (meta.json) come from a first stage like first_stage.workdir's
-    (kind, embed_dim and latent shape at data.resolution)."""
-    expected, latents = list(fs.latent_shape(config.data.resolution)), config.first_stage.latents
-    got = (meta["kind"], int(meta["embed_dim"]), list(meta["latent_shape"]))
-    if got != (fs.config.kind, int(fs.config.embed_dim), expected):
-        raise UserError(
-            f"first_stage.latents={latents!r} holds {got[0]} latents {got[2]} (embed_dim {got[1]}) but "
-            f"first_stage.workdir gives {fs.config.kind} latents {expected} (embed_dim {fs.config.embed_dim}) at "
-            f"data.resolution={config.data.resolution}; re-encode with latentdiff encode --workdir "
-            f"{config.first_stage.workdir} --out DIR"
-        )
-    if config.text_encoder.kind == "class" and not os.path.isfile(os.path.join(latents, "labels.npy")):
-        raise UserError(f"text_encoder.kind='class' needs labels, but {latents!r} has no labels.npyhas no labels.npy")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMState:
     """Trains stage 2; writes checkpoints, metrics, sample grids to `workdir` (resumes if it holds a checkpoint)."""
     from latentdiff.data import input_pipeline
@@ -358,12 +289,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
         timeout_s=config.distributed.timeout_s,
     )
     check_config(config)
+    config_utils.require(config, "evaluation.num_images")
+    ldm_eval.check_evaluation_config(config)
     mesh = parallel.make_mesh(dict(config.mesh))
-    fs = prepare_first_stage(config, workdir)  # as trained: checks, the scale factor (sampling uses it as trained)
+    first_stage = prepare_first_stage(config, workdir)  # as trained (sampling and evaluation use it so)
     latents = config.first_stage.latents
     meta = latent_data.read_meta(latents) if latents else None
     if meta is not None:
-        check_latents_meta(meta, fs, config)
+        check_latents_meta(meta, first_stage, config)
     if config.text_encoder.kind == "bert":
         captions = latent_data.open_arrays(latents)[2] if latents else None
         tokenizer = prepare_tokenizer(config, workdir, captions)
@@ -400,29 +333,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
         log.info("latent scale factor from %s/meta.json: %.5f", latents, scale_factor)
     elif scale_factor <= 0:
         scale_factor = first_batch_scale_factor(
-            fs, next(iter(make_iter())), mesh, config.first_stage.sample_posterior, config.seed
+            first_stage, next(iter(make_iter())), mesh, config.first_stage.sample_posterior, config.seed
         )
         log.info("latent scale factor from the first batch: %.5f", scale_factor)
     # first_stage.dtype: the frozen model's compute dtype in the train step's encoding and the preview grids.
-    task = LDMTask(config, first_stage.with_compute_dtype(fs, config.first_stage.dtype), null_cond, scale_factor)
-    fs_variables = jax.device_put(fs.variables, parallel.replicated(mesh))
-    write_images = make_image_writer(config, task, tokenizer, fs_variables, mesh)
+    task = LDMTask(config, first_stage.with_compute_dtype(config.first_stage.dtype), null_cond, scale_factor)
+    first_stage_variables = jax.device_put(first_stage.variables, parallel.replicated(mesh))
+    write_images = make_image_writer(config, task, tokenizer, first_stage_variables, mesh)
+    evaluate = ldm_eval.make_evaluation(config, workdir, task, first_stage, tokenizer, scale_factor)
     loop_task = loop.Task(
         init_state=task.init_state,
         step_for=lambda step: task.train_step,
         batch_keys=task.batch_keys,
-        constants=fs_variables,
+        constants=first_stage_variables,
         write_images=write_images,
+        evaluate=evaluate,
     )
-    return loop.run(config, workdir, loop_task, make_iter, mesh)
+    started = time.perf_counter()
+    state = loop.run(config, workdir, loop_task, make_iter, mesh)
+    if evaluate is not None and evaluate.runs:
+        wall = time.perf_counter() - started
+        log.info(
+            "evaluation during training: %d runs, %.1f s, %.1f%% of this run's %.1f s",
+            evaluate.runs,
+            evaluate.seconds,
+            100 * evaluate.seconds / wall,
+            wall,
+        )
+    return state
 
 
 def make_image_writer(
-    config: ml_collections.ConfigDict, task: LDMTask, tokenizer: Any, fs_variables: dict, mesh: jax.sharding.Mesh
+    config: ml_collections.ConfigDict,
+    task: LDMTask,
+    tokenizer: Any,
+    first_stage_variables: dict,
+    mesh: jax.sharding.Mesh,
 ) -> Any:
     """Periodic sample grids (EMA params, the config's sampler and prompts/classes) -> workdir/images/*.png.
 
-    None (no grids) for concat-conditioned models: their samples need concat inputs, which sampling.make_generate
+    None (no grids) for concat-conditioned models: their samples need concat inputs, which generation.make_generate
     does not take.
     """
     if task.concat != "none":
@@ -430,10 +380,10 @@ def make_image_writer(
         return None
     s = config.sampling
     generate = jax.jit(
-        sampling.make_generate(
+        generation.make_generate(
             unet=task.unet,
             cond_encoder=task.cond_encoder,
-            fs=task.fs,
+            first_stage=task.first_stage,
             schedule=task.schedule,
             parameterization=config.diffusion.parameterization,
             sampler=s.sampler,
@@ -451,12 +401,12 @@ def make_image_writer(
         captions = list(s.prompts)
         cond = tokenizer.encode(captions)
     uncond = task.null_cond[None]
-    x_T = sampling.initial_noise(config.seed, jnp.arange(len(captions)), task.latent_shape)
+    x_T = generation.initial_noise(config.seed, jnp.arange(len(captions)), task.latent_shape)
 
     def write(state: LDMState, step: int, out_dir: str) -> None:
         images = generate(
             state.ema_params,
-            fs_variables,
+            first_stage_variables,
             state.scale_factor,
             jnp.asarray(cond),
             uncond,

@@ -415,12 +415,8 @@ def _data_state(train_iter: Iterator) -> dict:
 
 
 def fetch(tree: Any) -> Any:
-    """Global (possibly multi-host sharded) arrays -> numpy on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
+    """Global (possibly multi-host sharded) arrays -> numpy on every process (parallel.to_host)."""
+    return parallel.to_host(tree)
 
 
 def scalar_metrics(**values: jax.Array) -> dict[str, jax.Array]:

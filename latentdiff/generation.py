@@ -16,10 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from latentdiff import conditioning, first_stage
+from latentdiff import conditioning
 from latentdiff.diffusion import guidance, samplers
 from latentdiff.diffusion.schedules import Schedule, q_sample
 from latentdiff.errors import UserError
+from latentdiff.first_stage import FirstStage
 
 SAMPLERS = ("ddim", "dpmpp2m")
 DPMPP_SPACING = "linspace"  # DPM-Solver++ timesteps (samplers.dpmpp_timesteps)
@@ -98,7 +99,7 @@ def make_generate(
     *,
     unet: Any,
     cond_encoder: Any,
-    fs: first_stage.FirstStage,
+    first_stage: FirstStage,
     schedule: Schedule,
     parameterization: str,
     sampler: str,
@@ -108,8 +109,8 @@ def make_generate(
     concat: str = "none",
     return_latents: bool = False,
 ) -> Callable[..., Any]:
-    """Returns generate(params, fs_variables, scale_factor, cond [B,...], uncond [1 or B,...], guidance_scale, eta,
-    x_T [B,h,w,c], rng_sampler, inputs=None) -> images [B,H,W,3] in [-1, 1] (float32), or with return_latents
+    """Returns generate(params, first_stage_variables, scale_factor, cond [B,...], uncond [1 or B,...], guidance_scale,
+    eta, x_T [B,h,w,c], rng_sampler, inputs=None) -> images [B,H,W,3] in [-1, 1] (float32), or with return_latents
     (images, z [B,h,w,c]) where z is the final (scaled) latent. Jit it (or call it inside a jitted function).
 
     x_T is the initial latent noise (see `initial_noise`); rng_sampler (one key, or per-sample keys [B], see
@@ -139,7 +140,7 @@ def make_generate(
 
     def generate(
         params: dict,
-        fs_variables: dict,
+        first_stage_variables: dict,
         scale_factor: jax.Array,
         cond: jax.Array,
         uncond: jax.Array,
@@ -162,8 +163,8 @@ def make_generate(
         else:
             extra = conditioning.make_concat(
                 concat,
-                fs=fs,
-                fs_variables=fs_variables,
+                first_stage=first_stage,
+                first_stage_variables=first_stage_variables,
                 scale_factor=scale_factor,
                 latent_hw=tuple(x_T.shape[1:3]),
                 image=inputs.get("image"),
@@ -179,13 +180,13 @@ def make_generate(
             )
         z0 = keep = None
         if needs_z0:
-            z0 = first_stage.encode(fs, fs_variables, inputs["image"], None, False) * scale_factor
+            z0 = first_stage.encode(first_stage_variables, inputs["image"], None, False) * scale_factor
             z0 = z0.astype(x_T.dtype)
         x = x_T
         if start_step:
             x = q_sample(schedule, z0, jnp.full((x_T.shape[0],), t_start, jnp.int32), x_T)
         if blend:
-            keep = 1.0 - latent_mask(inputs["mask"].astype(jnp.float32), fs.downsample_factor)
+            keep = 1.0 - latent_mask(inputs["mask"].astype(jnp.float32), first_stage.downsample_factor)
         modify = dict(start_step=start_step, x0_known=z0 if blend else None, mask=keep)
         if sampler == "ddim":
             z = samplers.ddim_sample(model_fn, schedule, x, num_steps, eta, rng_sampler, parameterization, **modify)
@@ -194,7 +195,7 @@ def make_generate(
             z = samplers.dpmpp_2m_sample(
                 model_fn, schedule, x, num_steps, rng_sampler, parameterization, timestep_spacing=spacing, **modify
             )
-        images = first_stage.decode(fs, fs_variables, z / scale_factor)
+        images = first_stage.decode(first_stage_variables, z / scale_factor)
         return (images, z) if return_latents else images
 
     return generate

@@ -1,15 +1,15 @@
-"""Shared machinery of the weight converters: explicit key tables, layout transforms, strict checks.
+"""The weight converters' explicit key tables and config field tables, with strict checks.
 
 A converter builds a *table*: a list of `Rule(src, dst, transform)` where `src` is a key of the source state dict
 (PyTorch layout, numpy arrays) and `dst` is a '/'-joined path into our Flax params. `apply_table` checks every
 converted array against the abstract params from `jax.eval_shape(init)`, and raises `ConversionError` listing every
 missing, unexpected or mis-shaped key: nothing is renamed heuristically and nothing is silently dropped (keys a
-converter deliberately ignores are passed as `ignored`).
+converter deliberately ignores are passed as `ignored`). A config translation classifies every field of the source
+config as mapped, fixed (must hold a value we support) or inert (`field_table`, `field_problems`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +18,6 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from latentdiff import config_utils
 from latentdiff.errors import UserError
 
 
@@ -60,19 +59,6 @@ class Rule:
     src: str
     dst: str
     transform: Callable[[np.ndarray], np.ndarray] = identity
-
-
-def import_torch(path: str):
-    """The torch module, to read the PyTorch file `path` (torch.load with weights_only=True); ConversionError in one
-    line when PyTorch is not installed (it is never needed to train or sample, only to read .pth / .ckpt files)."""
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError(
-            f"reading {path} (a PyTorch pickle file) needs PyTorch: `pip install torch` (the CPU build is enough), "
-            "or use a .safetensors copy of the weights"
-        ) from None
-    return torch
 
 
 # Keys a transformers PretrainedConfig (config.json of a text encoder) may carry besides its model's own fields,
@@ -159,16 +145,6 @@ def field_problems(config: Mapping, fixed: Mapping[str, object], known: Iterable
     return problems
 
 
-def to_numpy_state_dict(state_dict: Mapping[str, object]) -> dict[str, np.ndarray]:
-    """Torch tensors (or anything array-like) -> float32/int numpy arrays, without importing torch."""
-    out = {}
-    for key, value in state_dict.items():
-        if hasattr(value, "detach"):
-            value = value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
-        out[key] = np.asarray(value)
-    return out
-
-
 def apply_table(
     table: Iterable[Rule],
     state_dict: Mapping[str, np.ndarray],
@@ -226,9 +202,6 @@ INVERSES: dict[Callable, Callable] = {
 }
 
 
-# ------------------------------------------------------------------------------------- config fields and weight files
-
-
 def field_problem(field: str, got: Any, want: Any) -> str:
     return f"{field}={got!r} (latentdiff implements {want!r})"
 
@@ -255,49 +228,3 @@ def holds(got: object, want: object) -> bool:
     if isinstance(want, float) and isinstance(got, int | float) and not isinstance(got, bool):
         return got == want
     return got == want
-
-
-def read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} not found")
-    return config_utils.read_json_file(path, "a diffusers config")
-
-
-def read_weights(path: str) -> tuple[dict[str, np.ndarray], int]:
-    """A weight file -> (numpy state dict, training step or -1): .safetensors (preferred), or a torch file read with
-    torch.load(weights_only=True); a checkpoint holding {'state_dict': ..., 'global_step': ...} (CompVis / Lightning
-    .ckpt) is unwrapped. Non-tensor entries inside the state dict are an error."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file {path!r} not found")
-    if path.endswith(".safetensors"):
-        import ml_dtypes  # registers numpy's 'bfloat16' dtype, which bf16 safetensors files need
-        from safetensors.numpy import load_file
-
-        bf16 = np.dtype(ml_dtypes.bfloat16)
-        return {k: v.astype(np.float32) if v.dtype == bf16 else v for k, v in load_file(path).items()}, -1
-    from latentdiff.convert.common import import_torch, to_numpy_state_dict
-
-    torch = import_torch(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError and friends: the file holds more than tensors and plain containers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(
-            f"{path!r} cannot be read with torch.load(weights_only=True): {first[:200]}. Only plain tensor "
-            "checkpoints are accepted; use the model's .safetensors release instead"
-        ) from None
-    step = -1
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        step = int(obj["global_step"]) if isinstance(obj.get("global_step"), int) else -1
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ConversionError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
-    bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
-    if bad:
-        raise ConversionError(f"{path!r}: entries that are not tensors: {bad[:10]}")
-    return to_numpy_state_dict(obj), step
-
-
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """read_weights without the step."""
-    return read_weights(path)[0]

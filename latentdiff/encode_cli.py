@@ -40,7 +40,7 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
     from latentdiff.data.latents import ARRAYS, CAPTIONS, LABELS, META
     from latentdiff.workdir import read_first_stage
 
-    fs, fs_step = read_first_stage(workdir)  # read-only: nothing is written into the stage-1 workdir
+    first_stage, fs_step = read_first_stage(workdir)  # read-only: nothing is written into the stage-1 workdir
     config = config_utils.load_workdir_config(workdir)
     iterator = make_dataset(
         config.data,
@@ -56,27 +56,27 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
     total = min(total, num) if num else total
     if total == 0:
         raise UserError(f"split {split!r} gave no full batch of {batch_size}; lower --batch_size")
-    kl = fs.config.kind == "kl"
-    latent_shape = fs.latent_shape(config.data.resolution)
+    kl = first_stage.config.kind == "kl"
+    latent_shape = first_stage.latent_shape(config.data.resolution)
 
     @jax.jit
     def encode(variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         if kl:
-            posterior = fs.module.apply(variables, images, False, method=type(fs.module).encode)
+            posterior = first_stage.module.apply(variables, images, False, method=type(first_stage.module).encode)
             return posterior.mean, posterior.logvar
-        h = fs.module.apply(variables, images, False, method=type(fs.module).encode)
+        h = first_stage.module.apply(variables, images, False, method=type(first_stage.module).encode)
         return h, jnp.zeros_like(h)
 
     os.makedirs(out, exist_ok=True)
     atomic_files.remove_stale(out)  # temporaries of a killed earlier encoding
     if os.path.isfile(os.path.join(out, META)):  # the directory is not a valid latents source until rewritten
         os.remove(os.path.join(out, META))
-    names = ARRAYS[fs.config.kind]
+    names = ARRAYS[first_stage.config.kind]
     final = {n: os.path.join(out, f"{n}.npy") for n in names} | {"labels": os.path.join(out, LABELS)}
     final["captions"] = os.path.join(out, CAPTIONS)
     tmp = {n: atomic_files.temp_path(path) for n, path in final.items()}
     try:
-        std = _fill(encode, fs.variables, iterator, tmp, names, total, latent_shape, kl, seed)
+        std = _fill(encode, first_stage.variables, iterator, tmp, names, total, latent_shape, kl, seed)
     except BaseException:  # an error or SIGTERM (errors.run_cli): no half-written temporaries stay behind
         for path in tmp.values():
             atomic_files.discard(path)
@@ -93,10 +93,10 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
         "step": str(fs_step),
         "split": split,
         "num": total,
-        "kind": fs.config.kind,
+        "kind": first_stage.config.kind,
         "latent_shape": list(latent_shape),
-        "embed_dim": int(fs.config.embed_dim),
-        "downsample_factor": fs.downsample_factor,
+        "embed_dim": int(first_stage.config.embed_dim),
+        "downsample_factor": first_stage.downsample_factor,
         "resolution": int(config.data.resolution),
         "latent_std": std,
         "scale_factor": 1.0 / std,
