@@ -37,7 +37,7 @@ def main() -> None:
     config.evaluation = recipe.evaluation
     config.evaluation.inception_weights = args.inception_weights
     check_evaluation_config(config)
-    state = SimpleNamespace(step=pipe.step, ema_params=pipe.params)
+    state = SimpleNamespace(step=pipe.step, ema_params=pipe.params, scale_factor=pipe.scale_factor)
     seconds = []
     with tempfile.TemporaryDirectory() as workdir:
         evaluation = Evaluation(config, workdir, pipe, lambda *_: None)

@@ -56,10 +56,10 @@ class Pipeline:
         self._compiled: dict[tuple, Any] = {}
         self.latent_shape = self.first_stage.latent_shape(self.resolution)
 
-    def load_params(self, params: dict, step: int) -> None:
-        """Generates with other weights of the same model from now on (e.g. the EMA params during training: host or
-        device arrays, any sharding); compiled functions are kept."""
-        self.params, self.step = params, int(step)
+    def load_params(self, params: dict, step: int, scale_factor: float) -> None:
+        """Generates with other weights of the same model from now on (e.g. the EMA params and latent scale factor of
+        a training state: host or device arrays, any sharding); compiled functions are kept."""
+        self.params, self.step, self.scale_factor = params, int(step), float(scale_factor)
         self._params = jax.device_put(params, parallel.replicated(self.mesh))
 
     # ----- loading -----

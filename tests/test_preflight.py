@@ -260,3 +260,37 @@ def test_report_json_record(tmp_path):
     path.write_text(json.dumps(record))
     loaded = json.loads(path.read_text())
     assert loaded["peak"] == 130 and loaded["fits"] is True and loaded["was_compiled"] is False
+
+
+def test_the_compilers_out_of_hbm_error_is_a_does_not_fit_verdict():
+    """libtpu refuses a program over the HBM it may use (v4: 30.75 of 32 GiB, batch 225 per chip of the paper step);
+    that is a 'does not fit' report with the excess as the margin (exit 1, and --find_max_batch goes on), while any
+    other compile error still raises."""
+    message = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in memory "
+        "space hbm. Used 30.97G of 30.75G hbm. Exceeded hbm capacity by 227.67M."
+    )
+    assert preflight_report.compiler_hbm_excess(message) == int(227.67 * 2**20)
+    assert preflight_report.compiler_hbm_excess("RESOURCE_EXHAUSTED: out of host memory") is None
+    assert preflight_report.compiler_hbm_excess("INVALID_ARGUMENT: hbm") is None
+
+    class Refused:
+        def __init__(self, error):
+            self.error = error
+
+        def lower(self, *args):
+            return self
+
+        def compile(self):
+            raise self.error
+
+    capacity = 32 * 2**30
+    program = preflight_programs.Program("train", 900, Refused(RuntimeError(message)), (), {"params": 1}, None)
+    report = preflight_report.compile_program(program, capacity)
+    assert not report.fits and report.peak - report.capacity == int(227.67 * 2**20)
+    text = preflight_report.format_report(report, chip_for_topology("v4:2x2x1"), 4)
+    assert "refused by the compiler" in text and "DOES NOT FIT: the TPU compiler ran out of HBM, over by 0.22" in text
+    assert preflight_report.report_record(report, None)["fits"] is False
+    other = preflight_programs.Program("train", 900, Refused(RuntimeError("INTERNAL: boom")), (), {}, None)
+    with pytest.raises(RuntimeError, match="boom"):
+        preflight_report.compile_program(other, capacity)

@@ -118,8 +118,8 @@ class Evaluation:
 
     def __call__(self, state: Any) -> dict[str, float]:
         start = time.perf_counter()
-        step = int(jax.device_get(state.step))
-        self.pipe.load_params(state.ema_params, step)
+        step = int(_local_value(state.step))
+        self.pipe.load_params(state.ema_params, step, _local_value(state.scale_factor))
         out: dict[str, float] = {}
         for index, scorer in enumerate(self.scorers):
             scores, images, captions = scorer(self.pipe)
@@ -130,6 +130,12 @@ class Evaluation:
         self.runs, self.seconds = self.runs + 1, self.seconds + out["seconds"]
         log.info("evaluation at step %d (%.1f s): %s", step, out["seconds"], _summary(out))
         return out
+
+
+def _local_value(x: Any) -> float:
+    """A replicated scalar (a jax.Array, possibly spanning processes, or a number) -> its value on this process."""
+    shards = getattr(x, "addressable_shards", None)
+    return float(np.asarray(shards[0].data if shards else x))
 
 
 def _split_scorer(

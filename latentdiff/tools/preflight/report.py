@@ -34,6 +34,7 @@ class ProgramReport:
     compile_seconds: float
     capacity: int  # HBM bytes per device; 0 = unknown
     compiled: Any = dataclasses.field(default=None, repr=False, compare=False)  # the executable; None: not compiled
+    compiler_oom: str = ""  # the TPU compiler's own out-of-HBM verdict (then arguments = capacity + the excess)
 
     @property
     def peak(self) -> int:
@@ -59,7 +60,17 @@ def compile_program(program: Program, capacity: int) -> ProgramReport:
             program.name, program.batch, program.state, inputs, 0, 0, 0, 0.0, 0.0, 0.0, 1.0, 0.0, capacity
         )
     start = time.perf_counter()
-    compiled = program.jitted.lower(*program.args).compile()
+    try:
+        compiled = program.jitted.lower(*program.args).compile()
+    except Exception as error:  # only the compiler's out-of-HBM verdict is a result; any other error re-raises
+        excess = compiler_hbm_excess(str(error))
+        if excess is None:
+            raise
+        text = str(error).strip().splitlines()[0][:300]
+        return ProgramReport(
+            program.name, program.batch, program.state, max(capacity, 0) + excess, 0, 0, 0, 0.0, 0.0, 0.0, 1.0,
+            time.perf_counter() - start, capacity, compiler_oom=text,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -83,6 +94,22 @@ def compile_program(program: Program, capacity: int) -> ProgramReport:
         capacity=capacity,
         compiled=compiled,
     )
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def compiler_hbm_excess(message: str) -> int | None:
+    """Bytes by which a program exceeds HBM, from the TPU compiler's out-of-memory error ('RESOURCE_EXHAUSTED ...
+    CompileTimeHbmOom ... Ran out of memory in memory space hbm. Used 30.97G of 30.75G hbm. Exceeded hbm capacity by
+    227.67M.'); None for any other error. The compiler refuses a program that does not fit the HBM it may use (on v4:
+    30.75 of 32 GiB), after its own attempts to save memory."""
+    import re
+
+    if "RESOURCE_EXHAUSTED" not in message or "hbm" not in message.lower():
+        return None
+    match = re.search(r"Exceeded hbm capacity by ([\d.]+)\s*([KMGT]?)", message, re.IGNORECASE)
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()]) if match else 1
 
 
 def _devices_of(args: tuple) -> list:
@@ -116,10 +143,17 @@ def format_report(report: ProgramReport, chip: Chip | None, num_chips: int) -> s
     s = report.state
     parts = [f"{k} {v / GIB:.3f}" for k, v in s.items() if v or k in ("params", "ema_params", "opt_state")]
     how = f"compiled in {report.compile_seconds:.0f} s" if report.compiled is not None else "not compiled"
+    how = f"refused by the compiler after {report.compile_seconds:.0f} s" if report.compiler_oom else how
     lines = [
         f"[{report.name}] global batch {report.batch} ({report.batch / num_chips:g} per device), {how}",
         "  state per device (GiB): " + ", ".join(parts),
     ]
+    if report.compiler_oom:
+        lines.append(
+            f"  DOES NOT FIT: the TPU compiler ran out of HBM, over by {(report.peak - report.capacity) / GIB:.2f} GiB "
+            f"per device ({report.compiler_oom})"
+        )
+        return "\n".join(lines)
     if report.compiled is None:
         lines.append(
             f"  DOES NOT FIT: its inputs alone take {report.arguments / GIB:.3f} GiB per device, more than the "
