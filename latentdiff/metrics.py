@@ -398,6 +398,43 @@ def inception_score(logits: np.ndarray, splits: int = 10, shuffle_seed: int | No
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD² of feature sets x, y [m, D] (the same m) under KID's kernel k(a, b) = (a·b / D + 1)³: the
+    within-set means leave out the diagonal (pairs i ≠ j), the cross-set mean takes every pair."""
+    m, dim = x.shape
+    k_xx = (x @ x.T / dim + 1.0) ** 3
+    k_yy = (y @ y.T / dim + 1.0) ** 3
+    k_xy = (x @ y.T / dim + 1.0) ** 3
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2.0 * k_xy.mean())
+
+
+def kernel_inception_distance(
+    features1: np.ndarray, features2: np.ndarray, subsets: int, subset_size: int, seed: int
+) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018) of two feature sets [N1, D], [N2, D] -> (mean, std) over `subsets` draws.
+
+    Each draw takes subset_size rows of each set without replacement (np.random.RandomState(seed), set 1 then set 2,
+    as torch-fidelity draws them) and scores polynomial_mmd2_unbiased in float64; the std is np.std of the draws.
+    Unlike FID it has an unbiased estimator, so it compares sets of a few hundred images fairly.
+    """
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+        raise UserError(f"KID needs features [N, D] of one D; got shapes {f1.shape} and {f2.shape}")
+    if subsets < 1 or not 2 <= subset_size <= min(f1.shape[0], f2.shape[0]):
+        raise UserError(
+            f"KID subset_size {subset_size} must be in [2, {min(f1.shape[0], f2.shape[0])}] (the smaller set) and "
+            f"subsets {subsets} >= 1; lower the subset size or add images"
+        )
+    rng = np.random.RandomState(seed)
+    scores = []
+    for _ in range(subsets):
+        x = f1[rng.choice(f1.shape[0], subset_size, replace=False)]
+        y = f2[rng.choice(f2.shape[0], subset_size, replace=False)]
+        scores.append(polynomial_mmd2_unbiased(x, y))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
 def psnr(a: jax.Array, b: jax.Array, data_range: float) -> jax.Array:
     """Per-image PSNR in dB: a, b [N, ...] -> [N] = 10·log10(data_range² / mean((a − b)²)) (inf when equal)."""
     if a.shape != b.shape:
