@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import flax
@@ -297,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
     rfid = make_rfid(config.evaluation, [to_uint8(x) for x in originals])
 
     def evaluate(state: AEState) -> dict[str, float]:
+        start = time.perf_counter()
         values = {"psnr": [], "lpips": []}
         reconstructions = []
         for b in eval_batches:
@@ -310,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
         scores = {k: float(np.mean(v)) for k, v in values.items() if v}
         if rfid is not None:
             scores["rfid"] = rfid(np.concatenate(reconstructions))
-        return scores
+        return scores | {"seconds": time.perf_counter() - start}
 
     def write_images(state: AEState, step: int, out_dir: str) -> None:
         b = eval_batches[0]

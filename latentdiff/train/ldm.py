@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -353,13 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
     state = loop.run(config, workdir, loop_task, make_iter, mesh)
     if evaluate is not None and evaluate.runs:
         wall = time.perf_counter() - started
-        log.info(
-            "evaluation during training: %d runs, %.1f s, %.1f%% of this run's %.1f s",
-            evaluate.runs,
-            evaluate.seconds,
-            100 * evaluate.seconds / wall,
-            wall,
-        )
+        share = f"{evaluate.seconds:.1f} s, {100 * evaluate.seconds / wall:.1f}% of this run's {wall:.1f} s"
+        print(f"evaluation during training: {evaluate.runs} runs, {share}", file=sys.stderr, flush=True)
     return state
 
 
