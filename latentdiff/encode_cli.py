@@ -40,7 +40,7 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
     from latentdiff.data.latents import ARRAYS, CAPTIONS, LABELS, META
     from latentdiff.workdir import read_first_stage
 
-    first_stage, fs_step = read_first_stage(workdir)  # read-only: nothing is written into the stage-1 workdir
+    first_stage, first_stage_step = read_first_stage(workdir)  # read-only: nothing is written into the stage-1 workdir
     config = config_utils.load_workdir_config(workdir)
     iterator = make_dataset(
         config.data,
@@ -90,7 +90,7 @@ def encode_split(workdir: str, out: str, split: str, num: int, batch_size: int, 
     meta = {
         "format": "npy",
         "workdir": os.path.abspath(workdir),
-        "step": str(fs_step),
+        "step": str(first_stage_step),
         "split": split,
         "num": total,
         "kind": first_stage.config.kind,

@@ -52,7 +52,7 @@ class Pipeline:
         self.mesh = parallel.make_mesh({"data": -1})
         replicated = parallel.replicated(self.mesh)
         self._params = None if self.params is None else jax.device_put(self.params, replicated)
-        self._fs_variables = jax.device_put(self.first_stage.variables, replicated)
+        self._first_stage_variables = jax.device_put(self.first_stage.variables, replicated)
         self._compiled: dict[tuple, Any] = {}
         self.latent_shape = self.first_stage.latent_shape(self.resolution)
 
@@ -200,7 +200,9 @@ class Pipeline:
                 return z, self.first_stage.decode(first_stage_variables, z / scale_factor)
 
             self._compiled["autoencode"] = jax.jit(run)
-        z, rec = self._compiled["autoencode"](self._fs_variables, jnp.float32(self.scale_factor), jnp.asarray(x))
+        z, rec = self._compiled["autoencode"](
+            self._first_stage_variables, jnp.float32(self.scale_factor), jnp.asarray(x)
+        )
         return np.asarray(z), np.asarray(rec)
 
     def modification_inputs(
@@ -328,7 +330,7 @@ class Pipeline:
             keys = jax.device_put(generation.sampler_keys(seed, jnp.arange(start, start + batch)), sharded)
             images, latents = generate(
                 self._params,
-                self._fs_variables,
+                self._first_stage_variables,
                 jnp.float32(self.scale_factor),
                 jax.device_put(cond, sharded),
                 jnp.asarray(uncond),

@@ -376,8 +376,10 @@ def test_compvis_checkpoint_gives_the_same_model(model, request, tmp_path):
     assert_trees_equal(load_params(out, LIVE_FILE), live)
     assert_trees_equal(load_params(out, EMA_FILE), ema)
     assert params_io.read_metadata(os.path.join(out, PARAMS_DIR, EMA_FILE))["step"] == "1234"
-    fs_a, fs_b = (params_io.load_params(os.path.join(w, "first_stage", "params.safetensors")) for w in (workdir, out))
-    assert_trees_equal(fs_a, fs_b)
+    first_stage_a, first_stage_b = (
+        params_io.load_params(os.path.join(w, "first_stage", "params.safetensors")) for w in (workdir, out)
+    )
+    assert_trees_equal(first_stage_a, first_stage_b)
     a, b = Pipeline.from_workdir(workdir).config, Pipeline.from_workdir(out, use_ema=False).config
     for block in ("unet", "text_encoder", "diffusion", "first_stage", "data"):
         assert a[block].to_dict() == b[block].to_dict(), block

@@ -294,8 +294,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
     recon = jax.jit(task.reconstruct_eval)
     lpips_eval = jax.jit(task.perceptual)
 
-    originals = [loop.fetch(parallel.host_to_global({"image": b["image"]}, mesh)["image"]) for b in eval_batches]
-    rfid = make_rfid(config.evaluation, [to_uint8(x) for x in originals])
+    rfid = None
+    if config.evaluation.inception_weights:  # the originals go to the host only when rFID is computed
+        originals = [loop.fetch(parallel.host_to_global({"image": b["image"]}, mesh)["image"]) for b in eval_batches]
+        rfid = make_rfid(config.evaluation, [to_uint8(x) for x in originals])
 
     def evaluate(state: AEState) -> dict[str, float]:
         start = time.perf_counter()
@@ -343,11 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
     return state
 
 
-def make_rfid(evaluation: ml_collections.ConfigDict, originals: list[np.ndarray]) -> Any | None:
+def make_rfid(evaluation: ml_collections.ConfigDict, originals: list[np.ndarray]) -> Any:
     """rfid(reconstructions uint8 [N, H, W, 3]) -> FID against `originals` (uint8 [n_i, H, W, 3], the validation
-    batches; their Inception statistics computed once, here), or None without evaluation.inception_weights."""
-    if not evaluation.inception_weights:
-        return None
+    batches; their Inception statistics computed once, here) with evaluation.inception_weights."""
     from latentdiff.evaluation import fid
 
     params = fid.load_inception_weights(evaluation.inception_weights)

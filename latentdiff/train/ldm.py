@@ -66,10 +66,10 @@ def schedule_from_config(diffusion: ml_collections.ConfigDict) -> Any:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Config-time checks that would otherwise fail deep inside a trace."""
     validate_context(config.unet, config.text_encoder)
-    fs_dtype = config.first_stage.dtype
-    if fs_dtype not in ("", "float32", "bfloat16"):
+    first_stage_dtype = config.first_stage.dtype
+    if first_stage_dtype not in ("", "float32", "bfloat16"):
         raise UserError(
-            f"first_stage.dtype must be '', 'float32' or 'bfloat16', got {fs_dtype!r} "
+            f"first_stage.dtype must be '', 'float32' or 'bfloat16', got {first_stage_dtype!r} "
             "('' keeps the stage-1 model's own dtype)"
         )
     if config.text_encoder.kind not in ("bert", "class", "none"):
