@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from latentdiff import config_utils, params_io
+from latentdiff import config_utils, params_io, trace_cache
 from latentdiff.nn.autoencoder import build_autoencoder
 
 
@@ -58,6 +58,13 @@ class FirstStage:
 
 
 def abstract_autoencoder_variables(config: ml_collections.ConfigDict) -> dict:
+    """{'params': ..., other collections} of the autoencoder as jax.ShapeDtypeStruct (cached by `trace_cache`)."""
+    return trace_cache.abstract_tree(
+        ["autoencoder", config_utils.to_json(config)], lambda: _abstract_autoencoder_variables(config)
+    )
+
+
+def _abstract_autoencoder_variables(config: ml_collections.ConfigDict) -> dict:
     module = build_autoencoder(config)
     x = jax.ShapeDtypeStruct((1, config.resolution, config.resolution, config.in_channels), jnp.float32)
     if config.kind == "kl":

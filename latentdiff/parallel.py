@@ -238,6 +238,24 @@ def to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def put_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Values every process holds whole (numpy or process-local arrays, PRNG key arrays included) -> global arrays
+    with `sharding` over all processes' devices; arrays that are already global are resharded. One process: the same
+    as jax.device_put (with several, device_put refuses a sharding over devices this process cannot address)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        value = np.asarray(x)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree)
+
+
 def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's share of the batch -> global arrays sharded over the batch axes (numeric fields only)."""
     sharding = batch_sharding(mesh)

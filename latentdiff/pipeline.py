@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from latentdiff import conditioning, config_utils, generation, parallel
+from latentdiff import conditioning, config_utils, generation, parallel, trace_cache
 from latentdiff import workdir as workdir_lib
 from latentdiff.diffusion.schedules import make_schedule
 from latentdiff.errors import UserError
@@ -51,8 +51,8 @@ class Pipeline:
         self.schedule = make_schedule(d.schedule, d.timesteps, d.linear_start, d.linear_end)
         self.mesh = parallel.make_mesh({"data": -1})
         replicated = parallel.replicated(self.mesh)
-        self._params = None if self.params is None else jax.device_put(self.params, replicated)
-        self._first_stage_variables = jax.device_put(self.first_stage.variables, replicated)
+        self._params = None if self.params is None else parallel.put_global(self.params, replicated)
+        self._first_stage_variables = parallel.put_global(self.first_stage.variables, replicated)
         self._compiled: dict[tuple, Any] = {}
         self.latent_shape = self.first_stage.latent_shape(self.resolution)
 
@@ -60,7 +60,7 @@ class Pipeline:
         """Generates with other weights of the same model from now on (e.g. the EMA params and latent scale factor of
         a training state: host or device arrays, any sharding); compiled functions are kept."""
         self.params, self.step, self.scale_factor = params, int(step), float(scale_factor)
-        self._params = jax.device_put(params, parallel.replicated(self.mesh))
+        self._params = parallel.put_global(params, parallel.replicated(self.mesh))
 
     # ----- loading -----
     @classmethod
@@ -186,7 +186,15 @@ class Pipeline:
                 concat=self.concat,
                 return_latents=True,
             )
-            self._compiled[key] = jax.jit(parallel.under_mesh(generate, self.mesh))
+            settings = {
+                "program": "generate",
+                "static": list(key),
+                "config": config_utils.to_json(self.config),
+                "first_stage": config_utils.to_json(self.first_stage.config),
+                "modules": [repr(self.unet), repr(self.cond_encoder), repr(self.first_stage.module)],
+                "mesh": str(self.mesh.shape),
+            }
+            self._compiled[key] = trace_cache.exported(jax.jit(parallel.under_mesh(generate, self.mesh)), settings)
         return self._compiled[key]
 
     def autoencode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -326,17 +334,21 @@ class Pipeline:
             pad = batch - (stop - start)
             cond = _pad(cond_all[start:stop], pad)
             noise = _pad(x_T[start:stop], pad)
-            batch_inputs = {k: jax.device_put(_pad(v[start:stop], pad), sharded) for k, v in inputs.items()}
-            keys = jax.device_put(generation.sampler_keys(seed, jnp.arange(start, start + batch)), sharded)
+            batch_inputs = {k: parallel.put_global(_pad(v[start:stop], pad), sharded) for k, v in inputs.items()}
+            keys = parallel.put_global(generation.sampler_keys(seed, jnp.arange(start, start + batch)), sharded)
+            scale_factor, uncond_global, guidance_scale, eta_scalar = parallel.put_global(
+                (np.float32(self.scale_factor), np.asarray(uncond), np.float32(guidance), np.float32(eta)),
+                parallel.replicated(self.mesh),
+            )
             images, latents = generate(
                 self._params,
                 self._first_stage_variables,
-                jnp.float32(self.scale_factor),
-                jax.device_put(cond, sharded),
-                jnp.asarray(uncond),
-                jnp.float32(guidance),
-                jnp.float32(eta),
-                jax.device_put(noise, sharded),
+                scale_factor,
+                parallel.put_global(cond, sharded),
+                uncond_global,
+                guidance_scale,
+                eta_scalar,
+                parallel.put_global(noise, sharded),
                 keys,
                 batch_inputs,
             )

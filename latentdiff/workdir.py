@@ -30,7 +30,7 @@ from typing import Any
 
 import ml_collections
 
-from latentdiff import atomic_files, checkpoint, config_utils, params_io
+from latentdiff import atomic_files, checkpoint, config_utils, params_io, trace_cache
 from latentdiff.errors import UserError
 
 log = logging.getLogger("latentdiff")
@@ -199,7 +199,8 @@ CONVERTED_FORMAT = "latentdiff-converted-1"
 
 def abstract_stage2(config: ml_collections.ConfigDict) -> dict:
     """{'unet': ..., 'cond': ...} abstract params (jax.eval_shape) of a stage-2 config (cached per model config)."""
-    return _abstract_stage2(json.dumps({"unet": dict(config.unet), "text": dict(config.text_encoder)}, sort_keys=True))
+    frozen = json.dumps({"unet": dict(config.unet), "text": dict(config.text_encoder)}, sort_keys=True)
+    return trace_cache.abstract_tree(["stage2", frozen], lambda: _abstract_stage2(frozen))
 
 
 @functools.lru_cache(maxsize=8)

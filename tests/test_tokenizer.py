@@ -1,6 +1,8 @@
 """Caption tokenizer: offline WordPiece against transformers' pure-Python BERT tokenizer, save/load, padding."""
 
 import pickle
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -126,3 +128,26 @@ def test_no_pytorch_advisory_without_pytorch():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and int(run.stdout) > 0, run.stderr
     assert "PyTorch was not found" not in run.stderr, run.stderr
+
+
+def test_saved_tokenizers_encode_without_transformers_exactly_as_transformers(tok, tmp_path):
+    """load_tokenizer reads our saved tokenizers with `tokenizers` alone (transformers costs ~1 s of every start):
+    the same ids as the transformers tokenizer, truncation and unusual text included; `hf` still works, loaded late."""
+    tok.save(str(tmp_path / "tok"))
+    long = [" ".join(CORPUS[i : i + 12]) for i in range(0, 120, 12)]
+    captions = [*PROBES, *CORPUS[:200], *long, "\u00a0tabs\tand\nnewlines", "emoji 🙂 and ｆｕｌｌ width", "x" * 300]
+    for max_length in (L, 8):
+        fast = load_tokenizer(str(tmp_path / "tok"), max_length)
+        reference = type(fast)(AutoTokenizer.from_pretrained(str(tmp_path / "tok")), max_length)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)
+            np.testing.assert_array_equal(fast.encode(captions), reference.encode(captions))
+        assert fast.pad_id == reference.pad_id and fast.vocab_size == reference.vocab_size
+    assert fast.decode(fast.encode(["red circle"])) == ["red circle"]  # through `hf`, loaded on first use
+    program = (
+        "import sys; from latentdiff.data.tokenizer import load_tokenizer; "
+        f"t = load_tokenizer({str(tmp_path / 'tok')!r}, 8); t.encode(['red circle']); "
+        "print('transformers' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]

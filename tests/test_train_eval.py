@@ -158,3 +158,50 @@ def test_evaluation_configs_it_cannot_run_are_one_line_errors(tmp_path):
     classes.evaluation.num_images = 8
     with pytest.raises(UserError, match=r"evaluation\.num_images=0"):
         ldm_eval.check_evaluation_config(classes)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_evaluate_their_shards_and_one_writes(workdir, tmp_path):
+    """2 processes x 2 devices (jax.distributed, CPU collectives), evaluating at the last step: each generates its
+    shard of the fixed prompts, process 0 writes one row, one grid and the reference statistics, and the numbers
+    equal the standalone command on the same checkpoint's EMA weights (one process)."""
+    import shutil
+    import socket
+
+    from latentdiff.evaluation import alignment
+
+    w = str(tmp_path / "mh")
+    shutil.copytree(os.path.join(os.path.dirname(workdir["workdir"]), "ldm", "first_stage"), f"{w}/first_stage")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = train_command(w, workdir["data_dir"])
+    command = [c for c in command if not c.startswith(("--config.num_train_steps=", "--config.eval_every="))]
+    command += [f"--config.num_train_steps={EVAL_EVERY}", f"--config.eval_every={EVAL_EVERY}"]
+    procs = []
+    for process_id in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+        env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+        env |= {"JAX_PROCESS_ID": str(process_id), "JAX_COMPILATION_CACHE_DIR": f"{workdir['cache']}_mh{process_id}"}
+        log = open(tmp_path / f"p{process_id}.log", "wb")
+        procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=1200) for p in procs]
+    logs = [open(tmp_path / f"p{i}.log").read() for i in range(2)]
+    assert codes == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
+    assert "evaluation during training:" in logs[0] and "evaluation during training:" not in logs[1]
+
+    (row,) = eval_rows(w)
+    assert row["step"] == EVAL_EVERY
+    assert os.listdir(os.path.join(w, "images")) == [f"eval_{EVAL_EVERY:07d}.png"]
+    args = alignment.parse_args(
+        ["--workdir", w, "--split", "validation", "--num", str(NUM_IMAGES), "--batch_size", str(NUM_IMAGES),
+         "--steps", str(STEPS), "--guidance", str(GUIDANCE), "--sampler", "ddim", "--eta", "0", "--seed", "0",
+         "--inception_weights", FID_WEIGHTS, "--inception_batch_size", str(NUM_IMAGES),
+         "--out", str(tmp_path / "standalone")]
+    )  # fmt: skip
+    report = alignment.run(args)
+    assert report["checkpoint_step"] == EVAL_EVERY
+    for attribute in ("colour", "shape", "size", "position", "background", "all"):
+        assert report["alignment"][attribute] == row[f"eval/alignment/validation/{attribute}"], attribute
+    np.testing.assert_allclose(report["fid"], row["eval/fid/validation"], rtol=1e-4)

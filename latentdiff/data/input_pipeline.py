@@ -113,12 +113,33 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
 def prepare(data_cfg: ml_collections.ConfigDict):
     """Generates (shapes, folder) or checks (named TFDS) the prepared ArrayRecord data; returns the TFDS builder.
 
-    Idempotent: prepared data under data_cfg.data_dir is reused. With several processes on one shared data_dir,
-    call it on one process first (TFDS writes to a temporary directory, then renames).
+    Idempotent: prepared data under data_cfg.data_dir is reused. Processes that share a data_dir (the processes of
+    a multi-host run on one machine, or hosts on one network filesystem) take turns through a lock file in it: the
+    first generates, the others then find the data prepared (TFDS would otherwise fail renaming its temporary
+    directory onto the one another process just wrote). Object stores (gs://) have no file locks: prepare such a
+    data_dir from one process before the launch.
     """
+    check_data_config(data_cfg)
+    with _preparation_lock(data_cfg.data_dir):
+        return _prepare(data_cfg)
+
+
+def _preparation_lock(data_dir: str) -> Any:
+    """An exclusive lock file in data_dir (TFDS's default ~/tensorflow_datasets when empty); none for URLs."""
+    import contextlib
+
+    import filelock
+
+    if "://" in data_dir:
+        return contextlib.nullcontext()
+    directory = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+    os.makedirs(directory, exist_ok=True)
+    return filelock.FileLock(os.path.join(directory, ".latentdiff-prepare.lock"))
+
+
+def _prepare(data_cfg: ml_collections.ConfigDict):
     from latentdiff.data import tfds_builders
 
-    check_data_config(data_cfg)
     data_dir = data_cfg.data_dir or None
     if data_cfg.name == "shapes":
         config = tfds_builders.shapes_config(

@@ -32,25 +32,65 @@ class Tokenizer:
 
     Sequences carry the tokenizer's special tokens ([CLS] ... [SEP] for BERT), are padded with `pad_id` and truncated
     to `max_length` (keeping the final special token); the first truncation warns once.
+
+    Built by `from_tokenizer_file` (our own saved tokenizers), it encodes with the `tokenizers` library directly, as
+    transformers' fast tokenizer does inside, and imports transformers (~1 s) only when `hf` is first used.
     """
 
-    def __init__(self, hf_tokenizer, max_length: int):
+    def __init__(self, hf_tokenizer, max_length: int, *, raw=None, pad_id: int | None = None, directory: str = ""):
         if max_length < 2:
             raise DataError(f"tokenizer max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
-        self.hf = hf_tokenizer
+        self._hf, self._raw, self._directory = hf_tokenizer, raw, directory
         self.max_length = int(max_length)
-        pad = hf_tokenizer.pad_token_id
-        if pad is None:
-            pad = hf_tokenizer.eos_token_id
-        if pad is None:
-            raise DataError(f"tokenizer {hf_tokenizer.name_or_path!r} has neither a pad nor an eos token")
-        self.pad_id = int(pad)
+        if pad_id is None:
+            pad_id = hf_tokenizer.pad_token_id
+            if pad_id is None:
+                pad_id = hf_tokenizer.eos_token_id
+            if pad_id is None:
+                raise DataError(f"tokenizer {hf_tokenizer.name_or_path!r} has neither a pad nor an eos token")
+        self.pad_id = int(pad_id)
         self._warned = False
+
+    @classmethod
+    def from_tokenizer_file(cls, directory: str, max_length: int) -> Tokenizer:
+        """A saved fast tokenizer (tokenizer.json + tokenizer_config.json) read with `tokenizers` alone."""
+        from tokenizers import Tokenizer as RawTokenizer
+
+        config = config_utils.read_json_file(os.path.join(directory, "tokenizer_config.json"), "a tokenizer config")
+        raw = RawTokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        pad_id = None
+        for field in ("pad_token", "eos_token"):
+            token = config.get(field)
+            token = token.get("content") if isinstance(token, dict) else token
+            if pad_id is None and token is not None:
+                pad_id = raw.token_to_id(token)
+        if pad_id is None:
+            raise DataError(f"tokenizer {directory!r} has neither a pad nor an eos token")
+        raw.no_padding()
+        return cls(None, max_length, raw=raw, pad_id=pad_id, directory=directory)
+
+    @property
+    def hf(self):
+        """The transformers tokenizer (loaded on first use when built by `from_tokenizer_file`)."""
+        if self._hf is None:
+            from transformers import PreTrainedTokenizerFast
+
+            self._hf = PreTrainedTokenizerFast.from_pretrained(self._directory)
+        return self._hf
 
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (ids are < vocab_size)."""
+        if self._raw is not None:
+            return self._raw.get_vocab_size(with_added_tokens=True)
         return len(self.hf)
+
+    def _ids(self, captions: list[str], max_length: int) -> list[list[int]]:
+        """Token ids with special tokens, truncated to max_length (right side, as transformers' truncation=True)."""
+        if self._raw is None:
+            return self.hf(captions, truncation=True, max_length=max_length)["input_ids"]
+        self._raw.enable_truncation(max_length, stride=0, strategy="longest_first", direction="right")
+        return [encoding.ids for encoding in self._raw.encode_batch(captions, add_special_tokens=True)]
 
     def encode(self, captions: Sequence[str]) -> np.ndarray:
         """Token ids int32 [N, max_length] for N captions ("" gives [CLS][SEP] + padding)."""
@@ -59,10 +99,10 @@ class Tokenizer:
         if not captions:
             return out
         # A generous first cut (finding the long ones without the library's "sequence too long" warning).
-        ids = self.hf(captions, truncation=True, max_length=4 * self.max_length + 16)["input_ids"]
+        ids = self._ids(captions, 4 * self.max_length + 16)
         long = [i for i, seq in enumerate(ids) if len(seq) > self.max_length]
         if long:
-            short = self.hf([captions[i] for i in long], truncation=True, max_length=self.max_length)["input_ids"]
+            short = self._ids([captions[i] for i in long], self.max_length)
             for i, seq in zip(long, short):
                 ids[i] = seq
             if not self._warned:
@@ -92,13 +132,27 @@ def is_tokenizer_dir(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
 
 
+FAST_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")  # the classes our saved tokenizers name
+
+
+def is_plain_fast_tokenizer(directory: str) -> bool:
+    """True for a saved tokenizer whose class is one of FAST_TOKENIZER_CLASSES and which holds tokenizer.json: all
+    of it is in that file (our own tokenizers are), so `tokenizers` reads it without transformers."""
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if not (os.path.isfile(config_path) and os.path.isfile(os.path.join(directory, "tokenizer.json"))):
+        return False
+    return config_utils.read_json_file(config_path, "a tokenizer config").get("tokenizer_class") in (
+        FAST_TOKENIZER_CLASSES
+    )
+
+
 def _from_pretrained(name_or_path: str, local_files_only: bool):
-    """AutoTokenizer, except for our own saved tokenizers (class TokenizersBackend / PreTrainedTokenizerFast), which
-    load directly: importing AutoTokenizer pulls in torch when it is installed (seconds)."""
+    """AutoTokenizer, except for our own saved tokenizers (FAST_TOKENIZER_CLASSES), which load directly: importing
+    AutoTokenizer pulls in torch when it is installed (seconds)."""
     config_path = os.path.join(name_or_path, "tokenizer_config.json")
     if os.path.isfile(config_path):
         tokenizer_class = config_utils.read_json_file(config_path, "a tokenizer config").get("tokenizer_class")
-        if tokenizer_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        if tokenizer_class in FAST_TOKENIZER_CLASSES:
             from transformers import PreTrainedTokenizerFast
 
             return PreTrainedTokenizerFast.from_pretrained(name_or_path)
@@ -135,6 +189,8 @@ def load_tokenizer(name_or_path: str, max_length: int) -> Tokenizer:
     if looks_local and not is_tokenizer_dir(os.path.expanduser(name_or_path)):
         raise DataError(f"no tokenizer files (tokenizer_config.json) in directory {name_or_path!r}")
     name_or_path = os.path.expanduser(name_or_path)
+    if looks_local and is_plain_fast_tokenizer(name_or_path):
+        return Tokenizer.from_tokenizer_file(name_or_path, max_length)
     if not looks_local:  # a hub name: the local cache first; a download only when the hub can answer
         try:
             return Tokenizer(_from_pretrained(name_or_path, local_files_only=True), max_length)

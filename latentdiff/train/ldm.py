@@ -352,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
     )
     started = time.perf_counter()
     state = loop.run(config, workdir, loop_task, make_iter, mesh)
-    if evaluate is not None and evaluate.runs:
+    if evaluate is not None and evaluate.runs and jax.process_index() == 0:
         wall = time.perf_counter() - started
         share = f"{evaluate.seconds:.1f} s, {100 * evaluate.seconds / wall:.1f}% of this run's {wall:.1f} s"
         print(f"evaluation during training: {evaluate.runs} runs, {share}", file=sys.stderr, flush=True)
