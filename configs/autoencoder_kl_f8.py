@@ -85,7 +85,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.log_every = 50 if paper else 25
     config.eval_every = 5_000 if paper else 500
     # rFID needs the FID Inception weights (e.g. --config.evaluation.inception_weights=pt_inception-...pth)
-    config.evaluation = reconstruction_evaluation_block(inception_weights="")
+    config.evaluation = reconstruction_evaluation_block(inception_weights="", lpips_weights="")
     config.image_every = 5_000 if paper else 500
     config.checkpoint_every = 5_000 if paper else 500
     return config

@@ -285,11 +285,18 @@ def no_evaluation_block() -> ml_collections.ConfigDict:
     )
 
 
-def reconstruction_evaluation_block(*, inception_weights: str) -> ml_collections.ConfigDict:
+def reconstruction_evaluation_block(*, inception_weights: str, lpips_weights: str) -> ml_collections.ConfigDict:
     """config.evaluation of stage 1: every eval_every steps PSNR and LPIPS of the reconstructions of the fixed
     validation batches (num_eval_batches), and rFID (FID of the reconstructions against the originals) with the FID
-    Inception weights at inception_weights ('' = no rFID). Fixed here: the paper's FID preprocessing, 50 images per
-    Inception batch."""
+    Inception weights at inception_weights ('' = no rFID). LPIPS uses the perceptual loss's weights
+    (loss.lpips_weights) when the loss has them, else lpips_weights ('' too = no LPIPS: a run without the perceptual
+    loss, like the demo's, can still report it). Fixed here: the paper's FID preprocessing, 50 images per Inception
+    batch."""
     return ml_collections.ConfigDict(
-        dict(inception_weights=inception_weights, inception_batch_size=50, preprocess="paper")
+        dict(
+            inception_weights=inception_weights,
+            inception_batch_size=50,
+            preprocess="paper",
+            lpips_weights=lpips_weights,
+        )
     )

@@ -16,6 +16,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = dict(num_train=128, num_validation=32, num_novel=32)
 
 
+def write_random_lpips_weights(path) -> str:
+    """A random VGG16 + LPIPS weights file in our format (linear heads non-negative, as LPIPS requires)."""
+    import jax
+
+    from latentdiff.convert.lpips_weights import save_lpips_params
+    from latentdiff.nn.lpips import abstract_lpips_params
+
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), abstract_lpips_params())
+    params["lin"] = jax.tree.map(np.abs, params["lin"])
+    save_lpips_params(params, str(path), source="test: random")
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
     """A stage-1 workdir trained 6 steps (GAN switched on at step 3) and a stage-2 workdir trained 4 steps on it."""
@@ -33,6 +47,8 @@ def workdirs(tmp_path_factory):
     ae.loss.disc_start = 3
     ae.log_every = ae.eval_every = ae.image_every = ae.checkpoint_every = 3
     ae.num_eval_batches = 1
+    assert ae.loss.perceptual_weight == 0  # LPIPS is still reported: by evaluation.lpips_weights
+    ae.evaluation.lpips_weights = write_random_lpips_weights(root / "lpips.safetensors")
     train_and_evaluate(ae, str(root / "ae"))
 
     ldm = load_config(os.path.join(ROOT, "configs/ldm_txt2img_kl8.py:tiny"))
@@ -65,6 +81,9 @@ def test_stage1_outputs(workdirs):
     assert train_rows[1]["d_weight"] > 0.0
     assert all(np.isfinite(r["loss"]) for r in train_rows)
     assert json.load(open(ae / "eval.json"))["step"] == 6
+    evaluations = [r for r in rows if "eval/psnr" in r]
+    assert [r["step"] for r in evaluations] == [3, 6] and all(np.isfinite(r["eval/psnr"]) for r in evaluations)
+    assert all(r["eval/lpips"] > 0 for r in evaluations)  # by evaluation.lpips_weights: no perceptual loss here
     assert Image.open(ae / "images" / "recon_0000006.png").size[0] > 0
     # stage 2 only read this workdir: nothing of its own written here (its first stage copy is in ldm/first_stage)
     assert sorted(os.listdir(ae)) == [

@@ -293,6 +293,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
         check_images(b["image"], config.autoencoder)
     recon = jax.jit(task.reconstruct_eval)
     lpips_eval = jax.jit(task.perceptual)
+    eval_lpips_params = lpips_params
+    if eval_lpips_params is None and config.evaluation.lpips_weights:  # LPIPS reported without the perceptual loss
+        from latentdiff.convert.lpips_weights import require_lpips_params
+
+        eval_lpips_params = jax.device_put(
+            require_lpips_params(config.evaluation.lpips_weights), parallel.replicated(mesh)
+        )
 
     rfid = None
     if config.evaluation.inception_weights:  # the originals go to the host only when rFID is computed
@@ -307,8 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> AESta
             x = parallel.host_to_global({"image": b["image"]}, mesh)["image"]
             x_rec = recon(state, x)
             values["psnr"].append(float(psnr(x, x_rec)))
-            if lpips_params is not None:
-                values["lpips"].append(float(jnp.mean(lpips_eval(lpips_params, x, x_rec))))
+            if eval_lpips_params is not None:
+                values["lpips"].append(float(jnp.mean(lpips_eval(eval_lpips_params, x, x_rec))))
             if rfid is not None:
                 reconstructions.append(to_uint8(loop.fetch(x_rec)))
         scores = {k: float(np.mean(v)) for k, v in values.items() if v}
