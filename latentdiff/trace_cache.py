@@ -11,8 +11,9 @@ XLA's cache could answer. This module keeps both on disk beside the compiled pro
 
 Every key covers the settings, the versions of Python, jax, jaxlib and flax, and a digest of latentdiff's own source
 files, so an edited model, an upgraded JAX or another argument shape never reuses a stale entry. Files are written
-atomically; an unreadable entry is recomputed and replaced. Off (everything computed as before) when the compilation
-cache is off, or when the library is imported without a CLI having enabled it.
+atomically; an unreadable entry is recomputed and replaced; beyond MAX_BYTES the least recently used are removed.
+Off (everything computed as before) when the compilation cache is off, or when the library is imported without a
+CLI having enabled it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax
 from latentdiff import atomic_files, compile_cache
 
 SUBDIRECTORY = "traces"
+MAX_BYTES = 1 << 30  # entries beyond 1 GiB are evicted, least recently used first (every library edit adds keys)
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -64,20 +66,49 @@ def entry_key(kind: str, settings: Any) -> str:
 
 
 def _read(path: str) -> bytes | None:
+    """The entry's bytes (None when absent); marks it used (its mtime) for the eviction order."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read()
+        os.utime(path)
+        return data
     except OSError:
         return None
 
 
 def _store(path: str, data: bytes) -> None:
-    """Atomic write; a cache that cannot be written only costs the next start its saving."""
+    """Atomic write, then eviction beyond MAX_BYTES; a cache that cannot be written only costs the next start its
+    saving."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_files.write_bytes(path, data)
+        evict(os.path.dirname(path), MAX_BYTES)
     except OSError:
         pass
+
+
+def evict(folder: str, max_bytes: int) -> list[str]:
+    """Removes the least recently used entries (oldest mtime) until the folder's entries fit in max_bytes; returns
+    the removed names. Entries another process removes meanwhile are skipped."""
+    entries = []
+    for name in os.listdir(folder):
+        try:
+            info = os.stat(os.path.join(folder, name))
+        except OSError:
+            continue
+        entries.append((info.st_mtime, info.st_size, name))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, name in sorted(entries):
+        if total <= max_bytes:
+            break
+        try:
+            os.remove(os.path.join(folder, name))
+        except OSError:
+            continue
+        total -= size
+        removed.append(name)
+    return removed
 
 
 # ----- abstract trees (parameter shapes) -----

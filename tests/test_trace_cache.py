@@ -104,3 +104,13 @@ def test_a_damaged_program_is_exported_again(cache_dir):
     again, traces_again = traced_counter()
     np.testing.assert_array_equal(np.asarray(trace_cache.exported(again, {"name": "f"})(x, y)), expected)
     assert len(traces_again) == 1 and entry.read_bytes() != b"garbage"
+
+
+def test_least_recently_used_entries_are_evicted_beyond_the_cap(tmp_path):
+    for index, name in enumerate(["a", "b", "c", "d"]):
+        (tmp_path / name).write_bytes(b"x" * 100)
+        os.utime(tmp_path / name, (1000 + index, 1000 + index))
+    os.utime(tmp_path / "a", (2000, 2000))  # "a" was read last: kept
+    assert trace_cache.evict(str(tmp_path), 250) == ["b", "c"]
+    assert sorted(os.listdir(tmp_path)) == ["a", "d"]
+    assert trace_cache.evict(str(tmp_path), 250) == []
