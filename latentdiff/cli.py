@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval fid": ("latentdiff.evaluation.fid", "FID / IS between generated images and a reference"),
     "eval txt2img": ("latentdiff.evaluation.txt2img", "the paper's text-to-image protocol: captions -> FID / IS"),
     "eval alignment": ("latentdiff.evaluation.alignment", "caption alignment of a shapes model, analytic grader"),
+    "eval category": ("latentdiff.evaluation.category", "train the category classifier of a labelled folder set"),
     "convert": ("latentdiff.convert.__main__", "diffusers / CompVis / SD v1 models -> workdirs, and back"),
     "convert-inception": ("latentdiff.convert.inception_weights", "FID Inception weights -> .safetensors"),
     "encode": ("latentdiff.encode_cli", "precompute a dataset's stage-1 latents for stage 2"),
