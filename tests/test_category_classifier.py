@@ -63,7 +63,7 @@ def args_for(folders, *extra):
 def test_learns_the_categories_and_round_trips_its_weights(folders):
     report = category.run(args_for(folders))
     assert report["categories"] == 3 and report["train_images"] == 144 and report["heldout_images"] == 48
-    assert report["heldout_accuracy"] >= 0.9, report
+    assert report["heldout_accuracy"] >= 0.9 and report["heldout_balanced_accuracy"] >= 0.9, report
     params, names, resolution = category.load_classifier(folders["out"])
     assert names == CATEGORIES and resolution == 32
     images, labels, _ = category.read_labelled_folder(folders["heldout"], 32)

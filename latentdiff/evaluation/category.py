@@ -8,8 +8,11 @@ Trains, prints the held-out accuracy (the classifier's own quality: read any gen
 writes the weights with their label names and resolution (safetensors; `load_classifier`).
 
 Model: 4 stages of [3x3 conv, GroupNorm, SiLU] with 2x average pooling between them (width, 2x, 4x, 4x channels),
-global average pooling, a linear layer to the classes. Training: AdamW with cosine decay, random horizontal flips and
-shifts of up to 1/8 of the image (the emoji are centred; generated ones need not be).
+global average pooling, a linear layer to the classes. Training: AdamW with cosine decay; batches drawn with equal
+weight per category (the emoji set is 60% People & Body, skin-tone variants included: drawn uniformly, the small
+categories were barely learned, held-out balanced accuracy 0.57); random horizontal flips and shifts of up to 1/8 of
+the image (the emoji are centred; generated ones need not be). The report gives plain and balanced (mean per
+category) accuracy.
 """
 
 from __future__ import annotations
@@ -105,11 +108,13 @@ def train_classifier(
     optimizer = optax.adamw(schedule, weight_decay=1e-4)
     opt_state = optimizer.init(params)
     images_device, labels_device = jnp.asarray(images), jnp.asarray(labels)
+    counts = np.bincount(labels, minlength=num_classes)
+    pick_weights = jnp.asarray(1.0 / counts[labels] / np.count_nonzero(counts), jnp.float32)  # each category equally
 
     @jax.jit
     def step(params: Any, opt_state: Any, rng: jax.Array) -> tuple[Any, Any, jax.Array]:
         pick_rng, augment_rng = jax.random.split(rng)
-        picks = jax.random.choice(pick_rng, len(images), (batch_size,), replace=False)
+        picks = jax.random.choice(pick_rng, len(images), (batch_size,), p=pick_weights)
         x = augment(augment_rng, to_model_input(images_device[picks]))
 
         def loss_fn(p: Any) -> jax.Array:
@@ -139,6 +144,12 @@ def predict(params: dict, images: np.ndarray, batch_size: int) -> np.ndarray:
 def accuracy(params: dict, images: np.ndarray, labels: np.ndarray) -> float:
     """Share of images whose most probable class is their label."""
     return float(np.mean(predict(params, images, PREDICT_BATCH).argmax(axis=-1) == labels))
+
+
+def balanced_accuracy(params: dict, images: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the categories present in `labels` of the share of their images classified right."""
+    correct = predict(params, images, PREDICT_BATCH).argmax(axis=-1) == labels
+    return float(np.mean([correct[labels == k].mean() for k in np.unique(labels)]))
 
 
 def save_classifier(path: str, params: dict, label_names: tuple[str, ...], resolution: int) -> None:
@@ -203,6 +214,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "train_accuracy": accuracy(params, images, labels),
         "heldout_accuracy": accuracy(params, held_images, held_labels),
+        "heldout_balanced_accuracy": balanced_accuracy(params, held_images, held_labels),
         "train_images": len(images),
         "heldout_images": len(held_images),
         "categories": len(names),
