@@ -111,3 +111,10 @@ def test_load_refuses_other_files(tmp_path):
     params_io.save_params(str(tmp_path / "other.safetensors"), {"w": np.zeros(2, np.float32)}, {"format": "x"})
     with pytest.raises(UserError, match="not a category classifier"):
         category.load_classifier(str(tmp_path / "other.safetensors"))
+
+
+def test_batches_weigh_every_category_equally():
+    labels = np.asarray([0] * 90 + [2] * 9 + [3], np.int32)  # category 1 absent
+    p = category.balanced_pick_probabilities(labels, 4)
+    np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose([p[labels == k].sum() for k in (0, 2, 3)], [1 / 3] * 3, rtol=1e-6)

@@ -85,6 +85,13 @@ def augment(rng: jax.Array, x: jax.Array) -> jax.Array:
     return jax.vmap(lambda image, s: jnp.roll(image, (s[0], s[1]), axis=(0, 1)))(x, shifts)
 
 
+def balanced_pick_probabilities(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-image probabilities float32 [N] that give every category present the same total (batches are drawn with
+    them, so a category's share of the training signal does not follow its share of the images)."""
+    counts = np.bincount(labels, minlength=num_classes)
+    return (1.0 / counts[labels] / np.count_nonzero(counts)).astype(np.float32)
+
+
 def train_classifier(
     images: np.ndarray,
     labels: np.ndarray,
@@ -108,8 +115,7 @@ def train_classifier(
     optimizer = optax.adamw(schedule, weight_decay=1e-4)
     opt_state = optimizer.init(params)
     images_device, labels_device = jnp.asarray(images), jnp.asarray(labels)
-    counts = np.bincount(labels, minlength=num_classes)
-    pick_weights = jnp.asarray(1.0 / counts[labels] / np.count_nonzero(counts), jnp.float32)  # each category equally
+    pick_weights = jnp.asarray(balanced_pick_probabilities(labels, num_classes))
 
     @jax.jit
     def step(params: Any, opt_state: Any, rng: jax.Array) -> tuple[Any, Any, jax.Array]:
