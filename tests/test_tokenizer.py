@@ -143,6 +143,8 @@ def test_saved_tokenizers_encode_without_transformers_exactly_as_transformers(to
             warnings.simplefilter("ignore", DataWarning)
             np.testing.assert_array_equal(fast.encode(captions), reference.encode(captions))
         assert fast.pad_id == reference.pad_id and fast.vocab_size == reference.vocab_size
+    clone = pickle.loads(pickle.dumps(fast))  # grain worker processes receive it pickled
+    np.testing.assert_array_equal(clone.encode(PROBES), fast.encode(PROBES))
     assert fast.decode(fast.encode(["red circle"])) == ["red circle"]  # through `hf`, loaded on first use
     program = (
         "import sys; from latentdiff.data.tokenizer import load_tokenizer; "
