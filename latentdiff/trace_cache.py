@@ -6,7 +6,8 @@ XLA's cache could answer. This module keeps both on disk beside the compiled pro
 - `exported(jitted, settings)`: the jitted program serialized with `jax.export` on its first call, keyed by its
   settings and its arguments' shapes, dtypes and shardings; a later process deserializes it and runs `jax.jit` of
   the exported call, whose compilation the persistent cache then answers. A program that cannot be serialized (host
-  callbacks, e.g. Pallas interpret mode) simply runs as `jitted`.
+  callbacks, e.g. Pallas interpret mode; custom calls jax.export refuses) runs as `jitted`, and its entry says so,
+  so later starts do not trace it once more for nothing.
 - `abstract_tree(settings, compute)`: a tree of `jax.ShapeDtypeStruct` (a model's parameter shapes) as JSON.
 
 Every key covers the settings, the versions of Python, jax, jaxlib and flax, and a digest of latentdiff's own source
@@ -31,6 +32,7 @@ import jax
 from latentdiff import atomic_files, compile_cache
 
 SUBDIRECTORY = "traces"
+UNSERIALIZABLE = b"latentdiff: not serializable"  # the entry of a program jax.export refused
 MAX_BYTES = 1 << 30  # entries beyond 1 GiB are evicted, least recently used first (every library edit adds keys)
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -171,6 +173,8 @@ class Exported:
         devices = [jax.default_backend(), jax.device_count(), jax.process_count()]
         path = os.path.join(folder, f"program-{entry_key('exported', [self.settings, signature, devices])}.bin")
         data = _read(path)
+        if data == UNSERIALIZABLE:
+            return self.jitted  # an earlier start found it cannot be exported: do not trace it twice again
         if data is not None:
             try:
                 return jax.jit(export.deserialize(bytearray(data)).call)
@@ -180,7 +184,8 @@ class Exported:
             program = export.export(self.jitted)(*args)
             serialized = program.serialize()
         except Exception:
-            return self.jitted  # not serializable (host callbacks): run it as traced
+            _store(path, UNSERIALIZABLE)
+            return self.jitted  # not serializable (host callbacks, custom calls export refuses): run it as traced
         _store(path, bytes(serialized))
         return jax.jit(program.call)
 

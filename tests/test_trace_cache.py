@@ -87,12 +87,18 @@ def test_other_shapes_settings_or_source_give_other_programs(cache_dir, monkeypa
     assert len(list(cache_dir.glob("program-*.bin"))) == 4
 
 
-def test_a_program_that_cannot_be_serialized_runs_as_traced(cache_dir):
+def test_a_program_that_cannot_be_serialized_runs_as_traced(cache_dir, monkeypatch):
     seen = []
     jitted = jax.jit(lambda x: jax.pure_callback(lambda v: seen.append(1) or np.asarray(v) * 3, x, x) + 1)
     out = trace_cache.exported(jitted, {"name": "callback"})(jnp.ones(3))
     np.testing.assert_array_equal(np.asarray(out), np.full(3, 4.0))
-    assert seen and not list(cache_dir.glob("program-*.bin"))
+    (entry,) = cache_dir.glob("program-*.bin")
+    assert seen and entry.read_bytes() == trace_cache.UNSERIALIZABLE
+    tried = []
+    monkeypatch.setattr(jax.export, "export", lambda *a, **k: tried.append(1) / 0)
+    again = trace_cache.exported(jitted, {"name": "callback"})(jnp.ones(3))  # a later start: no export attempt
+    np.testing.assert_array_equal(np.asarray(again), np.full(3, 4.0))
+    assert tried == []
 
 
 def test_a_damaged_program_is_exported_again(cache_dir):
