@@ -124,6 +124,9 @@ def prepare(data_cfg: ml_collections.ConfigDict):
         return _prepare(data_cfg)
 
 
+PREPARE_LOCK = ".latentdiff-prepare.lock"  # the lock file `prepare` leaves in a data_dir (empty; not data)
+
+
 def _preparation_lock(data_dir: str) -> Any:
     """An exclusive lock file in data_dir (TFDS's default ~/tensorflow_datasets when empty); none for URLs."""
     import contextlib
@@ -134,7 +137,7 @@ def _preparation_lock(data_dir: str) -> Any:
         return contextlib.nullcontext()
     directory = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
     os.makedirs(directory, exist_ok=True)
-    return filelock.FileLock(os.path.join(directory, ".latentdiff-prepare.lock"))
+    return filelock.FileLock(os.path.join(directory, PREPARE_LOCK))
 
 
 def _prepare(data_cfg: ml_collections.ConfigDict):
