@@ -85,6 +85,8 @@ def test_heldout_labels_are_matched_by_name_not_by_id(tmp_path):
         ({"heldout": "unlabelled"}, "has no labels"),
         ({"out": "classifier.npz"}, "must name a .safetensors file"),
         ({"steps": "0"}, "--steps and --batch_size must be >= 1"),
+        ({"lr": "nan"}, "--lr must be a positive number"),
+        ({"out": "missing_dir/file/x.safetensors", "blocker": True}, "--out"),
     ],
 )
 def test_bad_input_is_one_line(folders, tmp_path, change, message):
@@ -93,7 +95,9 @@ def test_bad_input_is_one_line(folders, tmp_path, change, message):
         paths["heldout"] = write_folder(tmp_path / "unlabelled", 2, 3, labelled=False)
     if "out" in change:
         paths["out"] = str(tmp_path / change["out"])
-    flags = [f"--{k}={v}" for k, v in change.items() if k == "steps"]
+    if change.get("blocker"):
+        (tmp_path / "missing_dir").write_text("a file where a directory must be")
+    flags = [f"--{k}={v}" for k, v in change.items() if k in ("steps", "lr")]
     latentdiff = os.path.join(os.path.dirname(sys.executable), "latentdiff")  # the install's console script
     command = [latentdiff, "eval", "category", "--train", paths["train"], "--heldout", paths["heldout"],
                "--out", paths["out"], "--steps", "1", "--resolution", "32", *flags]  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from typing import Any
@@ -33,6 +34,7 @@ from PIL import Image
 from latentdiff import errors, params_io
 from latentdiff.data import folder as folder_lib
 from latentdiff.errors import UserError
+from latentdiff.output_paths import check_output_file
 
 FORMAT = "latentdiff-category-classifier-1"
 PREDICT_BATCH = 256  # images per forward pass when scoring
@@ -205,8 +207,11 @@ def run(args: argparse.Namespace) -> dict:
     """Trains and saves the classifier; returns {'train_accuracy', 'heldout_accuracy', 'seconds', ...}."""
     if args.steps < 1 or args.batch_size < 1 or args.resolution < 16 or args.width < 8:
         raise UserError("--steps and --batch_size must be >= 1, --resolution >= 16 and --width >= 8")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
     if not args.out.endswith(".safetensors"):
         raise UserError(f"--out must name a .safetensors file, got {args.out!r}")
+    check_output_file(args.out, "--out")  # before reading or training, not after
     start = time.perf_counter()
     images, labels, names = read_labelled_folder(args.train, args.resolution)
     held_images, held_labels, held_names = read_labelled_folder(args.heldout, args.resolution)
