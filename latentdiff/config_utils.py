@@ -170,15 +170,20 @@ ADDED_FIELDS = {
     ("text_encoder", "attention_impl"): "xla",  # the attention kernels came later; XLA's is what older runs used
     ("first_stage", "latents"): "",  # precomputed latents came later: older stage-2 runs encoded on the fly
     ("first_stage", "dtype"): "",  # '' = the frozen stage-1 model's own dtype, as before the field existed
+    ("data", "folder_heldout"): "",  # a held-out second folder came later: older runs had none
 }
 
 
 def migrate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Adds ADDED_FIELDS that an older config lacks (in sections it has), and a stage-2 config's evaluation section
-    (evaluation during training came later: off, as older runs trained), in place; returns it."""
+    """Adds ADDED_FIELDS that an older config lacks (in sections it has), and a stage-2 config's init_from / freeze
+    (fine-tuning came later: none) and evaluation section (evaluation during training came later: off, as older runs
+    trained), in place; returns it."""
     for (section, field), value in ADDED_FIELDS.items():
         if section in config and field not in config[section]:
             config[section][field] = value
+    if config.get("stage") == "ldm" and "init_from" not in config:  # fine-tuning came later: older runs started fresh
+        config.init_from = ""
+        config.freeze = ()
     if config.get("stage") == "ldm" and "evaluation" not in config:
         from latentdiff.config_blocks import no_evaluation_block
 

@@ -134,33 +134,48 @@ def run(demo_dir: str, out: str, num: int = NUM_SCORED_RUN) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def train(workdir: str, demo_dir: str, overrides: list[str], num: int = NUM_SCORED) -> dict[str, Any]:
-    """make demo-train: both stages through train.py's code path, then ship the result into demo_dir. Returns the
-    training report, or {"stopped": {"stage", "step"}} when a stage was preempted (SIGTERM): nothing after it runs."""
-    from latentdiff.config_utils import apply_overrides, atomic_write_text, load_config
+TIMINGS = "timings.json"  # a recipe workdir's wall seconds per stage, summed over resumed runs
+
+
+def apply_stage_overrides(ae_config: Any, ldm_config: Any, overrides: list[str]) -> None:
+    """Applies "ae.FIELD=VALUE" / "ldm.FIELD=VALUE" overrides (smoke tests shorten a recipe with them)."""
+    from latentdiff.config_utils import apply_overrides
+
+    for override in overrides:
+        stage, _, assignment = override.partition(".")
+        if stage not in ("ae", "ldm") or not assignment:
+            raise UserError(f"--override {override!r}: expected ae.FIELD=VALUE or ldm.FIELD=VALUE")
+        apply_overrides(ae_config if stage == "ae" else ldm_config, [assignment])
+
+
+def set_fid_weights(*configs: Any) -> str:
+    """Points each config's evaluation at the FID Inception weights the Makefile fetches; returns their path."""
+    fid_weights = os.path.join(repo_root(), FID_WEIGHTS)  # rFID / FID during training
+    if not os.path.isfile(fid_weights):
+        raise UserError(f"{fid_weights} is missing: run the command through make (it fetches the FID weights)")
+    for config in configs:
+        config.evaluation.inception_weights = fid_weights
+    return fid_weights
+
+
+def run_stages(workdir: str, ae_config: Any, ldm_config: Any, encode_batch: int) -> dict[str, Any] | None:
+    """Stage 1 into WORKDIR/autoencoder, its train split's latents into WORKDIR/latents, stage 2 (reading them) into
+    WORKDIR/ldm, through train.py's code, each resumed where a killed run left it. Wall seconds per stage add up in
+    WORKDIR/timings.json. Returns {"stopped": {"stage", "step"}} when a stage was preempted (SIGTERM: its checkpoint
+    is written and the later stages do not run), else None."""
+    from latentdiff.config_utils import atomic_write_text
     from latentdiff.train import train_and_evaluate
 
-    commit = git_commit()  # the code this run starts from (the tree may change while it trains)
-    timings_path = os.path.join(workdir, "timings.json")
+    timings_path = os.path.join(workdir, TIMINGS)
     timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
     ae_dir, ldm_dir = os.path.join(workdir, "autoencoder"), os.path.join(workdir, "ldm")
-    ae_config = load_config(os.path.join(repo_root(), AE_CONFIG))
-    ldm_config = load_config(os.path.join(repo_root(), LDM_CONFIG))
     ldm_config.first_stage.workdir = ae_dir
-    for override in overrides:  # "ae.FIELD=VALUE" or "ldm.FIELD=VALUE" (smoke tests shorten the recipe)
-        stage, _, assignment = override.partition(".")
-        apply_overrides(ae_config if stage == "ae" else ldm_config, [assignment])
-    fid_weights = os.path.join(repo_root(), FID_WEIGHTS)  # rFID / FID during training (make demo-train fetches it)
-    if not os.path.isfile(fid_weights):
-        raise UserError(f"{fid_weights} is missing: run `make demo-train` (it fetches the FID Inception weights)")
-    for config in (ae_config, ldm_config):
-        config.evaluation.inception_weights = fid_weights
     os.makedirs(workdir, exist_ok=True)
     latents_dir = os.path.join(workdir, "latents")
     ldm_config.first_stage.latents = latents_dir
     steps = (
         ("autoencoder", lambda: train_and_evaluate(ae_config, ae_dir)),
-        ("latents", lambda: encode_latents(ae_dir, latents_dir, ae_config)),
+        ("latents", lambda: encode_latents(ae_dir, latents_dir, ae_config, encode_batch)),
         ("ldm", lambda: train_and_evaluate(ldm_config, ldm_dir)),
     )
     num_steps = {"autoencoder": ae_config.num_train_steps, "ldm": ldm_config.num_train_steps}
@@ -175,6 +190,38 @@ def train(workdir: str, demo_dir: str, overrides: list[str], num: int = NUM_SCOR
             print(f"== {name} stopped at step {step} of {num_steps[name]} (preempted); the later stages did not run: "
                   "run the same command again to resume", flush=True)  # fmt: skip
             return {"stopped": {"stage": name, "step": step}}
+    return None
+
+
+def encode_latents(ae_dir: str, latents_dir: str, ae_config: Any, batch: int) -> None:
+    """Stage-1 latents of the whole train split, once (stage 2 then skips the encoder in every step: ~10% of its
+    time). Kept when latents_dir already holds those of this autoencoder's last step (a resumed run). `batch` should
+    divide the split's size: the encoder drops a last partial batch."""
+    from latentdiff.data.latents import META
+    from latentdiff.encode_cli import encode_split
+
+    meta_path = os.path.join(latents_dir, META)
+    if os.path.isfile(meta_path) and str(json.load(open(meta_path)).get("step")) == str(ae_config.num_train_steps):
+        return
+    meta = encode_split(ae_dir, latents_dir, "train", 0, batch, ae_config.seed)
+    print(f"encoded {meta['num']} images -> {latents_dir}, scale factor {meta['scale_factor']:.5f}", flush=True)
+
+
+def train(workdir: str, demo_dir: str, overrides: list[str], num: int = NUM_SCORED) -> dict[str, Any]:
+    """make demo-train: both stages through train.py's code path, then ship the result into demo_dir. Returns the
+    training report, or {"stopped": {"stage", "step"}} when a stage was preempted (SIGTERM): nothing after it runs."""
+    from latentdiff.config_utils import atomic_write_text, load_config
+
+    commit = git_commit()  # the code this run starts from (the tree may change while it trains)
+    ae_dir, ldm_dir = os.path.join(workdir, "autoencoder"), os.path.join(workdir, "ldm")
+    ae_config = load_config(os.path.join(repo_root(), AE_CONFIG))
+    ldm_config = load_config(os.path.join(repo_root(), LDM_CONFIG))
+    apply_stage_overrides(ae_config, ldm_config, overrides)
+    set_fid_weights(ae_config, ldm_config)
+    stopped = run_stages(workdir, ae_config, ldm_config, min(ENCODE_BATCH, ae_config.data.shapes_num_train))
+    if stopped:
+        return stopped
+    timings = json.load(open(os.path.join(workdir, TIMINGS)))
     ship(ldm_dir, demo_dir)
     from latentdiff.pipeline import Pipeline
 
@@ -203,20 +250,6 @@ def train(workdir: str, demo_dir: str, overrides: list[str], num: int = NUM_SCOR
     atomic_write_text(os.path.join(demo_dir, "training_report.json"), json.dumps(training_report, indent=2))
     print(summary_table(report))
     return training_report
-
-
-def encode_latents(ae_dir: str, latents_dir: str, ae_config: Any) -> None:
-    """Stage-1 latents of the whole train split, once (stage 2 then skips the encoder in every step: ~10% of its
-    time). Kept when latents_dir already holds those of this autoencoder's last step (a resumed run)."""
-    from latentdiff.data.latents import META
-    from latentdiff.encode_cli import encode_split
-
-    meta_path = os.path.join(latents_dir, META)
-    if os.path.isfile(meta_path) and str(json.load(open(meta_path)).get("step")) == str(ae_config.num_train_steps):
-        return
-    batch = min(ENCODE_BATCH, ae_config.data.shapes_num_train)
-    meta = encode_split(ae_dir, latents_dir, "train", 0, batch, ae_config.seed)
-    print(f"encoded {meta['num']} images -> {latents_dir}, scale factor {meta['scale_factor']:.5f}", flush=True)
 
 
 def ship(ldm_workdir: str, demo_dir: str) -> None:

@@ -54,6 +54,7 @@ class Pipeline:
         self._params = None if self.params is None else parallel.put_global(self.params, replicated)
         self._first_stage_variables = parallel.put_global(self.first_stage.variables, replicated)
         self._compiled: dict[tuple, Any] = {}
+        self._lora_base: dict | None = None  # the weights before apply_lora merged adapters into them
         self.latent_shape = self.first_stage.latent_shape(self.resolution)
 
     def load_params(self, params: dict, step: int, scale_factor: float) -> None:
@@ -61,6 +62,26 @@ class Pipeline:
         a training state: host or device arrays, any sharding); compiled functions are kept."""
         self.params, self.step, self.scale_factor = params, int(step), float(scale_factor)
         self._params = parallel.put_global(params, parallel.replicated(self.mesh))
+        self._lora_base = None  # new base weights: adapters apply to these from now on
+
+    def apply_lora(self, adapters: dict, scale: float) -> None:
+        """Generates with LoRA adapters merged into the weights from now on: W + scale · A @ B for every adapted
+        kernel (adapters: {'unet': ..., 'cond': ...} subtrees as latentdiff.lora builds them). The base weights are
+        kept, so a second call replaces the adapters (scale 0: the base model again); compiled functions are kept."""
+        from latentdiff import lora
+
+        if self.params is None:
+            raise UserError("load the base weights before applying LoRA adapters")
+        unknown = sorted(set(adapters) - set(self.params))
+        if unknown:
+            raise UserError(f"LoRA adapters for {', '.join(unknown)}: this model has {', '.join(sorted(self.params))}")
+        base = self._lora_base if self._lora_base is not None else self.params
+        merged = {
+            k: lora.merge(v, adapters[k], scale, keep_dtype=True) if k in adapters else v for k, v in base.items()
+        }
+        step, scale_factor = self.step, self.scale_factor
+        self.load_params(jax.device_get(merged), step, scale_factor)
+        self._lora_base = base  # load_params replaced self.params with the merged weights
 
     # ----- loading -----
     @classmethod

@@ -12,6 +12,7 @@ Inputs must have the model's sizes (the resolution; for --low_res the latent gri
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -73,6 +74,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--width", type=int, default=None, help="output width in pixels (as --height)")
     parser.add_argument("--resize", action="store_true", help="resize inputs to the model's sizes (bicubic)")
+    parser.add_argument(
+        "--lora",
+        default="",
+        help="LoRA adapters of the UNet to merge: a diffusers LoRA file (pytorch_lora_weights.safetensors) or its dir",
+    )
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of --lora (0 = the base model)")
     return parser.parse_args(argv)
 
 
@@ -116,6 +123,12 @@ def validate(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
     if not os.path.isdir(args.workdir):
         raise FileNotFoundError(f"--workdir {args.workdir!r} does not exist")
+    if args.lora and not os.path.exists(args.lora):
+        raise FileNotFoundError(f"--lora {args.lora!r} does not exist")
+    if not math.isfinite(args.lora_scale):
+        raise UserError(f"--lora_scale must be a finite number, got {args.lora_scale}")
+    if args.lora_scale != 1.0 and not args.lora:
+        raise UserError("--lora_scale needs --lora FILE (the adapters it scales)")
     check_output_dir(args.out, "--out")
     sample_set.check_directory(args.out)
     config = config_utils.load_workdir_config(args.workdir)
@@ -199,6 +212,19 @@ def run_text(args: argparse.Namespace, pipe: Any) -> dict[str, str]:
     return text
 
 
+def apply_lora_file(pipe: Any, path: str, lora_scale: float) -> None:
+    """Merges a diffusers LoRA file's UNet adapters into the pipeline (keys it cannot map: one line listing them)."""
+    from latentdiff.convert import diffusers_lora
+    from latentdiff.convert.key_tables import ConversionError
+
+    try:
+        state_dict, file_scale = diffusers_lora.read_lora_file(path)
+        adapters = diffusers_lora.import_unet_lora(state_dict, pipe.config.unet, file_scale)
+    except ConversionError as error:
+        raise UserError(f"--lora {path}: {error}") from None
+    pipe.apply_lora({"unet": adapters}, lora_scale)
+
+
 def run(args: argparse.Namespace) -> list[str]:
     """Generates and writes the files; returns the written image paths."""
     from tqdm import tqdm
@@ -210,6 +236,8 @@ def run(args: argparse.Namespace) -> list[str]:
     prompts = read_prompts(args)
     inputs = read_inputs(args)
     pipe = Pipeline.from_workdir(args.workdir, use_ema=args.ema)
+    if args.lora:
+        apply_lora_file(pipe, args.lora, args.lora_scale)
     inputs = fit_inputs(args, inputs, pipe)
     if pipe.class_conditional:
         if not args.class_label:

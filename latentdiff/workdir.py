@@ -271,6 +271,23 @@ def restore_stage2_params(workdir: str, config: ml_collections.ConfigDict) -> di
     return {**jax.device_get(restored), "step": step}
 
 
+def stage2_scale_factor(workdir: str) -> float:
+    """The latent scale factor of a stage-2 workdir (its newest checkpoint's, or its converted params'), read alone."""
+    if not has_checkpoints(workdir) and has_converted_params(workdir):
+        return float(params_io.read_metadata(os.path.join(workdir, PARAMS_DIR, EMA_FILE))["scale_factor"])
+    import jax
+    import jax.numpy as jnp
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1000, async_save=False)
+    try:
+        step, restored = ckpt.restore_latest_subtree({"scale_factor": jax.ShapeDtypeStruct((), jnp.float32)})
+    finally:
+        ckpt.close()
+    if step is None:
+        raise FileNotFoundError(f"{workdir!r} has no checkpoint yet; train it first (train.py --workdir {workdir})")
+    return float(jax.device_get(restored["scale_factor"]))
+
+
 def read_first_stage(workdir: str) -> tuple[Any, int]:
     """(FirstStage with host variables, step) of the newest readable checkpoint of a stage-1 workdir, read-only: the
     stage-1 workdir is an input and nothing is written into it. A subtree restore of the generator params and model

@@ -192,3 +192,55 @@ def test_preprocess_crops_and_flips():
         input_pipeline.preprocess_image(Image.fromarray(half), 32, False, True, rng, "h")[0, 0, 0] for _ in range(20)
     ]
     assert {float(v) for v in flips} == {1.0, -1.0}
+
+
+def _labelled_folder(root, rows):
+    """A captions.jsonl folder of solid-colour images: rows of (file, caption, label or None, red level)."""
+    lines = []
+    for file, caption, label, red in rows:
+        _save(str(root / file), (32, 32), (red, 0, 0))
+        lines.append(json.dumps({"file": file, "caption": caption} | ({"label": label} if label else {})))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_heldout_folder_is_its_own_split_with_shared_label_ids(tmp_path):
+    """data.folder_heldout: a second folder prepared as split 'heldout' beside 'train' and 'validation'; its label
+    names join the training folder's (it may lack some and add others), so one id means one category everywhere."""
+    train = _labelled_folder(tmp_path / "train", [
+        (f"t{i}.png", f"train {i}", ("cat", "dog")[i % 2], 10 * i) for i in range(6)
+    ])  # fmt: skip
+    heldout = _labelled_folder(tmp_path / "heldout", [
+        ("h0.png", "held cat", "cat", 200), ("h1.png", "held emu", "emu", 210)
+    ])  # fmt: skip
+    cfg = _config(train, tmp_path / "tfds", folder_num_validation=2, folder_heldout=str(heldout))
+    names = input_pipeline.prepare(cfg).info.features["label"].names
+    assert names == ["cat", "dog", "emu"]
+    (held,) = _one_pass(cfg, 2, "heldout")
+    assert sorted(zip(held["caption"], held["label"].tolist())) == [("held cat", 0), ("held emu", 2)]
+    for caption, img in zip(held["caption"], held["image"]):  # the held-out folder's own pixels
+        assert np.allclose(img[..., 0], (200 if caption == "held cat" else 210) / 127.5 - 1.0)
+    seen = [c for split, n in (("train", 4), ("validation", 2)) for c in _one_pass(cfg, n, split)[0]["caption"]]
+    assert sorted(seen) == sorted(f"train {i}" for i in range(6))
+    for batch in _one_pass(cfg, 4, "train"):  # labels of the training folder keep their names
+        for caption, label in zip(batch["caption"], batch["label"].tolist()):
+            assert names[label] == ("cat", "dog")[int(caption.split()[1]) % 2]
+
+
+def test_heldout_folder_user_errors_are_one_line(tmp_path):
+    train = _labelled_folder(tmp_path / "train", [(f"t{i}.png", f"t {i}", "cat", 0) for i in range(3)])
+    unlabelled = _labelled_folder(tmp_path / "plain", [("p.png", "plain", None, 0)])
+    cases = [
+        (_config(train, tmp_path / "tfds", folder_heldout=str(train)), "hold out a separate folder"),
+        (_config(train, tmp_path / "tfds", folder_heldout=str(unlabelled)), "label both folders' images or neither"),
+        (_config(train, tmp_path / "tfds", folder_heldout=str(tmp_path / "nope")), "does not exist"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(DataError, match=message) as err:
+            input_pipeline.prepare(cfg)
+        assert "\n" not in str(err.value)
+    shapes_cfg = input_pipeline.default_data_config()
+    shapes_cfg.folder_heldout = str(train)
+    with pytest.raises(DataError, match=r"is for data\.name='folder'"):
+        input_pipeline.check_data_config(shapes_cfg)
+    assert not os.path.exists(tmp_path / "tfds" / "latentdiff_folder")  # nothing prepared by a refused config

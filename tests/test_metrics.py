@@ -222,6 +222,13 @@ def test_inception_features_padding_and_mesh(tmp_path):
     assert result["fid"] == pytest.approx(expected, rel=1e-6)
     saved = json.load(open(out_json))
     assert saved["n_generated"] == 3 and saved["fid"] == result["fid"] and "inception_score_mean" in saved
+    assert "kid" not in saved  # the reference is statistics: no features, no KID
+    # both sides images: KID as well, on the same features (torch-fidelity's defaults, subsets of the smaller set)
+    np.savez(str(tmp_path / "ref_images.npz"), images=images[::-1].copy())
+    both = fid_cli.main(["--generated", str(tmp_path / "gen.npz"), "--reference", str(tmp_path / "ref_images.npz"),
+                         "--inception_weights", weights, "--batch_size", "2"])  # fmt: skip
+    assert both["kid"] == fid_cli.kid_report(pool, pool[::-1])["kid"] and both["kid_subset"] == 3
+    assert "KID: " in fid_cli.format_scores(both)
     np.testing.assert_allclose(references.load_stats(str(tmp_path / "g.npz"))[0], pool.mean(0), rtol=1e-5, atol=1e-6)
     # a directory of the same images plus an unreadable file: skipped with a warning and counted
     img_dir = tmp_path / "imgs"

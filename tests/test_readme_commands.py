@@ -81,6 +81,15 @@ RULES = (
     Rule(r"^(huggingface-cli|hf) download ", skip="the Hugging Face hub is not reachable here"),
     Rule(r"^latentdiff convert (diffusers|compvis) ", skip="the released weights (hub / CompVis downloads)"),
     Rule(r"^python sample\.py --workdir workdirs/(ldm_txt2img_256|sd15|cin256) ", skip="needs the converted release"),
+    Rule(
+        r"^python train\.py --config configs/ldm_txt2img_kl8\.py:demo --workdir workdirs/demo_ft ",
+        skip="your own image folder (tests/test_finetune.py fine-tunes the demo model)",
+    ),
+    Rule(r"^python sample\.py --workdir workdirs/demo_ft ", skip="the fine-tuned workdir of the command above"),
+    Rule(
+        r"^make emoji-train$",
+        skip="90 minutes and the npm registry (tests/test_emoji_train.py: the recipe at toy size)",
+    ),
 )
 
 

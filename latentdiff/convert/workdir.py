@@ -52,6 +52,8 @@ def stage2_config(
 
     config = config_blocks.run_block(batch_size=8, num_train_steps=0, seed=0)
     config.stage = "ldm"
+    config.init_from = ""  # a stage-2 workdir to fine-tune (latentdiff/train/finetune.py)
+    config.freeze = ()  # parts kept fixed when fine-tuning: "cond" (text encoder) and/or "unet"
     config.data = default_data_config()
     config.data.resolution = int(resolution)
     config.first_stage = ml_collections.ConfigDict(

@@ -158,6 +158,31 @@ def scan_folder(folder: str) -> FolderIndex:
     return FolderIndex(folder, entries, names, source, tuple(missing))
 
 
+def with_shared_labels(train: FolderIndex, heldout: FolderIndex) -> tuple[FolderIndex, FolderIndex]:
+    """Both indexes relabelled over the union of their label names (a held-out folder may lack some categories), so
+    one label id means one category in every split. DataError when one folder is labelled and the other is not."""
+    if bool(train.label_names) != bool(heldout.label_names):
+        labelled, unlabelled = (train, heldout) if train.label_names else (heldout, train)
+        raise DataError(
+            f"{labelled.folder} has labels but {unlabelled.folder} has none; label both folders' images or neither"
+        )
+    if train.label_names == heldout.label_names:
+        return train, heldout
+    numeric = all(re.fullmatch(r"\d+", n) for n in (*train.label_names, *heldout.label_names))
+    if numeric:
+        size = max(len(train.label_names), len(heldout.label_names))
+        names = tuple(str(i) for i in range(size))
+    else:
+        names = tuple(sorted(set(train.label_names) | set(heldout.label_names)))
+
+    def relabel(index: FolderIndex) -> FolderIndex:
+        ids = [names.index(index.label_names[e.label]) for e in index.entries]
+        entries = tuple(Entry(e.relpath, e.caption, i) for e, i in zip(index.entries, ids, strict=True))
+        return FolderIndex(index.folder, entries, names, index.source, index.missing)
+
+    return relabel(train), relabel(heldout)
+
+
 def fingerprint(index: FolderIndex) -> str:
     """Short hash of the folder path, captions, labels, file sizes and modification times (changes re-prepare)."""
     h = hashlib.sha256(index.folder.encode())

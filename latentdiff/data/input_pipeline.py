@@ -50,6 +50,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     data_dir: TFDS data directory for prepared data ('' = TFDS default, ~/tensorflow_datasets or $TFDS_DATA_DIR).
     folder: directory of captioned images, for name='folder' (layout: latentdiff.data.folder).
     folder_num_validation: images of the folder held out as split 'validation' (0 = only 'train').
+    folder_heldout: a second folder (same layout) prepared as split 'heldout', never trained on ('' = none): e.g.
+        images of subjects absent from data.folder; its label names join the folder's.
     resolution: side of the square training images (short side resized to it, then cropped).
     image_key, caption_key, label_key: feature paths for named TFDS datasets ('auto' = the table's mapping;
         caption_key/label_key '' = none). A TFDS name outside the table needs all three set.
@@ -70,6 +72,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.data_dir = ""
     c.folder = ""
     c.folder_num_validation = 0
+    c.folder_heldout = ""
     c.resolution = 32
     c.image_key = named.AUTO
     c.caption_key = named.AUTO
@@ -100,6 +103,8 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
         named.resolve_feature_map(data_cfg.name, data_cfg.image_key, data_cfg.caption_key, data_cfg.label_key)
     if data_cfg.resolution < 8:
         raise DataError(f"data.resolution={data_cfg.resolution} is too small (>= 8)")
+    if data_cfg.folder_heldout and data_cfg.name != "folder":
+        raise DataError(f"data.folder_heldout is for data.name='folder', not {data_cfg.name!r}; set it to ''")
     if data_cfg.name == "shapes" and data_cfg.random_flip:
         raise DataError("data.random_flip would contradict the left/right in shapes captions; set it to False")
     for field in ("num_workers", "read_threads", "read_prefetch"):
@@ -155,7 +160,7 @@ def _prepare(data_cfg: ml_collections.ConfigDict):
         )
         builder = tfds_builders.LatentdiffShapes(config=config, data_dir=data_dir, file_format="array_record")
     elif data_cfg.name == "folder":
-        config = tfds_builders.folder_config(data_cfg.folder, data_cfg.folder_num_validation)
+        config = tfds_builders.folder_config(data_cfg.folder, data_cfg.folder_num_validation, data_cfg.folder_heldout)
         builder = tfds_builders.LatentdiffFolder(config=config, data_dir=data_dir, file_format="array_record")
     else:
         return named.open_builder(data_cfg.name, data_cfg.data_dir, data_cfg.download)

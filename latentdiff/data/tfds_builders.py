@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import io
 import logging
+import os
 import re
 import sys
 import warnings
@@ -161,18 +162,32 @@ class FolderConfig(tfds.core.BuilderConfig):
 
     folder: str = ""
     num_validation: int = 0
+    heldout_folder: str = ""  # '' = no split 'heldout'
 
 
-def folder_config(folder: str, num_validation: int) -> FolderConfig:
-    """A FolderConfig named after the folder and a fingerprint of its contents, e.g. 'photos_3f2a9c0d11ab_v0'."""
+def folder_config(folder: str, num_validation: int, heldout_folder: str = "") -> FolderConfig:
+    """A FolderConfig named after the folder and a fingerprint of its contents (and of the held-out folder's, when
+    there is one), e.g. 'photos_3f2a9c0d11ab_v0' or 'train_3f2a9c0d11ab_v128_h5b1e07aa90c2'."""
     index = folder_lib.scan_folder(folder)
     slug = re.sub(r"[^a-zA-Z0-9]+", "_", index.folder.rstrip("/").rsplit("/", 1)[-1]).strip("_")[:40] or "folder"
+    name = f"{slug}_{folder_lib.fingerprint(index)}_v{num_validation}"
+    if heldout_folder:
+        heldout = folder_lib.scan_folder(heldout_folder)
+        if os.path.commonpath([heldout.folder, index.folder]) in (heldout.folder, index.folder):
+            raise DataError(
+                f"data.folder_heldout ({heldout.folder}) and data.folder ({index.folder}) are the same or one holds the "
+                "other; hold out a separate folder"
+            )
+        folder_lib.with_shared_labels(index, heldout)  # labelled both or neither: checked before any preparing
+        name += f"_h{folder_lib.fingerprint(heldout)}"
+        heldout_folder = heldout.folder
     return FolderConfig(
-        name=f"{slug}_{folder_lib.fingerprint(index)}_v{num_validation}",
+        name=name,
         version=LatentdiffFolder.VERSION,
-        description=f"images and captions from {index.folder}",
+        description=f"images and captions from {index.folder}" + (f", held out: {heldout_folder}" if heldout_folder else ""),
         folder=index.folder,
         num_validation=num_validation,
+        heldout_folder=heldout_folder,
     )
 
 
@@ -182,7 +197,8 @@ class LatentdiffFolder(_LocalBuilder, tfds.core.GeneratorBasedBuilder):
     # named.open_split adds this to its "no split" error: the folder's only splits are train and, when asked, validation
     MISSING_SPLIT_HINT = (
         "a folder dataset has a 'validation' split only when --config.data.folder_num_validation=N holds N of its "
-        "images out of training (e.g. 64)"
+        "images out of training (e.g. 64), and a 'heldout' split only when --config.data.folder_heldout=DIR names a "
+        "second folder"
     )
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {  # noqa: RUF012 (TFDS class attribute)
@@ -193,10 +209,19 @@ class LatentdiffFolder(_LocalBuilder, tfds.core.GeneratorBasedBuilder):
     def describe(self) -> str:
         return f"the images of {self.builder_config.folder}"
 
+    def _indexes(self) -> dict[str, folder_lib.FolderIndex]:
+        """{'train': the folder's index, 'heldout': the held-out folder's (when configured)}, sharing label ids."""
+        if not hasattr(self, "_folder_indexes"):
+            c = self.builder_config
+            indexes = {"train": folder_lib.scan_folder(c.folder)}
+            if c.heldout_folder:
+                pair = folder_lib.with_shared_labels(indexes["train"], folder_lib.scan_folder(c.heldout_folder))
+                indexes = dict(zip(("train", "heldout"), pair, strict=True))
+            self._folder_indexes = indexes
+        return self._folder_indexes
+
     def _index(self) -> folder_lib.FolderIndex:
-        if not hasattr(self, "_folder_index"):
-            self._folder_index = folder_lib.scan_folder(self.builder_config.folder)
-        return self._folder_index
+        return self._indexes()["train"]
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {
@@ -211,19 +236,22 @@ class LatentdiffFolder(_LocalBuilder, tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        index = self._index()
-        if index.missing:
-            shown = ", ".join(index.missing[:5]) + (" ..." if len(index.missing) > 5 else "")
-            warnings.warn(
-                f"left out {len(index.missing)} file(s) of {index.folder} without image or caption: {shown}",
-                DataWarning,
-                stacklevel=2,
-            )
-        splits = folder_lib.split_entries(index, self.builder_config.num_validation)
-        return {split: self._generate_examples(split, entries) for split, entries in splits.items()}
+        indexes = self._indexes()
+        for index in indexes.values():
+            if index.missing:
+                shown = ", ".join(index.missing[:5]) + (" ..." if len(index.missing) > 5 else "")
+                warnings.warn(
+                    f"left out {len(index.missing)} file(s) of {index.folder} without image or caption: {shown}",
+                    DataWarning,
+                    stacklevel=2,
+                )
+        splits = folder_lib.split_entries(indexes["train"], self.builder_config.num_validation)
+        generators = {split: self._generate_examples(indexes["train"], split, e) for split, e in splits.items()}
+        if "heldout" in indexes:
+            generators["heldout"] = self._generate_examples(indexes["heldout"], "heldout", indexes["heldout"].entries)
+        return generators
 
-    def _generate_examples(self, split: str, entries):
-        index = self._index()
+    def _generate_examples(self, index: folder_lib.FolderIndex, split: str, entries):
         for entry, data in folder_lib.read_entries(index, entries, split):
             example = {"image": data, "caption": entry.caption, "filename": entry.relpath}
             if index.label_names:

@@ -35,6 +35,20 @@ IS_SPLITS = 10  # torch-fidelity's isc_splits
 Stats = metrics.Stats
 
 
+KID_SUBSETS = 100  # torch-fidelity's defaults: 100 subsets of 1000 images each (subsets of a smaller set hold
+# all of its images, so only the larger set's draws vary: kid_std then understates the spread)
+KID_MAX_SUBSET = 1000
+KID_SEED = 2020  # torch-fidelity's default seed
+
+
+def kid_report(features1: np.ndarray, features2: np.ndarray, seed: int = KID_SEED) -> dict[str, float]:
+    """{'kid', 'kid_std', 'kid_subset'}: kernel_inception_distance with torch-fidelity's defaults, the subset size
+    capped at the smaller set (then every subset holds all of its images)."""
+    subset = min(KID_MAX_SUBSET, len(features1), len(features2))
+    kid, kid_std = metrics.kernel_inception_distance(features1, features2, KID_SUBSETS, subset, seed)
+    return {"kid": kid, "kid_std": kid_std, "kid_subset": subset}
+
+
 def load_inception_weights(path: str) -> dict:
     """Inception params from any supported file; every failure is one EvalError naming the file and the fix."""
     from latentdiff.convert.inception_weights import load_inception_params
@@ -141,8 +155,9 @@ def fid_report(
     preprocess: str,
     save_stats: str | None = None,
 ) -> dict:
-    """FID of generated vs reference (+ IS of the generated images when the weights have the fc layer) -> a dict:
-    fid, n_generated, n_reference, skipped_generated, skipped_reference, inception_score_mean / _std."""
+    """FID of generated vs reference (+ IS of the generated images when the weights have the fc layer, + KID when
+    both sides are images, not statistics) -> a dict: fid, n_generated, n_reference, skipped_generated,
+    skipped_reference, inception_score_mean / _std, kid / kid_std / kid_subset."""
     result: dict = {"generated": generated.name, "reference": reference.name, "preprocess": preprocess}
     gen = set_stats(params, generated, batch_size, preprocess)
     ref = set_stats(params, reference, batch_size, preprocess)
@@ -152,12 +167,16 @@ def fid_report(
     if save_stats:
         references.save_stats(save_stats, *gen.stats)
     result["fid"] = fid_between(gen.stats, ref.stats, generated.name, reference.name, gen.features, ref.features)
+    if gen.features is not None and ref.features is not None and min(len(gen.features), len(ref.features)) >= 2:
+        result.update(kid_report(gen.features, ref.features))  # unbiased: fair on a few hundred images
     return result
 
 
 def format_scores(result: Mapping) -> str:
-    """'FID: 12.3456' and, when present, 'IS: 30.1234 ± 0.5' on a second line."""
+    """'FID: 12.3456' and, when present, 'KID: 0.012345 ± 0.001 (N images per subset)' and 'IS: 30.1234 ± 0.5'."""
     lines = [f"FID: {result['fid']:.4f}"] if "fid" in result else []
+    if "kid" in result:
+        lines.append(f"KID: {result['kid']:.6f} ± {result['kid_std']:.6f} ({result['kid_subset']} images per subset)")
     if "inception_score_mean" in result:
         lines.append(f"IS: {result['inception_score_mean']:.4f} ± {result['inception_score_std']:.4f}")
     return "\n".join(lines)

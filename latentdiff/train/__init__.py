@@ -15,7 +15,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Dispatches on config.stage: 'autoencoder' (stage 1) or 'ldm' (stage 2).
 
     Before anything is written: the config's numbers, the workdir's path, its stage and model (latentdiff.workdir),
-    and the lock (one run per workdir, held by process 0 for the whole run).
+    a fine-tuning base's model (config.init_from), and the lock (one run per workdir, held by process 0 for the
+    whole run).
     """
     import jax
 
@@ -31,6 +32,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
         require_local_path(config.first_stage.workdir, "first_stage.workdir")
     check_numbers(config)
     workdir_lib.check_compatible(config, workdir)
+    if config.stage == "ldm" and config.init_from:
+        from latentdiff.train import finetune
+
+        finetune.check_freeze(config)
+        finetune.check_paths(config, workdir)
+        if not workdir_lib.has_checkpoints(workdir):  # a resumed run no longer reads the base
+            finetune.base_config(config)  # the base holds the model the config describes
     if config.stage == "autoencoder":
         from latentdiff.train.autoencoder import train_and_evaluate as run
     else:

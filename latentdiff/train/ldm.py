@@ -36,7 +36,7 @@ from latentdiff.imaging import to_uint8
 from latentdiff.nn.autoencoder import DiagonalGaussian
 from latentdiff.nn.text_encoder import build_text_encoder, init_tokens
 from latentdiff.nn.unet import build_unet, validate_context
-from latentdiff.train import ldm_eval, loop, optim, step_parts
+from latentdiff.train import finetune, ldm_eval, loop, optim, step_parts
 from latentdiff.train.ldm_setup import (
     check_latents_meta,
     first_batch_scale_factor,
@@ -65,6 +65,7 @@ def schedule_from_config(diffusion: ml_collections.ConfigDict) -> Any:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Config-time checks that would otherwise fail deep inside a trace."""
+    finetune.check_freeze(config)
     validate_context(config.unet, config.text_encoder)
     first_stage_dtype = config.first_stage.dtype
     if first_stage_dtype not in ("", "float32", "bfloat16"):
@@ -249,12 +250,17 @@ class LDMTask:
             rng,
             self.config.grad_accum_steps,
         )
+        if self.config.freeze:  # fine-tuning with frozen parts: no gradient (nor clipping share, nor Adam moments)
+            grads = finetune.zero_frozen(self.config, grads)
         grad_norm = step_parts.global_norm(grads)
         finite = step_parts.all_finite(metrics["loss"], grad_norm)
         decay = step_parts.ema_decay(state.step, self.config.ema.decay, self.config.ema.warmup)
         params, opt_state, ema_params = self.tx.apply(
             grads, state.opt_state, state.params, grad_norm, finite, state.ema_params, decay
         )
+        if self.config.freeze:  # ... and their values restored (weight decay would still move them)
+            params = finetune.keep_frozen(self.config, state.params, params)
+            ema_params = finetune.keep_frozen(self.config, state.ema_params, ema_params)
         count, streak = step_parts.count_skips(finite, state.nonfinite_count, state.nonfinite_streak)
         new_state = state.replace(
             step=state.step + 1,
@@ -293,6 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
     config_utils.require(config, "evaluation.num_images")
     ldm_eval.check_evaluation_config(config)
     mesh = parallel.make_mesh(dict(config.mesh))
+    base_scale_factor = finetune.adopt_base_files(config, workdir) if config.init_from else 0.0
     first_stage = prepare_first_stage(config, workdir)  # as trained (sampling and evaluation use it so)
     latents = config.first_stage.latents
     meta = latent_data.read_meta(latents) if latents else None
@@ -329,7 +336,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
         )
 
     scale_factor = config.first_stage.scale_factor
-    if scale_factor <= 0 and meta is not None:
+    if scale_factor <= 0 and base_scale_factor > 0:
+        scale_factor = base_scale_factor
+        log.info("latent scale factor of init_from %s: %.5f", config.init_from, scale_factor)
+    elif scale_factor <= 0 and meta is not None:
         scale_factor = float(meta["scale_factor"])
         log.info("latent scale factor from %s/meta.json: %.5f", latents, scale_factor)
     elif scale_factor <= 0:
@@ -349,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> LDMSt
         constants=first_stage_variables,
         write_images=write_images,
         evaluate=evaluate,
+        start_state=(lambda s, shardings: finetune.start_from_base(config, s, shardings)) if config.init_from else None,
     )
     started = time.perf_counter()
     state = loop.run(config, workdir, loop_task, make_iter, mesh)

@@ -52,6 +52,8 @@ class Task:
     constants: Any = None  # frozen arrays the step reads (e.g. LPIPS weights), passed as arguments, never baked in
     write_images: Callable[[Any, int, str], None] | None = None  # (state, step, out_dir), all processes call it
     evaluate: Callable[[Any], dict[str, float]] | None = None  # state -> scalars, all processes call it
+    # (fresh state, its shardings) -> the state a new run starts from (fine-tuning: a base's weights); not on resume
+    start_state: Callable[[Any, Any], Any] | None = None
 
 
 class _Preemption:
@@ -278,6 +280,8 @@ def run(
             print(f"resumed from step {latest} (checkpoint {ckpt.directory}/{latest})", file=sys.stderr, flush=True)
     else:
         state = jax.jit(task.init_state, out_shardings=shardings)(init_rng)
+        if task.start_state is not None:
+            state = task.start_state(state, shardings)
 
     replicated = parallel.replicated(mesh)
     compiled_steps: dict[Callable, Any] = {}
