@@ -205,3 +205,28 @@ def test_two_processes_evaluate_their_shards_and_one_writes(workdir, tmp_path):
     for attribute in ("colour", "shape", "size", "position", "background", "all"):
         assert report["alignment"][attribute] == row[f"eval/alignment/validation/{attribute}"], attribute
     np.testing.assert_allclose(report["fid"], row["eval/fid/validation"], rtol=1e-4)
+
+
+def test_each_caption_split_has_its_own_captions_and_reference_statistics(tmp_path, monkeypatch):
+    """Two splits of a caption dataset (e.g. a folder's 'validation' and 'heldout') read their own captions and
+    reference statistics: the cache files are named by count only, so they live in one directory per split (sharing
+    one directory gave every later split the first split's captions and FID)."""
+    from latentdiff.evaluation import txt2img
+
+    config = load_config(os.path.join(ROOT, "configs/ldm_txt2img_kl8.py:emoji"))
+    config.data.folder = str(tmp_path / "train")
+    seen = []
+
+    def fake_reference(data_cfg, ref, count, seed, out, params, batch_size, preprocess):
+        seen.append((ref.split, out))
+        return [f"{ref.split} caption"], None
+
+    monkeypatch.setattr(txt2img, "load_captions_and_reference", fake_reference)
+    monkeypatch.setattr(txt2img, "generate_with_global_noise", lambda pipe, captions, *a: np.zeros((len(captions), 2)))
+    pipe = type("Pipe", (), {"config": config, "resolution": 64})()
+    settings = type("Settings", (), {"seed": 0})()
+    for split in ("validation", "heldout"):
+        _, _, captions = ldm_eval._split_scorer(config, split, settings, None, str(tmp_path / "eval"))(pipe)
+        assert captions == [f"{split} caption"]
+    assert [s for s, _ in seen] == ["validation", "heldout"] and seen[0][1] != seen[1][1]
+    assert all(os.path.isdir(out) for _, out in seen)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -175,13 +176,15 @@ def _split_scorer(
 
     ref = references.caption_reference(f"tfds:{config.data.name}/{split}")
     grid_only = params is None
+    # captions and reference statistics are cached per split: their file names hold only the count
+    split_cache = os.path.join(cache, re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{config.data.name}_{split}"))
 
     def score_captions(pipe: Any) -> tuple[dict[str, float], np.ndarray, list[str]]:
         data_cfg = references.reference_data_config(pipe.config.data, ref, pipe.resolution, None)
         count = min(num, GRID_IMAGES) if grid_only else num
-        os.makedirs(cache, exist_ok=True)
+        os.makedirs(split_cache, exist_ok=True)
         captions, ref_stats = txt2img.load_captions_and_reference(
-            data_cfg, ref, count, settings.seed, cache, params, int(e.inception_batch_size), e.preprocess
+            data_cfg, ref, count, settings.seed, split_cache, params, int(e.inception_batch_size), e.preprocess
         )
         images = txt2img.generate_with_global_noise(pipe, captions, 0, settings, int(e.batch_size))
         if grid_only:
