@@ -44,7 +44,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     assert not (tmp_path / "w").exists()  # refused before anything trained
 
 
-@pytest.mark.extended  # ~3 minutes: make test-extended
+@pytest.mark.extended  # ~5 minutes alone on 2 cores: make test-extended
 def test_emoji_recipe_runs_end_to_end_at_toy_length(tmp_path):
     tarball = make_tarball(tmp_path / "e.tgz", listing(60))
     run = ["num_train_steps=2", "checkpoint_every=2", "image_every=2", "log_every=1", "batch_size=8",
