@@ -98,11 +98,6 @@ def classifier(workdir: str, data: str, steps: int) -> tuple[dict, tuple[str, ..
     return params, names, json.load(open(report_path))
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float images in [-1, 1] -> uint8."""
-    return np.clip(np.round((np.asarray(images, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def in_batches(fn: Any, images: np.ndarray, batch: int) -> np.ndarray:
     """fn over fixed-size batches (one compile): the last batch is padded with copies of its first row."""
     out = []
@@ -119,6 +114,7 @@ def stage1_scores(
     """Reconstruction of the held-out images [N, R, R, 3] uint8 (Inception features [N, D]) against the bicubic
     baseline of equal size."""
     from latentdiff.evaluation import recipe_scores
+    from latentdiff.imaging import to_uint8
 
     reconstructions = to_uint8(in_batches(lambda x: pipe.autoencode(x)[1], heldout, 64))
     channels = pipe.first_stage.config.embed_dim
@@ -287,6 +283,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.guidances or min(args.guidances) < 1.0 or args.classifier_steps < 1:
         raise UserError("--guidances must be one or more scales >= 1 and --classifier_steps >= 1")
+    from latentdiff.output_paths import check_output_dir
+
+    check_output_dir(args.out, "--out")  # written after 90 minutes: checked before the first
     if args.lpips_weights and not os.path.isfile(args.lpips_weights):
         raise UserError(f"--lpips_weights {args.lpips_weights}: no such file (fetch: latentdiff fetch-lpips-weights)")
     ae_config, ldm_config = configs(args.data, args.override)  # overrides checked before anything is written

@@ -79,8 +79,7 @@ class Pipeline:
         merged = {
             k: lora.merge(v, adapters[k], scale, keep_dtype=True) if k in adapters else v for k, v in base.items()
         }
-        step, scale_factor = self.step, self.scale_factor
-        self.load_params(jax.device_get(merged), step, scale_factor)
+        self.load_params(merged, self.step, self.scale_factor)
         self._lora_base = base  # load_params replaced self.params with the merged weights
 
     # ----- loading -----

@@ -32,6 +32,7 @@ def test_grid_prompts_take_one_base_emoji_per_category_then_the_made_up_ones():
         (["--classifier_steps", "0"], "--classifier_steps >= 1"),
         (["--lpips_weights", "/nonexistent/lpips.safetensors"], "no such file (fetch: latentdiff fetch-lpips-weights)"),
         (["--override", "stage3.x=1"], "expected ae.FIELD=VALUE or ldm.FIELD=VALUE"),
+        (["--out", "/proc/version"], "is an existing file; pass a directory"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
